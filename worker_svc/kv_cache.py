@@ -1,0 +1,56 @@
+"""The KV pool's bytes, and the host copies of checkpointed BE slots.
+
+Layout (one tensor for K, one for V; a slot is block_id * block_size + offset):
+
+    k[layer, slot, kv_head, head_dim]
+
+The allocator (block_allocator.py) decides which slots; this module only moves data:
+new K/V go in through the attention backend, and SlotCopy ops move checkpointed slots
+to and from host memory in emission order.
+"""
+from __future__ import annotations
+
+import torch
+
+from .block_allocator import SlotCopy
+
+
+def kv_bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def num_blocks_for_budget(budget_bytes: int, block_size: int, bytes_per_slot: int) -> int:
+    return max(1, budget_bytes // (block_size * bytes_per_slot))
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, num_slots, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = torch.device(device)
+        # handle -> (k, v), each [layer, n, kv_head, head_dim] on the host, tokens in order.
+        self.host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def apply(self, copies: list[SlotCopy]) -> None:
+        for c in copies:
+            if c.kind == "drop_host":
+                self.host.pop(c.handle, None)
+                continue
+            idx = torch.tensor(c.slots, dtype=torch.long, device=self.device)
+            if c.kind == "to_host":
+                pin = self.device.type == "cuda"
+                k = self.k.index_select(1, idx).to("cpu", copy=True)
+                v = self.v.index_select(1, idx).to("cpu", copy=True)
+                self.host[c.handle] = (k.pin_memory(), v.pin_memory()) if pin else (k, v)
+            elif c.kind == "from_host":
+                k, v = self.host.pop(c.handle)
+                self.k.index_copy_(1, idx, k.to(self.device, non_blocking=True))
+                self.v.index_copy_(1, idx, v.to(self.device, non_blocking=True))
+            else:
+                raise ValueError(f"unknown copy kind {c.kind!r}")
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.host.values())
