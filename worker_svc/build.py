@@ -1,0 +1,53 @@
+"""Assemble an Engine from a WorkerConfig: pick the runner, size the pool."""
+from __future__ import annotations
+
+import logging
+
+from .config import MB, WorkerConfig
+from .engine import Engine, EngineLimits
+from .kv_cache import num_blocks_for_budget
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(cfg: WorkerConfig, clock=None) -> Engine:
+    if cfg.backend == "sim":
+        runner, budget_mb = _sim_runner(cfg, clock), cfg.sim_kv_cache_mb
+    else:
+        runner, budget_mb = _torch_runner(cfg), cfg.kv_cache_mb
+    num_blocks = cfg.num_blocks or num_blocks_for_budget(budget_mb * MB, cfg.block_size, runner.kv_bytes_per_slot)
+    if cfg.backend == "torch":
+        runner.allocate_cache(num_blocks * cfg.block_size)
+    limits = EngineLimits(num_blocks=num_blocks, block_size=cfg.block_size,
+                          max_num_host_slots=cfg.host_cache_mb * MB // runner.kv_bytes_per_slot,
+                          max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
+    log.info("pool: %d blocks x %d slots (%.0f MB), host %d slots", num_blocks, cfg.block_size,
+             num_blocks * cfg.block_size * runner.kv_bytes_per_slot / MB, limits.max_num_host_slots)
+    return Engine(runner, limits)
+
+
+def _torch_runner(cfg: WorkerConfig):
+    import torch
+
+    from .model.checkpoint import resolve_model
+    from .torch_runner import TorchRunner
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    runner = TorchRunner(str(resolve_model(cfg.model)), cfg.dtype, cfg.device, cfg.max_model_len)
+    if cfg.resolved_attention == "triton":
+        # The seam is TorchRunner.set_attention; the Triton kernels are not in kernels/ yet.
+        raise ValueError("attention 'triton' is not available in this build; use --attention torch")
+    return runner
+
+
+def _sim_runner(cfg: WorkerConfig, clock):
+    from .sim.clock import RealClock, VirtualClock
+    from .sim.cost_model import CostModel
+    from .sim.runner import SimModel, SimRunner
+
+    cost = getattr(CostModel, cfg.sim_cost)()
+    if cfg.sim_cost_overrides:
+        cost = cost.with_overrides(dict(cfg.sim_cost_overrides))
+    clock = clock or (VirtualClock() if cfg.sim_clock == "virtual" else RealClock())
+    model = SimModel() if cfg.max_model_len is None else SimModel(max_model_len=cfg.max_model_len)
+    return SimRunner(clock, cost, model)

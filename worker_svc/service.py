@@ -1,0 +1,158 @@
+"""bros.v1.Worker over gRPC (asyncio): Describe, Tokenize, Step; health and reflection.
+
+Thin: protobuf in, engine call, protobuf out. Steps run one at a time on a dedicated
+thread so the event loop keeps answering health checks during a long forward pass.
+One scheduler drives the worker at a time: a new Step stream takes over from an older
+one (a restarted scheduler must not wait for a dead connection to time out). The engine
+and its resident sequences outlive every stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bros.v1 import worker_pb2, worker_pb2_grpc
+
+from .build import build_engine
+from .config import WorkerConfig
+from .engine import Engine
+from .plan import ItemError, Plan, Report
+from .wire import plan_from_pb, report_to_pb
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, cfg: WorkerConfig, health_servicer: health.HealthServicer):
+        self.cfg = cfg
+        self.health = health_servicer
+        self.engine: Engine | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._active_stream = 0
+
+    # ---- startup --------------------------------------------------------------------
+
+    async def load(self, clock=None) -> None:
+        """Load the model and warm it up, then report SERVING."""
+        loop = asyncio.get_running_loop()
+        self.engine = await loop.run_in_executor(self._executor, build_engine, self.cfg, clock)
+        if self.cfg.warmup:
+            await loop.run_in_executor(self._executor, self._warmup)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("worker %s serving %s (%s)", self.cfg.resolved_worker_id, self.engine.runner.model_name,
+                 self.engine.runner.name)
+
+    def _warmup(self) -> None:
+        from .plan import NewSeq
+        from .sampler import SamplingConfig
+        from .block_allocator import SeqClass
+        seq_id = "__warmup__"
+        prompt = [min(5, self.engine.runner.vocab_size - 1)] * 8
+        self.engine.step(Plan(new_sequences=[NewSeq(seq_id, SeqClass.RT, prompt, SamplingConfig(max_tokens=2,
+                                                                                         temperature=0))],
+                              scheduled=[(seq_id, len(prompt))]))
+        self.engine.step(Plan(scheduled=[(seq_id, 1)]))
+        self.engine.step(Plan(free=[seq_id]))
+
+    # ---- RPCs ---------------------------------------------------------------------------
+
+    async def Describe(self, request, context):
+        engine = await self._ready_or_abort(context)
+        r, lim = engine.runner, engine.limits
+        return worker_pb2.WorkerInfo(
+            worker_id=self.cfg.resolved_worker_id, model_name=r.model_name, backend=r.name,
+            device=str(r.device), dtype=r.dtype_name,
+            attention_backend=getattr(getattr(r, "attn", None), "name", "none"),
+            vocab_size=r.vocab_size, max_model_len=r.max_model_len, num_blocks=lim.num_blocks,
+            block_size=lim.block_size, max_num_host_slots=lim.max_num_host_slots,
+            max_num_batched_tokens=lim.max_num_batched_tokens, max_num_seqs=lim.max_num_seqs,
+            eos_token_ids=r.eos_token_ids, kv_bytes_per_slot=r.kv_bytes_per_slot)
+
+    async def Tokenize(self, request, context):
+        engine = await self._ready_or_abort(context)
+        tok = getattr(engine.runner, "tokenizer", None)
+        if tok is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the sim backend has no tokenizer")
+        which = request.WhichOneof("input")
+        if which == "text":
+            ids = tok.encode(request.text)
+        elif which == "chat":
+            msgs = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not msgs:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages must not be empty")
+            bad = next((m["role"] for m in msgs if m["role"] not in ("system", "user", "assistant")), None)
+            if bad is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"chat.messages.role must be system, user or assistant, got {bad!r}")
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one of text or chat must be set")
+        return worker_pb2.TokenizeResponse(token_ids=ids)
+
+    async def Step(self, request_iterator, context):
+        engine = await self._ready_or_abort(context)
+        self._active_stream += 1
+        my_stream = self._active_stream
+        loop = asyncio.get_running_loop()
+        async for plan_pb in request_iterator:
+            if my_stream != self._active_stream:
+                await context.abort(grpc.StatusCode.ABORTED, "another scheduler took over this worker")
+            plan = plan_from_pb(plan_pb)
+            report = await loop.run_in_executor(self._executor, self._safe_step, engine, plan)
+            yield report_to_pb(report)
+
+    @staticmethod
+    def _safe_step(engine: Engine, plan: Plan) -> Report:
+        """Input never crashes the worker: an unexpected failure fails this plan's items."""
+        try:
+            return engine.step(plan)
+        except Exception as e:  # noqa: BLE001 — a bug must not take the worker down
+            log.exception("step %d failed", plan.plan_id)
+            report = Report(plan_id=plan.plan_id, occupancy=engine.allocator.occupancy())
+            report.errors = [ItemError(seq_id, "scheduled", f"step failed: {type(e).__name__}: {e}")
+                             for seq_id, _ in plan.scheduled]
+            return report
+
+    async def _ready_or_abort(self, context) -> Engine:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model")
+        return self.engine
+
+
+async def serve(cfg: WorkerConfig, clock=None, ready: asyncio.Event | None = None) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    health_servicer = health.aio.HealthServicer()
+    service = WorkerService(cfg, health_servicer)
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    await server.start()
+    log.info("worker listening on %s:%d (loading %s backend)", cfg.host, port, cfg.backend)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await service.load(clock)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=5)

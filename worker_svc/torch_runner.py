@@ -1,0 +1,94 @@
+"""The torch backend: a real model over the KV pool, on CPU or CUDA."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .attention import BatchSeq, TorchAttention
+from .block_allocator import SlotCopy
+from .engine import RunResult, StepItem
+from .kv_cache import KVCache, kv_bytes_per_slot
+from .model.checkpoint import load_state_dict
+from .model.config import ModelConfig
+from .model.llama import LlamaModel
+from .model.tokenizer import Tokenizer
+from .sampler import Sampler, make_generator
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TorchRunner:
+    name = "torch"
+
+    def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
+                 max_model_len: int | None = None):
+        self.cfg = ModelConfig.from_hf_dir(model_dir)
+        self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
+        self.model = LlamaModel.from_state_dict(self.cfg, load_state_dict(model_dir), self.dtype, self.device)
+        self.tokenizer = Tokenizer(model_dir)
+        self.model_name = self.cfg.name
+        self.vocab_size = self.cfg.vocab_size
+        self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
+        self.sampler = Sampler()
+        self.cache: KVCache | None = None
+        self.attn: TorchAttention | None = None
+        self.keep_logits = False          # tests: keep the last step's logits
+        self.last_logits: torch.Tensor | None = None
+
+    @property
+    def kv_bytes_per_slot(self) -> int:
+        return kv_bytes_per_slot(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype)
+
+    def allocate_cache(self, num_slots: int) -> None:
+        self.cache = KVCache(self.cfg.num_layers, num_slots, self.cfg.num_kv_heads, self.cfg.head_dim,
+                             self.dtype, self.device)
+        self.attn = TorchAttention(self.cache)
+
+    def set_attention(self, backend) -> None:
+        """Swap the attention backend (the Triton kernels plug in here)."""
+        self.attn = backend
+
+    def apply_copies(self, copies: list[SlotCopy]) -> float:
+        if not copies:
+            return 0.0
+        t0 = time.perf_counter()
+        self.cache.apply(copies)
+        return (time.perf_counter() - t0) * 1e3
+
+    def new_detokenizer(self):
+        return self.tokenizer.incremental_detokenizer()
+
+    def now_ms(self) -> float:
+        return time.monotonic() * 1e3
+
+    @torch.inference_mode()
+    def execute(self, items: list[StepItem]) -> RunResult:
+        t0 = time.perf_counter()
+        input_ids, positions, last_rows, row = [], [], [], 0
+        for item in items:
+            input_ids += item.input_token_ids
+            positions += range(item.start_position, item.start_position + item.num_new_tokens)
+            row += item.num_new_tokens
+            if item.samples:
+                last_rows.append(row - 1)
+        meta = self.attn.build_metadata([BatchSeq(i.ctx_slots, i.num_new_tokens) for i in items])
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, self.attn, meta)
+        token_ids: list[int] = []
+        t1 = time.perf_counter()
+        if last_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+            if self.keep_logits:
+                self.last_logits = logits.clone()
+            t1 = time.perf_counter()
+            sampling = [i for i in items if i.samples]
+            for i in sampling:
+                if i.seq.generator is None and not i.seq.sampling.is_greedy:
+                    i.seq.generator = make_generator(i.seq.sampling.seed, self.device)
+            token_ids = self.sampler.sample(logits, [i.seq.sampling for i in sampling],
+                                            [i.seq.generator for i in sampling])
+        t2 = time.perf_counter()
+        return RunResult([int(t) for t in token_ids], (t1 - t0) * 1e3, (t2 - t1) * 1e3)
