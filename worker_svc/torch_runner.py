@@ -58,7 +58,7 @@ class TorchRunner:
         return (time.perf_counter() - t0) * 1e3
 
     def new_detokenizer(self):
-        return self.tokenizer.incremental_detokenizer()
+        return self.tokenizer.incremental_detokenizer(skip_special_tokens=True)
 
     def now_ms(self) -> float:
         return time.monotonic() * 1e3

@@ -1,0 +1,158 @@
+import time
+
+import pytest
+from hypothesis import given, strategies as st
+
+from worker_svc.sim.clock import Clock, RealClock, VirtualClock
+from worker_svc.sim.cost_model import PRESETS, CostModel
+
+TP1 = CostModel.opt13b_a100()
+
+
+# --- PAPER.md check values ----------------------------------------------------------
+
+def test_512_token_prefill_is_about_72_ms():
+    assert TP1.iteration_ms([512], []) == pytest.approx(72.0, rel=0.02)
+
+
+def test_decode_of_32_requests_at_1000_context_is_about_41_ms():
+    assert TP1.iteration_ms([], [1000] * 32) == pytest.approx(41.0, rel=0.02)
+
+
+def test_empty_iteration_costs_nothing():
+    assert TP1.iteration_ms([], []) == 0.0
+
+
+def test_prefill_formula():
+    assert TP1.iteration_ms([100, 300], []) == pytest.approx(18.10 + 0.1019 * 400 + 7.12e-6 * (100**2 + 300**2))
+
+
+# --- decode regimes -----------------------------------------------------------------
+
+def test_decode_regime_switches_at_95_requests():
+    small = TP1.iteration_ms([], [500] * 94)
+    large = TP1.iteration_ms([], [500] * 95)
+    assert small == pytest.approx(19.93 + 6.27e-4 * 500 * 94 + 0.0385 * 94)
+    assert large == pytest.approx(7.17 + 5.80e-4 * 500 * 95 + 0.158 * 95)
+
+
+def test_threshold_is_configurable():
+    model = CostModel.from_dict({"large_batch_threshold": "10"})
+    assert model.iteration_ms([], [500] * 10) == pytest.approx(7.17 + 5.80e-4 * 5000 + 0.158 * 10)
+
+
+# --- mixed iterations ---------------------------------------------------------------
+
+def test_mixed_iteration_pays_the_larger_constant_once():
+    prefill = TP1.iteration_ms([512], [])
+    decode = TP1.iteration_ms([], [1000] * 32)
+    # TP1's decode constant (19.93) is the larger, so the prefill constant is dropped.
+    assert TP1.iteration_ms([512], [1000] * 32) == pytest.approx(prefill + decode - TP1.prefill_base_ms)
+
+
+def test_mixed_iteration_with_a_large_decode_batch_keeps_the_prefill_constant():
+    prefill = TP1.iteration_ms([64], [])
+    decode = TP1.iteration_ms([], [100] * 128)       # large-batch constant 7.17 < 18.10
+    assert TP1.iteration_ms([64], [100] * 128) == pytest.approx(prefill + decode - TP1.large_decode_base_ms)
+
+
+lengths = st.lists(st.integers(0, 4096), max_size=200)
+
+
+@given(chunks=lengths, contexts=lengths)
+def test_mixed_is_no_cheaper_than_either_half_and_no_dearer_than_both(chunks, contexts):
+    mixed = TP1.iteration_ms(chunks, contexts)
+    prefill, decode = TP1.iteration_ms(chunks, []), TP1.iteration_ms([], contexts)
+    assert max(prefill, decode) <= mixed + 1e-9
+    assert mixed <= prefill + decode + 1e-9
+
+
+# --- chunked prefill ----------------------------------------------------------------
+
+@given(chunks=st.lists(st.integers(1, 1024), min_size=1, max_size=8))
+def test_chunks_of_one_prompt_cost_the_unchunked_prompt_plus_a_constant_each(chunks):
+    computed = [sum(chunks[:i]) for i in range(len(chunks))]
+    chunked = sum(TP1.iteration_ms([l], [], [c]) for l, c in zip(chunks, computed))
+    whole = TP1.iteration_ms([sum(chunks)], [])
+    assert chunked == pytest.approx(whole + (len(chunks) - 1) * TP1.prefill_base_ms)
+
+
+def test_computed_lens_must_match_chunks():
+    with pytest.raises(ValueError, match="2 prefill chunks but 1 computed"):
+        TP1.iteration_ms([10, 20], [], [0])
+
+
+# --- presets and overrides ----------------------------------------------------------
+
+def test_tensor_parallel_presets_carry_paper_coefficients():
+    tp2, tp4 = CostModel.opt13b_a100_tp2(), CostModel.opt13b_a100_tp4()
+    assert (tp2.prefill_base_ms, tp2.prefill_ms_per_token, tp2.prefill_ms_per_token_sq) == (14.74, 0.0686, 2.45e-6)
+    assert (tp4.decode_base_ms, tp4.decode_ms_per_context_token, tp4.decode_ms_per_seq) == (10.26, 1.88e-4, 0.0327)
+    # No large-batch fit is published for TP2/TP4: the small-batch fit carries on past 95.
+    assert tp2.iteration_ms([], [800] * 200) == pytest.approx(13.29 + 3.41e-4 * 800 * 200 + 0.0630 * 200)
+
+
+def test_presets_get_cheaper_with_more_gpus():
+    costs = [PRESETS[name]().iteration_ms([2048], [1000] * 16)
+             for name in ("opt13b_a100", "opt13b_a100_tp2", "opt13b_a100_tp4")]
+    assert costs == sorted(costs, reverse=True)
+
+
+def test_from_dict_overrides_any_field_from_strings():
+    model = CostModel.from_dict({"preset": "opt13b_a100_tp4", "prefill_base_ms": "3.5", "decode_ms_per_seq": 0.2})
+    assert model.prefill_base_ms == 3.5 and model.decode_ms_per_seq == 0.2
+    assert model.decode_base_ms == 10.26
+    assert CostModel.from_dict({}) == CostModel.opt13b_a100() == CostModel()
+    assert CostModel.from_dict(TP1.to_dict()) == TP1
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"prefil_base_ms": 1}, "unknown cost model key"),
+    ({"preset": "h100"}, "unknown cost model preset"),
+    ({"decode_base_ms": -1}, "decode_base_ms must be finite and >= 0"),
+    ({"decode_base_ms": "nan"}, "decode_base_ms must be finite"),
+    ({"large_batch_threshold": 0}, "large_batch_threshold must be >= 1"),
+])
+def test_bad_cost_settings_raise(d, message):
+    with pytest.raises(ValueError, match=message):
+        CostModel.from_dict(d)
+
+
+# --- clocks -------------------------------------------------------------------------
+
+def test_both_clocks_are_clocks():
+    assert isinstance(RealClock(), Clock) and isinstance(VirtualClock(), Clock)
+
+
+def test_virtual_clock_advances_without_sleeping():
+    clock = VirtualClock(start_ms=5.0)
+    started = time.monotonic()
+    for _ in range(10_000):
+        clock.sleep_ms(100.0)
+    assert time.monotonic() - started < 1.0
+    assert clock.now_ms() == pytest.approx(5.0 + 1_000_000.0)
+
+
+def test_virtual_clock_ignores_non_positive_sleeps_and_rejects_infinite_ones():
+    clock = VirtualClock()
+    clock.sleep_ms(-3.0)
+    clock.sleep_ms(0.0)
+    assert clock.now_ms() == 0.0
+    with pytest.raises(ValueError, match="finite"):
+        clock.sleep_ms(float("inf"))
+
+
+def test_real_clock_sleeps_for_real():
+    clock = RealClock()
+    started = time.monotonic()
+    before = clock.now_ms()
+    clock.sleep_ms(20.0)
+    elapsed_ms = (time.monotonic() - started) * 1000.0
+    assert 20.0 <= elapsed_ms < 60.0
+    assert clock.now_ms() - before >= 20.0
+
+
+def test_real_clock_returns_at_once_for_non_positive_sleeps():
+    started = time.monotonic()
+    RealClock().sleep_ms(-5.0)
+    assert time.monotonic() - started < 0.01
