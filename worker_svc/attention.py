@@ -103,15 +103,22 @@ class TorchAttention:
             # Group query heads under their KV head: q head h reads KV head h // G, so one
             # batched matmul per KV head serves all G query heads without repeating K/V.
             qd = q[:sd].view(sd, num_kv_heads, num_heads // num_kv_heads, head_dim)
-            kd = kc[meta.decode_slots].transpose(1, 2)                 # [Sd, Hkv, ctx, D]
-            vd = vc[meta.decode_slots].transpose(1, 2)
+            kd = _gather(kc, meta.decode_slots).transpose(1, 2)        # [Sd, Hkv, ctx, D]
+            vd = _gather(vc, meta.decode_slots).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
             out[:sd] = od.reshape(sd, num_heads, head_dim)
         for row in meta.prefills:
             qp = q[row.start:row.start + row.num_tokens].transpose(0, 1)[None]   # [1, H, n, D]
-            kp = kc[row.ctx_slots].transpose(0, 1)[None]                         # [1, Hkv, ctx, D]
-            vp = vc[row.ctx_slots].transpose(0, 1)[None]
+            kp = _gather(kc, row.ctx_slots).transpose(0, 1)[None]                # [1, Hkv, ctx, D]
+            vp = _gather(vc, row.ctx_slots).transpose(0, 1)[None]
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=row.mask,
                                                 is_causal=row.mask is None, enable_gqa=True)
             out[row.start:row.start + row.num_tokens] = op[0].transpose(0, 1)
         return out
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [num_slots, Hkv, D], slots [...] -> [..., Hkv, D]. index_select on whole rows
+    of the flattened pool is a plain row copy: ~2x faster than advanced indexing on CPU."""
+    rows = cache.view(cache.shape[0], -1).index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, *cache.shape[1:])
