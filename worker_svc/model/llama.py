@@ -1,6 +1,6 @@
 """A Llama-family decoder in plain PyTorch, written for a paged KV pool.
 
-RMSNorm, RoPE (rotate-half layout, keys stored after rotation), grouped-query attention,
+RMSNorm, RoPE (keys stored after rotation, interleaved pairs), grouped-query attention,
 SwiGLU, optional tied embeddings. The model sees a flat batch of T new tokens from many
 sequences (prefill chunks and decode tokens mixed); attention over each sequence's cached
 context is delegated to an AttentionBackend, which owns the pool layout.
@@ -28,26 +28,44 @@ class AttentionBackend(Protocol):
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position, built once; indexed per step."""
+    """Rotations for every position as complex numbers, built once; indexed per step.
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+    We keep q and k in the *interleaved* pair layout (head_dim element 2i pairs with
+    2i+1), as llama.cpp does, instead of Hugging Face's rotate-half layout (i pairs with
+    i + D/2): `from_state_dict` permutes the q and k projection rows to match. Attention
+    only sees q . k, and the same permutation of head_dim on both sides leaves every dot
+    product unchanged, so outputs are identical; the gain is that RoPE becomes one complex
+    multiply over q and k together. Keys are stored rotated, in this layout.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, device: torch.device | str = "cpu"):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-        t = torch.arange(max_positions, dtype=torch.float64, device=device)
-        freqs = torch.outer(t, inv_freq)              # [P, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)       # [P, D]
-        self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
+        self.freqs = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)   # [P, D/2]
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # [T, 1, D] each: broadcast over heads.
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.freqs[positions].unsqueeze(1)                                        # [T, 1, D/2]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; rotate-half form: (x1, x2) -> (x1*cos - x2*sin, x2*cos + x1*sin)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] in interleaved pairs, rotated by freqs [T, 1, D/2]."""
+    T, heads, D = x.shape
+    pairs = torch.view_as_complex(x.float().reshape(T, heads, D // 2, 2))
+    return torch.view_as_real(pairs * freqs).reshape(T, heads, D).to(x.dtype)
+
+
+def interleave_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Permute projection rows from rotate-half to interleaved pairs, head by head:
+    new row 2i (2i+1) of a head is old row i (i + D/2)."""
+    rows, cols = w.shape
+    d = rows // num_heads
+    return w.view(num_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Spelled out: on CPU this beats F.rms_norm for batched rows (fewer passes).
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
 class DecoderLayer(nn.Module):
@@ -64,17 +82,19 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, layer_idx: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, layer_idx: int, x: torch.Tensor, freqs: torch.Tensor,
                 attn: AttentionBackend, meta: object) -> torch.Tensor:
         T = x.shape[0]
-        h = F.rms_norm(x, (x.shape[-1],), self.input_norm, self.eps)
-        q, k, v = self.qkv_proj(h).split(self.split, dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        h = rms_norm(x, self.input_norm, self.eps)
+        qkv = self.qkv_proj(h)                                           # [T, (H + 2 Hkv) D]
+        q_size, kv_size, _ = self.split
+        # q and k rotate together: one complex multiply over H + Hkv heads.
+        qk = apply_rope(qkv[:, :q_size + kv_size].view(T, -1, self.head_dim), freqs)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
         o = attn.forward(layer_idx, q, k, v, meta)                      # [T, H, D]
         x = x + self.o_proj(o.reshape(T, -1))
-        h = F.rms_norm(x, (x.shape[-1],), self.post_attn_norm, self.eps)
+        h = rms_norm(x, self.post_attn_norm, self.eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
@@ -90,17 +110,17 @@ class LlamaModel(nn.Module):
         self.rope: RotaryEmbedding | None = None
 
     def init_rope(self, max_positions: int) -> None:
-        w = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(self.cfg.head_dim, max_positions, self.cfg.rope_theta, w.dtype, w.device)
+        self.rope = RotaryEmbedding(self.cfg.head_dim, max_positions, self.cfg.rope_theta,
+                                    self.embed_tokens.weight.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
                 meta: object) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden] (normed)."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope.lookup(positions)
+        freqs = self.rope.lookup(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, cos, sin, attn, meta)
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+            x = layer(i, x, freqs, attn, meta)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
@@ -127,8 +147,10 @@ class LlamaModel(nn.Module):
                 p = f"model.layers.{i}."
                 layer.input_norm.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attn_norm.copy_(take(p + "post_attention_layernorm.weight"))
-                layer.qkv_proj.weight.copy_(torch.cat(
-                    [take(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]))
+                layer.qkv_proj.weight.copy_(torch.cat([
+                    interleave_rope_rows(take(p + "self_attn.q_proj.weight"), cfg.num_heads),
+                    interleave_rope_rows(take(p + "self_attn.k_proj.weight"), cfg.num_kv_heads),
+                    take(p + "self_attn.v_proj.weight")]))
                 layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
                 layer.gate_up_proj.weight.copy_(torch.cat(
                     [take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]))
