@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import poison
 from worker_svc.attention import BatchSeq, TorchAttention
 from worker_svc.block_allocator import BlockAllocator, SeqClass
 from worker_svc.kv_cache import KVCache
@@ -62,8 +63,7 @@ def run_case(seed: int) -> int:
     shared = alloc.occupancy()["shared_blocks"]
     batch.sort(key=lambda s: new[s] != 1)  # single-token rows first
     cache = KVCache(1, alloc.num_blocks * alloc.block_size, HKV, D, torch.float32)
-    cache.k.fill_(float("nan"))  # poison: any read of a slot nobody wrote shows up
-    cache.v.fill_(float("nan"))
+    poison(cache)
     full_k, full_v = {}, {}
     for s in batch:
         slots = torch.tensor(alloc.slots(s))
@@ -72,8 +72,9 @@ def run_case(seed: int) -> int:
         old = slots[: len(slots) - new[s]]
         cache.k[0, old] = full_k[s][: len(old)]
         cache.v[0, old] = full_v[s][: len(old)]
-    attn = TorchAttention(cache)
-    meta = attn.build_metadata([BatchSeq(alloc.slots(s), new[s]) for s in batch])
+    attn = TorchAttention(cache, alloc.block_size)
+    meta = attn.build_metadata([BatchSeq(alloc.slots(s), new[s], [(r.block_id, r.num_tokens) for r in alloc.seqs[s].runs],
+                                         alloc.seqs[s].seq_class == SeqClass.BE) for s in batch])
     q = torch.randn(sum(new[s] for s in batch), H, D)
     k = torch.cat([full_k[s][-new[s]:] for s in batch])
     v = torch.cat([full_v[s][-new[s]:] for s in batch])

@@ -3,6 +3,7 @@ checkpoints the BE run to host, and the BE sequence resumes bit-identically."""
 import pytest
 import torch
 
+from conftest import poison
 from worker_svc.block_allocator import SeqClass
 from worker_svc.engine import Engine, EngineLimits
 from worker_svc.plan import NewSeq, Plan
@@ -12,9 +13,7 @@ GREEDY = SamplingConfig(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
 def tiny_engine(runner, num_blocks=4, host_slots=64):
-    runner.cache.k.fill_(float("nan"))
-    runner.cache.v.fill_(float("nan"))
-    runner.cache.host.clear()
+    poison(runner.cache)
     return Engine(runner, EngineLimits(num_blocks=num_blocks, block_size=16, max_num_host_slots=host_slots,
                                        max_num_seqs=8, max_num_batched_tokens=256))
 

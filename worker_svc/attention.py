@@ -10,6 +10,11 @@ within a block, BE slots right to left: the allocator already ordered them), so 
 direction a block fills in never reaches this code. Keys are stored after RoPE, which
 makes the slot order irrelevant to the math: only which slots belong to whom matters.
 
+Decode rows read whole blocks: one row copy of B slots per block is several times faster
+on CPU than gathering slot by slot, and a per-slot mask drops what is not the row's own
+(the free middle of a block, or the other class's end of a shared block). Prefill chunks
+gather their slots in token order, since the causal mask needs positions.
+
 Metadata is built once per step and shared by every layer. The Triton kernels (kernels/)
 plug in behind the same `forward(layer_idx, q, k, v, meta)` seam.
 """
@@ -28,6 +33,8 @@ class BatchSeq:
     """One sequence's part of a step, as the engine hands it to the attention backend."""
     ctx_slots: list[int]     # every slot of the sequence after this step's writes, in token order
     num_new_tokens: int      # the last num_new_tokens of ctx_slots are this step's tokens
+    runs: list[tuple[int, int]]  # (block_id, num_tokens) per block, in token order
+    from_right: bool         # BE: each run sits at the right end of its block
 
 
 @dataclass
@@ -42,28 +49,21 @@ class PrefillRow:
 class TorchAttentionMetadata:
     slot_mapping: torch.Tensor           # [T] long: where each new token's K/V is written
     num_decode: int                      # the first num_decode tokens are single-token rows
-    decode_slots: torch.Tensor | None    # [Sd, max_ctx] long, padded with the row's first slot
-    decode_mask: torch.Tensor | None     # [Sd, 1, 1, max_ctx] bool, None when no padding
+    decode_blocks: torch.Tensor | None   # [Sd, max_blocks] long, padded with the row's first block
+    decode_mask: torch.Tensor | None     # [Sd, 1, 1, max_blocks * B] bool: the slot is the row's
     prefills: list[PrefillRow]
 
 
-def build_metadata(seqs: list[BatchSeq], device: torch.device | str = "cpu") -> TorchAttentionMetadata:
+def build_metadata(seqs: list[BatchSeq], block_size: int,
+                   device: torch.device | str = "cpu") -> TorchAttentionMetadata:
     """seqs in token order, single-token rows first."""
     slot_mapping = [s for seq in seqs for s in seq.ctx_slots[len(seq.ctx_slots) - seq.num_new_tokens:]]
     num_decode = 0
     while num_decode < len(seqs) and seqs[num_decode].num_new_tokens == 1:
         num_decode += 1
-    decode_slots = decode_mask = None
+    decode_blocks = decode_mask = None
     if num_decode:
-        ctx_lens = [len(s.ctx_slots) for s in seqs[:num_decode]]
-        max_ctx = max(ctx_lens)
-        # Pad with the row's own first slot, never an arbitrary one: masked scores get
-        # weight 0, but 0 * NaN from a never-written slot would still poison the row.
-        rows = [s.ctx_slots + s.ctx_slots[:1] * (max_ctx - len(s.ctx_slots)) for s in seqs[:num_decode]]
-        decode_slots = torch.tensor(rows, dtype=torch.long, device=device)
-        if min(ctx_lens) != max_ctx:
-            lens = torch.tensor(ctx_lens, device=device)
-            decode_mask = (torch.arange(max_ctx, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        decode_blocks, decode_mask = _decode_block_tables(seqs[:num_decode], block_size, device)
     prefills, start = [], num_decode
     for seq in seqs[num_decode:]:
         if seq.num_new_tokens < 1:
@@ -76,7 +76,25 @@ def build_metadata(seqs: list[BatchSeq], device: torch.device | str = "cpu") -> 
         prefills.append(PrefillRow(start, n, torch.tensor(seq.ctx_slots, dtype=torch.long, device=device), mask))
         start += n
     return TorchAttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device),
-                                  num_decode, decode_slots, decode_mask, prefills)
+                                  num_decode, decode_blocks, decode_mask, prefills)
+
+
+def _decode_block_tables(seqs: list[BatchSeq], B: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's blocks and, per slot of those blocks, whether it holds the row's KV."""
+    max_blocks = max(len(s.runs) for s in seqs)
+    tables, masks, full = [], [], True
+    for seq in seqs:
+        blocks = [b for b, _ in seq.runs]
+        tables.append(blocks + blocks[:1] * (max_blocks - len(blocks)))
+        row = []
+        for _, n in seq.runs:
+            row += [False] * (B - n) + [True] * n if seq.from_right else [True] * n + [False] * (B - n)
+            full = full and n == B
+        row += [False] * (B * (max_blocks - len(blocks)))
+        full = full and len(blocks) == max_blocks
+        masks.append(row)
+    mask = None if full else torch.tensor(masks, dtype=torch.bool, device=device)[:, None, None, :]
+    return torch.tensor(tables, dtype=torch.long, device=device), mask
 
 
 class TorchAttention:
@@ -84,11 +102,12 @@ class TorchAttention:
 
     name = "torch"
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: KVCache, block_size: int):
         self.cache = cache
+        self.block_size = block_size
 
     def build_metadata(self, seqs: list[BatchSeq]) -> TorchAttentionMetadata:
-        return build_metadata(seqs, self.cache.device)
+        return build_metadata(seqs, self.block_size, self.cache.device)
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: TorchAttentionMetadata) -> torch.Tensor:
@@ -103,8 +122,8 @@ class TorchAttention:
             # Group query heads under their KV head: q head h reads KV head h // G, so one
             # batched matmul per KV head serves all G query heads without repeating K/V.
             qd = q[:sd].view(sd, num_kv_heads, num_heads // num_kv_heads, head_dim)
-            kd = _gather(kc, meta.decode_slots).transpose(1, 2)        # [Sd, Hkv, ctx, D]
-            vd = _gather(vc, meta.decode_slots).transpose(1, 2)
+            kd = self._gather_blocks(kc, meta.decode_blocks).transpose(1, 2)   # [Sd, Hkv, nb*B, D]
+            vd = self._gather_blocks(vc, meta.decode_blocks).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask)
             out[:sd] = od.reshape(sd, num_heads, head_dim)
         for row in meta.prefills:
@@ -115,6 +134,12 @@ class TorchAttention:
                                                 is_causal=row.mask is None, enable_gqa=True)
             out[row.start:row.start + row.num_tokens] = op[0].transpose(0, 1)
         return out
+
+    def _gather_blocks(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """cache [num_slots, Hkv, D], blocks [Sd, nb] -> [Sd, nb * B, Hkv, D]."""
+        B = self.block_size
+        rows = cache.view(cache.shape[0] // B, -1).index_select(0, blocks.reshape(-1))
+        return rows.view(blocks.shape[0], blocks.shape[1] * B, *cache.shape[1:])
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

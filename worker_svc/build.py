@@ -17,7 +17,7 @@ def build_engine(cfg: WorkerConfig, clock=None) -> Engine:
         runner, budget_mb = _torch_runner(cfg), cfg.kv_cache_mb
     num_blocks = cfg.num_blocks or num_blocks_for_budget(budget_mb * MB, cfg.block_size, runner.kv_bytes_per_slot)
     if cfg.backend == "torch":
-        runner.allocate_cache(num_blocks * cfg.block_size)
+        runner.allocate_cache(num_blocks, cfg.block_size)
     limits = EngineLimits(num_blocks=num_blocks, block_size=cfg.block_size,
                           max_num_host_slots=cfg.host_cache_mb * MB // runner.kv_bytes_per_slot,
                           max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)

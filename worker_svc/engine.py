@@ -28,6 +28,7 @@ class StepItem:
     seq: Sequence
     num_new_tokens: int
     ctx_slots: list[int]        # all the sequence's slots after this step, in token order
+    runs: list[tuple[int, int]]  # (block_id, num_tokens) per block, in token order
     samples: bool               # this chunk reaches the end of the known tokens: sample one
 
     @property
@@ -251,7 +252,8 @@ class Engine:
                 continue
             seq.state = SeqState.RUNNING
             samples = seq.num_computed_tokens + n == seq.num_tokens
-            items.append(StepItem(seq, n, self.allocator.slots(seq.seq_id), samples))
+            runs = [(r.block_id, r.num_tokens) for r in self.allocator.seqs[seq.seq_id].runs]
+            items.append(StepItem(seq, n, self.allocator.slots(seq.seq_id), runs, samples))
         items.sort(key=lambda i: i.num_new_tokens != 1)  # single-token rows first (attention.py)
         return items
 

@@ -6,7 +6,7 @@ import time
 import torch
 
 from .attention import BatchSeq, TorchAttention
-from .block_allocator import SlotCopy
+from .block_allocator import SeqClass, SlotCopy
 from .engine import RunResult, StepItem
 from .kv_cache import KVCache, kv_bytes_per_slot
 from .model.checkpoint import load_state_dict
@@ -41,10 +41,10 @@ class TorchRunner:
     def kv_bytes_per_slot(self) -> int:
         return kv_bytes_per_slot(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype)
 
-    def allocate_cache(self, num_slots: int) -> None:
-        self.cache = KVCache(self.cfg.num_layers, num_slots, self.cfg.num_kv_heads, self.cfg.head_dim,
-                             self.dtype, self.device)
-        self.attn = TorchAttention(self.cache)
+    def allocate_cache(self, num_blocks: int, block_size: int) -> None:
+        self.cache = KVCache(self.cfg.num_layers, num_blocks * block_size, self.cfg.num_kv_heads,
+                             self.cfg.head_dim, self.dtype, self.device)
+        self.attn = TorchAttention(self.cache, block_size)
 
     def set_attention(self, backend) -> None:
         """Swap the attention backend (the Triton kernels plug in here)."""
@@ -73,7 +73,8 @@ class TorchRunner:
             row += item.num_new_tokens
             if item.samples:
                 last_rows.append(row - 1)
-        meta = self.attn.build_metadata([BatchSeq(i.ctx_slots, i.num_new_tokens) for i in items])
+        meta = self.attn.build_metadata([BatchSeq(i.ctx_slots, i.num_new_tokens, i.runs,
+                                                  i.seq.seq_class == SeqClass.BE) for i in items])
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, self.attn, meta)
