@@ -93,10 +93,11 @@ class DecoderLayer(nn.Module):
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
         o = attn.forward(layer_idx, q, k, v, meta)                      # [T, H, D]
-        x = x + self.o_proj(o.reshape(T, -1))
+        # Residual adds ride in the matmul (addmm: x + a @ W^T): one op fewer each.
+        x = torch.addmm(x, o.reshape(T, -1), self.o_proj.weight.t())
         h = rms_norm(x, self.post_attn_norm, self.eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return torch.addmm(x, F.silu(gate) * up, self.down_proj.weight.t())
 
 
 class LlamaModel(nn.Module):
