@@ -11,6 +11,7 @@ from .engine import RunResult, StepItem
 from .kv_cache import KVCache, kv_bytes_per_slot
 from .model.checkpoint import load_state_dict
 from .model.config import ModelConfig
+from .model.fast_decode import FastDecode
 from .model.llama import LlamaModel
 from .model.tokenizer import Tokenizer
 from .sampler import Sampler, make_generator
@@ -34,6 +35,7 @@ class TorchRunner:
         self.sampler = Sampler()
         self.cache: KVCache | None = None
         self.attn: TorchAttention | None = None
+        self.fast_decode: FastDecode | None = None
         self.keep_logits = False          # tests: keep the last step's logits
         self.last_logits: torch.Tensor | None = None
 
@@ -45,10 +47,12 @@ class TorchRunner:
         self.cache = KVCache(self.cfg.num_layers, num_blocks * block_size, self.cfg.num_kv_heads,
                              self.cfg.head_dim, self.dtype, self.device)
         self.attn = TorchAttention(self.cache, block_size)
+        self.fast_decode = FastDecode(self.model, self.cache.k, self.cache.v, block_size)
 
     def set_attention(self, backend) -> None:
         """Swap the attention backend (the Triton kernels plug in here)."""
         self.attn = backend
+        self.fast_decode = None  # the scripted path inlines the torch attention
 
     def apply_copies(self, copies: list[SlotCopy]) -> float:
         if not copies:
@@ -77,7 +81,10 @@ class TorchRunner:
                                                   i.seq.seq_class == SeqClass.BE) for i in items])
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, self.attn, meta)
+        if self.fast_decode is not None and meta.num_decode == len(items):
+            hidden = self.fast_decode.forward(ids, pos, meta)
+        else:
+            hidden = self.model(ids, pos, self.attn, meta)
         token_ids: list[int] = []
         t1 = time.perf_counter()
         if last_rows:
