@@ -1,7 +1,6 @@
 """Attention over the bidirectional pool equals dense causal attention, per sequence."""
 import random
 
-import pytest
 import torch
 import torch.nn.functional as F
 

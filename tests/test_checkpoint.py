@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker_svc.model.checkpoint import _unpermute_rope_rows, default_gguf_path, load_state_dict, resolve_model
+from worker_svc.model.checkpoint import default_gguf_path, load_state_dict, resolve_model
+from worker_svc.model.gguf_convert import _unpermute_rope_rows
 from worker_svc.model.config import ModelConfig
 from worker_svc.model.tokenizer import Tokenizer
 

