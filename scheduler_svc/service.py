@@ -1,0 +1,185 @@
+"""bros.v1.Inference over gRPC (asyncio): validate, admit to Redis, stream from Redis.
+
+Thin: any replica serves any request, because everything a stream needs is in Redis (the
+request record and its token stream); the worker loops write there, this reads there.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from bros.v1 import inference_pb2, inference_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
+
+from .config import SchedulerConfig
+from .store import RequestRecord, Store
+from .validation import InvalidArgument, check_generate, check_length, check_request_id
+from .worker_loop import WorkerLoop
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+_FINISH = {"stop": types_pb2.STOP, "length": types_pb2.LENGTH, "abort": types_pb2.ABORT}
+_STREAM_POLL_MS = 1000
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, cfg: SchedulerConfig, store: Store, loops: list[WorkerLoop]):
+        self.cfg = cfg
+        self.store = store
+        self.loops = loops
+        self._channels = {loop.address: grpc.aio.insecure_channel(loop.address) for loop in loops}
+
+    # ---- RPCs -------------------------------------------------------------------------------
+
+    async def Generate(self, request, context):
+        rid, _ = await self._admit(request, context, submitted=False)
+        try:
+            async for msg in self._stream(rid, _resume_index(request), wait=True):
+                yield msg
+        except asyncio.CancelledError:
+            await self._abort_if_unsubmitted(rid)
+            raise
+
+    async def Submit(self, request, context):
+        rid, _ = await self._admit(request, context, submitted=True)
+        return inference_pb2.SubmitResponse(request_id=rid)
+
+    async def Watch(self, request, context):
+        await self._require_known(request.request_id, context)
+        async for msg in self._stream(request.request_id, _resume_index(request), wait=request.wait):
+            yield msg
+
+    async def Abort(self, request, context):
+        await self._require_known(request.request_id, context)
+        return inference_pb2.AbortResponse(aborted=await self.store.request_abort(request.request_id))
+
+    async def GetLoad(self, request, context):
+        load = await self.store.load([loop.address for loop in self.loops])
+        report = inference_pb2.LoadReport()
+        for cls in (types_pb2.REALTIME, types_pb2.BEST_EFFORT):
+            c = load["classes"][cls]
+            report.classes.add(service_class=cls, queued_requests=c["queued_requests"],
+                               queued_tokens=c["queued_tokens"], running_requests=c["running_requests"],
+                               recent_finished=c["recent_finished"],
+                               recent_ttft_attainment=c["recent_ttft_attainment"],
+                               recent_tpot_attainment=c["recent_tpot_attainment"])
+        for loop in self.loops:
+            w = load["workers"].get(loop.address, {})
+            occ = worker_pb2.PoolOccupancy(**{k: int(w[k]) for k in worker_pb2.PoolOccupancy.DESCRIPTOR.fields_by_name
+                                              if k in w})
+            report.workers.add(worker_id=loop.address, leased_by=w.get("leased_by", ""),
+                               reachable=loop.status.connected, occupancy=occ,
+                               running_sequences=int(w.get("running", 0)),
+                               last_step_ms=float(w.get("last_step_ms", 0.0)))
+        return report
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    async def _admit(self, request, context, submitted: bool) -> tuple[str, bool]:
+        info = self._any_worker_info()
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected yet")
+        try:
+            check_generate(request, self.cfg.max_prompt_chars, info.vocab_size)
+            if request.request_id:
+                existing = await self.store.get(request.request_id)
+                if existing is not None:
+                    return request.request_id, False
+            prompt = await self._tokenize(request, context)
+            check_length(len(prompt), request.sampling.max_tokens, info.max_model_len)
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rec = self._record(request, prompt, submitted)
+        rid, created = await self.store.admit(rec)
+        return rid, created
+
+    async def _tokenize(self, request, context) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        tok_req = (worker_pb2.TokenizeRequest(text=request.text) if which == "text"
+                   else worker_pb2.TokenizeRequest(chat=request.chat))
+        for loop in self.loops:
+            if not loop.status.connected:
+                continue
+            try:
+                stub = worker_pb2_grpc.WorkerStub(self._channels[loop.address])
+                ids = list((await stub.Tokenize(tok_req, timeout=10)).token_ids)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(which, e.details()) from None
+                continue
+            if not ids:
+                raise InvalidArgument(which, "tokenizes to nothing")
+            return ids
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker can tokenize text now")
+
+    def _record(self, request, prompt: list[int], submitted: bool) -> RequestRecord:
+        rt = request.service_class == types_pb2.REALTIME
+        return RequestRecord(
+            request_id=request.request_id or uuid.uuid4().hex, service_class=request.service_class,
+            prompt_token_ids=prompt, sampling=request.sampling.SerializeToString(),
+            ttft_ms=float(request.ttft_ms or (self.cfg.rt_ttft_ms if rt else self.cfg.be_ttft_ms)),
+            tpot_ms=float(request.tpot_ms or (self.cfg.rt_tpot_ms if rt else 0.0)),
+            arrival_ms=time.time() * 1e3, submitted=submitted, state="queued", worker_id="",
+            num_output_tokens=0, first_scheduled_ms=None, first_token_ms=None, last_token_ms=None,
+            finished_ms=None, finish_reason="", error="")
+
+    def _any_worker_info(self) -> worker_pb2.WorkerInfo | None:
+        infos = [loop.info for loop in self.loops if loop.info is not None]
+        if not infos:
+            return None
+        # Admission must fit every worker the request may land on.
+        smallest = min(infos, key=lambda i: i.max_model_len)
+        return smallest
+
+    # ---- streaming ----------------------------------------------------------------------------
+
+    async def _stream(self, rid: str, after_index: int, wait: bool):
+        """Token chunks after after_index, then the final result; exactly once, in order."""
+        while True:
+            entries = await self.store.read_stream(rid, after_index, _STREAM_POLL_MS if wait else None)
+            tokens = [e for e in entries if not e.final]
+            if tokens:
+                yield inference_pb2.GenerateResponse(request_id=rid, chunk=inference_pb2.TokenChunk(
+                    index=tokens[0].index, token_ids=[e.token_id for e in tokens], text="".join(e.text for e in tokens)))
+                after_index = tokens[-1].index
+            if any(e.final for e in entries):
+                yield inference_pb2.GenerateResponse(request_id=rid, final=await self._final(rid))
+                return
+            if not wait and not tokens:
+                return
+
+    async def _final(self, rid: str) -> inference_pb2.FinalResult:
+        rec = await self.store.get(rid)
+        n = rec.num_output_tokens
+        ttft = (rec.first_token_ms - rec.arrival_ms) if rec.first_token_ms else 0.0
+        tpot = (rec.last_token_ms - rec.first_token_ms) / (n - 1) if n > 1 and rec.first_token_ms else 0.0
+        queue = (rec.first_scheduled_ms - rec.arrival_ms) if rec.first_scheduled_ms else 0.0
+        rt = rec.service_class == types_pb2.REALTIME
+        return inference_pb2.FinalResult(
+            finish_reason=_FINISH.get(rec.finish_reason, types_pb2.FINISH_REASON_UNSPECIFIED),
+            num_prompt_tokens=len(rec.prompt_token_ids), num_output_tokens=n, queue_ms=queue, ttft_ms=ttft,
+            tpot_ms=tpot, ttft_met=rt and rec.first_token_ms is not None and ttft <= rec.ttft_ms,
+            tpot_met=rt and tpot <= rec.tpot_ms, error=rec.error)
+
+    async def _abort_if_unsubmitted(self, rid: str) -> None:
+        rec = await self.store.get(rid)
+        if rec is not None and not rec.submitted and rec.state != "finished":
+            await self.store.request_abort(rid)
+
+    async def _require_known(self, rid: str, context) -> None:
+        try:
+            check_request_id(rid, required=True)
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if await self.store.get(rid) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id {rid!r} not found")
+
+
+def _resume_index(request) -> int:
+    return request.resume_from_index if request.HasField("resume_from_index") else -1

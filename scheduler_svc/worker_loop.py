@@ -1,0 +1,237 @@
+"""One loop per worker whose lease this replica holds: report in, Redis out, plan, plan out.
+
+    connect -> list_resident -> reconcile with Redis
+    loop: aborts + queues (Redis) -> policy.plan (pure) -> claim (Redis) -> Step -> report
+          -> tokens, finishes, worker state (one Redis pipeline) -> free what Redis now holds
+
+Nothing here is authoritative: the in-memory `seqs` mirror is rebuilt from Redis and the
+worker's resident list whenever a loop (re)connects, so a replica killed at any instant
+loses nothing. A finished sequence is freed on the worker only after its tokens are in
+Redis, so the worker's copy covers any crash in between.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from bros.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+
+from .planner import PlanInput, PlannerConfig, Policy, SeqView
+from .store import RequestRecord, Store
+
+log = logging.getLogger(__name__)
+
+_FINISH_NAMES = {types_pb2.STOP: "stop", types_pb2.LENGTH: "length", types_pb2.ABORT: "abort"}
+
+
+def now_ms() -> float:
+    return time.time() * 1e3
+
+
+@dataclass
+class Running:
+    """A request resident on this loop's worker."""
+    view: SeqView
+    num_output_tokens: int          # output tokens already in Redis
+
+
+@dataclass
+class LoopStatus:
+    connected: bool = False
+    occupancy: dict = field(default_factory=dict)
+    last_step_ms: float = 0.0
+
+
+class WorkerLoop:
+    def __init__(self, address: str, store: Store, policy: Policy, cfg: PlannerConfig, replica_id: str,
+                 lease_ttl_ms: int = 5000, idle_sleep_s: float = 0.005):
+        self.address = address
+        self.store = store
+        self.policy = policy
+        self.cfg = cfg
+        self.replica_id = replica_id
+        self.lease_ttl_ms = lease_ttl_ms
+        self.idle_sleep_s = idle_sleep_s
+        self.status = LoopStatus()
+        self.info: worker_pb2.WorkerInfo | None = None
+        self.seqs: dict[str, Running] = {}
+        self._pending_free: list[str] = []
+        self._plan_id = 0
+        self._stopping = asyncio.Event()
+
+    # ---- outer loop: lease, connect, retry ------------------------------------------
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                if await self.store.acquire_lease(self.address, self.replica_id, self.lease_ttl_ms):
+                    await self._session()
+                    backoff = 0.1
+                else:
+                    await asyncio.sleep(self.lease_ttl_ms / 4000)
+                    continue
+            except (grpc.aio.AioRpcError, ConnectionError, OSError) as e:
+                log.warning("worker %s: %s", self.address, getattr(e, "details", lambda: e)())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 — one loop's bug must not kill the replica
+                log.exception("worker %s loop failed", self.address)
+            self.status.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self.store.release_lease(self.address, self.replica_id)
+
+    async def _session(self) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            self.info = await stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
+            stream = stub.Step()
+            report = await self._exchange(stream, worker_pb2.StepPlan(list_resident=True))
+            await self._reconcile(report)
+            self.status.connected = True
+            while not self._stopping.is_set():
+                if not await self.store.renew_lease(self.address, self.replica_id, self.lease_ttl_ms):
+                    log.warning("lost the lease on %s", self.address)
+                    return
+                plan = await self._next_plan()
+                report = await self._exchange(stream, plan)
+                await self._absorb(report)
+                if not plan.scheduled and not self.seqs:
+                    await asyncio.sleep(self.idle_sleep_s)
+
+    async def _exchange(self, stream, plan: worker_pb2.StepPlan) -> worker_pb2.StepReport:
+        self._plan_id += 1
+        plan.plan_id = self._plan_id
+        await stream.write(plan)
+        report = await stream.read()
+        if report is grpc.aio.EOF:
+            raise ConnectionError("worker closed the Step stream")
+        return report
+
+    # ---- reconciliation ------------------------------------------------------------------
+
+    async def _reconcile(self, report: worker_pb2.StepReport) -> None:
+        """Adopt what the worker holds and Redis says is ours; free the rest; requeue what
+        Redis says runs here but the worker lost."""
+        self.seqs.clear()
+        self._pending_free = []
+        ours = await self.store.running(self.address)
+        for res in report.resident:
+            rec = await self.store.get(res.seq_id)
+            if rec is None or rec.state != "running" or rec.worker_id != self.address:
+                self._pending_free.append(res.seq_id)
+                continue
+            view = self._view(rec, res.num_prompt_tokens + len(res.output_token_ids))
+            view.num_computed_tokens = res.num_computed_tokens
+            self.seqs[rec.request_id] = Running(view, rec.num_output_tokens)
+            await self._write_tokens(rec.request_id, list(res.output_token_ids), [""] * len(res.output_token_ids),
+                                     0, res.finished, _FINISH_NAMES.get(res.finish_reason, "stop"))
+        lost = sorted(ours - {r.seq_id for r in report.resident})
+        if lost:
+            await self.store.requeue(self.address, lost)
+        log.info("worker %s: adopted %d, freed %d, requeued %d", self.address, len(self.seqs),
+                 len(self._pending_free), len(lost))
+
+    # ---- planning ------------------------------------------------------------------------
+
+    async def _next_plan(self) -> worker_pb2.StepPlan:
+        aborts = await self.store.take_aborts(self.address)
+        plan = worker_pb2.StepPlan(free=self._pending_free)
+        self._pending_free = []
+        for rid in aborts:
+            if rid in self.seqs:
+                plan.free.append(rid)
+                del self.seqs[rid]
+                await self.store.finish(rid, "abort", now_ms())
+        n = self.cfg.max_num_seqs
+        waiting_rt, waiting_be = await self.store.peek_queues(n, n)
+        waiting = {r.request_id: r for r in waiting_rt + waiting_be if r.request_id not in self.seqs}
+        occ = self.status.occupancy
+        inp = PlanInput(now_ms=now_ms(), running=[s.view for s in self.seqs.values()],
+                        waiting=[self._view(r, len(r.prompt_token_ids) + r.num_output_tokens)
+                                 for r in waiting.values()],
+                        free_blocks=occ.get("free_blocks", self.info.num_blocks),
+                        block_size=self.info.block_size)
+        decision = self.policy.plan(inp, self.cfg)
+        claimed = set(await self.store.claim(self.address, decision.admit, now_ms())) if decision.admit else set()
+        for rid in decision.admit:
+            if rid in claimed:
+                plan.new_sequences.append(await self._new_sequence(waiting[rid]))
+                self.seqs[rid] = Running(self._view(waiting[rid], len(waiting[rid].prompt_token_ids)
+                                                    + waiting[rid].num_output_tokens),
+                                         waiting[rid].num_output_tokens)
+        for rid in decision.recompute:
+            plan.recompute.append(rid)
+            self.seqs[rid].view.num_computed_tokens = 0
+        for rid, num_tokens in decision.scheduled:
+            if rid in self.seqs:
+                plan.scheduled.append(worker_pb2.ScheduledSequence(seq_id=rid, num_tokens=num_tokens))
+        return plan
+
+    async def _new_sequence(self, rec: RequestRecord) -> worker_pb2.NewSequence:
+        sampling = types_pb2.SamplingParams.FromString(rec.sampling)
+        carried = []
+        if rec.num_output_tokens:  # requeued after a worker loss: carry what was produced
+            entries = await self.store.read_stream(rec.request_id, -1, None)
+            carried = [e.token_id for e in entries if not e.final]
+        return worker_pb2.NewSequence(seq_id=rec.request_id, service_class=rec.service_class,
+                                      prompt_token_ids=rec.prompt_token_ids, sampling=sampling,
+                                      output_token_ids=carried)
+
+    @staticmethod
+    def _view(rec: RequestRecord, num_tokens: int) -> SeqView:
+        return SeqView(request_id=rec.request_id, service_class=rec.service_class, arrival_ms=rec.arrival_ms,
+                       num_prompt_tokens=len(rec.prompt_token_ids), num_tokens=num_tokens,
+                       ttft_deadline_ms=rec.arrival_ms + rec.ttft_ms, tpot_ms=rec.tpot_ms,
+                       last_token_ms=rec.last_token_ms)
+
+    # ---- the report --------------------------------------------------------------------
+
+    async def _absorb(self, report: worker_pb2.StepReport) -> None:
+        self.status.occupancy = {f.name: getattr(report.occupancy, f.name)
+                                 for f in report.occupancy.DESCRIPTOR.fields}
+        self.status.last_step_ms = report.timings.step_ms
+        for err in report.errors:
+            await self._on_error(err)
+        for out in report.outputs:
+            run = self.seqs.get(out.seq_id)
+            if run is None:
+                continue
+            run.view.num_computed_tokens = out.num_computed_tokens
+            run.view.num_tokens += len(out.token_ids)
+            if out.token_ids:
+                run.view.last_token_ms = now_ms()
+            reason = _FINISH_NAMES.get(out.finish_reason, "stop")
+            await self._write_tokens(out.seq_id, list(out.token_ids), [out.text], run.num_output_tokens,
+                                     out.finished, reason)
+            run.num_output_tokens += len(out.token_ids)
+        await self.store.set_worker_state(self.address, {
+            "leased_by": self.replica_id, "running": len(self.seqs), "last_step_ms": report.timings.step_ms,
+            **{k: v for k, v in self.status.occupancy.items()}})
+
+    async def _write_tokens(self, rid: str, token_ids: list[int], texts: list[str], start_index: int,
+                            finished: bool, reason: str) -> None:
+        if token_ids:
+            texts = texts + [""] * (len(token_ids) - len(texts))
+            await self.store.append_tokens(None, rid, start_index, token_ids, texts)
+        if finished:
+            await self.store.finish(rid, reason, now_ms())
+            self.seqs.pop(rid, None)
+            self._pending_free.append(rid)
+
+    async def _on_error(self, err: worker_pb2.ItemError) -> None:
+        """A new sequence the worker refused can never run there: end it with the reason.
+        A scheduled item that did not fit (pool full) is simply planned again."""
+        if err.field.startswith("new_sequences") and err.seq_id in self.seqs:
+            del self.seqs[err.seq_id]
+            await self.store.finish(err.seq_id, "abort", now_ms(), error=f"{err.field}: {err.message}")
+        elif err.field not in ("scheduled.num_tokens", "free"):
+            log.warning("worker %s refused %s (%s): %s", self.address, err.seq_id, err.field, err.message)
