@@ -62,19 +62,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         report = inference_pb2.LoadReport()
         for cls in (types_pb2.REALTIME, types_pb2.BEST_EFFORT):
             c = load["classes"][cls]
-            report.classes.add(service_class=cls, queued_requests=c["queued_requests"],
-                               queued_tokens=c["queued_tokens"], running_requests=c["running_requests"],
-                               recent_finished=c["recent_finished"],
-                               recent_ttft_attainment=c["recent_ttft_attainment"],
-                               recent_tpot_attainment=c["recent_tpot_attainment"])
+            report.classes.add(service_class=cls, queued_requests=c.queued_requests,
+                               queued_tokens=c.queued_tokens, running_requests=c.running_requests,
+                               recent_finished=c.recent_finished, recent_ttft_attainment=c.recent_ttft_attainment,
+                               recent_tpot_attainment=c.recent_tpot_attainment)
+        fields = worker_pb2.PoolOccupancy.DESCRIPTOR.fields_by_name
         for loop in self.loops:
-            w = load["workers"].get(loop.address, {})
-            occ = worker_pb2.PoolOccupancy(**{k: int(w[k]) for k in worker_pb2.PoolOccupancy.DESCRIPTOR.fields_by_name
-                                              if k in w})
-            report.workers.add(worker_id=loop.address, leased_by=w.get("leased_by", ""),
-                               reachable=loop.status.connected, occupancy=occ,
-                               running_sequences=int(w.get("running", 0)),
-                               last_step_ms=float(w.get("last_step_ms", 0.0)))
+            w = load["workers"][loop.address]
+            occ = worker_pb2.PoolOccupancy(**{k: int(v) for k, v in w.state.items() if k in fields})
+            report.workers.add(worker_id=loop.address, leased_by=w.leased_by, reachable=loop.status.connected,
+                               occupancy=occ, running_sequences=int(w.state.get("running", 0)),
+                               last_step_ms=float(w.state.get("last_step_ms", 0.0)))
         return report
 
     # ---- admission ---------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class WorkerLoop:
                     await asyncio.sleep(self.lease_ttl_ms / 4000)
                     continue
             except (grpc.aio.AioRpcError, ConnectionError, OSError) as e:
-                log.warning("worker %s: %s", self.address, getattr(e, "details", lambda: e)())
+                log.warning("worker %s: %s", self.address, e.details() if isinstance(e, grpc.aio.AioRpcError) else e)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 — one loop's bug must not kill the replica
@@ -124,16 +124,25 @@ class WorkerLoop:
         self.seqs.clear()
         self._pending_free = []
         ours = await self.store.running(self.address)
-        for res in report.resident:
-            rec = await self.store.get(res.seq_id)
-            if rec is None or rec.state != "running" or rec.worker_id != self.address:
-                self._pending_free.append(res.seq_id)
-                continue
-            view = self._view(rec, res.num_prompt_tokens + len(res.output_token_ids))
-            view.num_computed_tokens = res.num_computed_tokens
-            self.seqs[rec.request_id] = Running(view, rec.num_output_tokens)
-            await self._write_tokens(rec.request_id, list(res.output_token_ids), [""] * len(res.output_token_ids),
-                                     0, res.finished, _FINISH_NAMES.get(res.finish_reason, "stop"))
+        t = now_ms()
+        async with self.store.batch() as b:
+            for res in report.resident:
+                rec = await self.store.get(res.seq_id)
+                if rec is None or rec.state != "running" or rec.worker_id != self.address:
+                    self._pending_free.append(res.seq_id)
+                    continue
+                # Tokens the last replica never wrote: the stream skips those it has (the
+                # text of the missing ones is lost; their ids are not).
+                out = list(res.output_token_ids)
+                if out:
+                    b.append_tokens(rec.request_id, 0, out, [""] * len(out), t)
+                if res.finished:
+                    b.finish(rec.request_id, _FINISH_NAMES.get(res.finish_reason, "stop"), t)
+                    self._pending_free.append(rec.request_id)
+                    continue
+                view = self._view(rec, res.num_prompt_tokens + len(out))
+                view.num_computed_tokens = res.num_computed_tokens
+                self.seqs[rec.request_id] = Running(view, len(out))
         lost = sorted(ours - {r.seq_id for r in report.resident})
         if lost:
             await self.store.requeue(self.address, lost)
@@ -146,11 +155,12 @@ class WorkerLoop:
         aborts = await self.store.take_aborts(self.address)
         plan = worker_pb2.StepPlan(free=self._pending_free)
         self._pending_free = []
-        for rid in aborts:
-            if rid in self.seqs:
-                plan.free.append(rid)
-                del self.seqs[rid]
-                await self.store.finish(rid, "abort", now_ms())
+        if aborts:
+            async with self.store.batch() as b:
+                for rid in aborts:
+                    b.finish(rid, "abort", now_ms())
+                    if self.seqs.pop(rid, None) is not None:
+                        plan.free.append(rid)
         n = self.cfg.max_num_seqs
         waiting_rt, waiting_be = await self.store.peek_queues(n, n)
         waiting = {r.request_id: r for r in waiting_rt + waiting_be if r.request_id not in self.seqs}
@@ -196,42 +206,43 @@ class WorkerLoop:
     # ---- the report --------------------------------------------------------------------
 
     async def _absorb(self, report: worker_pb2.StepReport) -> None:
+        """Everything the report says goes to Redis in one round trip; only then are the
+        finished sequences freed on the worker (next plan)."""
         self.status.occupancy = {f.name: getattr(report.occupancy, f.name)
                                  for f in report.occupancy.DESCRIPTOR.fields}
         self.status.last_step_ms = report.timings.step_ms
-        for err in report.errors:
-            await self._on_error(err)
-        for out in report.outputs:
-            run = self.seqs.get(out.seq_id)
-            if run is None:
-                continue
-            run.view.num_computed_tokens = out.num_computed_tokens
-            run.view.num_tokens += len(out.token_ids)
-            if out.token_ids:
-                run.view.last_token_ms = now_ms()
-            reason = _FINISH_NAMES.get(out.finish_reason, "stop")
-            await self._write_tokens(out.seq_id, list(out.token_ids), [out.text], run.num_output_tokens,
-                                     out.finished, reason)
-            run.num_output_tokens += len(out.token_ids)
-        await self.store.set_worker_state(self.address, {
-            "leased_by": self.replica_id, "running": len(self.seqs), "last_step_ms": report.timings.step_ms,
-            **{k: v for k, v in self.status.occupancy.items()}})
-
-    async def _write_tokens(self, rid: str, token_ids: list[int], texts: list[str], start_index: int,
-                            finished: bool, reason: str) -> None:
-        if token_ids:
-            texts = texts + [""] * (len(token_ids) - len(texts))
-            await self.store.append_tokens(None, rid, start_index, token_ids, texts)
-        if finished:
-            await self.store.finish(rid, reason, now_ms())
+        finished: list[str] = []
+        t = now_ms()
+        async with self.store.batch() as b:
+            for err in report.errors:
+                self._on_error(b, err, t)
+            for out in report.outputs:
+                run = self.seqs.get(out.seq_id)
+                if run is None:
+                    continue
+                run.view.num_computed_tokens = out.num_computed_tokens
+                run.view.num_tokens += len(out.token_ids)
+                if out.token_ids:
+                    run.view.last_token_ms = t
+                    b.append_tokens(out.seq_id, run.num_output_tokens, list(out.token_ids),
+                                    [out.text] + [""] * (len(out.token_ids) - 1), t)
+                    run.num_output_tokens += len(out.token_ids)
+                if out.finished:
+                    b.finish(out.seq_id, _FINISH_NAMES.get(out.finish_reason, "stop"), t)
+                    finished.append(out.seq_id)
+            b.set_worker_state(self.address, {
+                "leased_by": self.replica_id, "running": len(self.seqs) - len(finished),
+                "last_step_ms": report.timings.step_ms, **self.status.occupancy})
+        for rid in finished:
             self.seqs.pop(rid, None)
-            self._pending_free.append(rid)
+        self._pending_free += finished
 
-    async def _on_error(self, err: worker_pb2.ItemError) -> None:
+    def _on_error(self, b, err: worker_pb2.ItemError, t: float) -> None:
         """A new sequence the worker refused can never run there: end it with the reason.
         A scheduled item that did not fit (pool full) is simply planned again."""
         if err.field.startswith("new_sequences") and err.seq_id in self.seqs:
             del self.seqs[err.seq_id]
-            await self.store.finish(err.seq_id, "abort", now_ms(), error=f"{err.field}: {err.message}")
+            b.finish(err.seq_id, "abort", t, error=f"{err.field}: {err.message}")
+            self._pending_free.append(err.seq_id)
         elif err.field not in ("scheduled.num_tokens", "free"):
             log.warning("worker %s refused %s (%s): %s", self.address, err.seq_id, err.field, err.message)

@@ -1,0 +1,646 @@
+"""The request store: the only code that talks to Redis. Pure data in, pure data out.
+
+Every state change of a request is one Lua script, so it is atomic on the server and
+any number of scheduler replicas can race on it safely:
+
+    admit ──▶ queued ──claim──▶ running ──finish──▶ finished (record and stream expire
+                 ▲                 │                          result_ttl_s later)
+                 └─────requeue─────┘
+    request_abort: queued -> finished("abort") at once; running -> the worker's abort set.
+
+Invariants the scripts keep (each one script, so no reader sees them broken):
+- a request id is in its class's queue zset iff its state is "queued", and in exactly
+  one worker's running set iff its state is "running";
+- queued_tokens(class) = sum of num_prompt_tokens over the queue; running_count(class) =
+  the class's total over all running sets;
+- the token stream holds entry `0-(i+1)` for output token i, contiguous from index 0,
+  then at most one final entry `1-0`. The IDs are the dedup: the append script skips
+  every index at or below the stream's last ID (Redis would refuse it anyway), so a
+  token is stored once however often it is re-sent, and nothing after the final entry;
+  a reader resuming "after index i" reads from ID `0-(i+1)` and misses nothing.
+
+Batching: the writes of one scheduler iteration go in one round trip:
+
+    async with store.batch() as b:
+        b.append_tokens("r1", 7, [42], ["hi"], now_ms)
+        b.finish("r2", "stop", now_ms)
+        b.set_worker_state("w0", {"occupancy": report_bytes})
+    # on exit: one MULTI/EXEC pipeline of EVALSHA/HSET; b.results holds the replies
+
+A batch calls EVALSHA with the scripts' known SHAs (a redis-py Script in a pipeline
+would add a SCRIPT EXISTS round trip on every execute). If the server lost them
+(restart, SCRIPT FLUSH) the batch reloads the scripts and runs again once: every batch
+operation is idempotent, so a partial first run is harmless. The one-op methods
+`Store.append_tokens` / `finish` / `set_worker_state` are a batch of one.
+
+Needs a standalone server (the scripts reach keys built from key heads, which a cluster
+would refuse) and a client with decode_responses=False (sampling params are raw bytes).
+Nothing here uses KEYS or SCAN: every key is reached from an id the caller holds.
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from redis.exceptions import NoScriptError
+
+from .keys import ABORTS, REALTIME, REQ, RUNNING, SERVICE_CLASSES, TOK, Keys
+
+RECENT_MAX = 1000          # outcomes kept per class for the attainment in GetLoad
+FINAL_ID = b"1-0"          # the stream's last entry; sorts after every token entry 0-n
+STATES = ("queued", "running", "finished")
+
+
+def wall_ms(t: float | None = None) -> float:
+    """t itself when given, else the wall clock in epoch ms (callers normally pass theirs)."""
+    return t if t is not None else time.time() * 1000.0
+
+
+# --- data ------------------------------------------------------------------------------
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    service_class: int                      # 1 REALTIME, 2 BEST_EFFORT (bros.v1.ServiceClass)
+    prompt_token_ids: list[int]
+    sampling: bytes                         # a serialized bros.v1.SamplingParams
+    ttft_ms: float                          # targets; <= 0 means none (always met)
+    tpot_ms: float
+    arrival_ms: float                       # epoch ms, scheduler clock
+    submitted: bool = False                 # made by Submit: a cancelled stream must not abort it
+    state: str = "queued"                   # one of STATES
+    worker_id: str = ""                     # the worker it runs (or last ran) on
+    num_output_tokens: int = 0              # tokens in the stream, i.e. delivered for good
+    first_scheduled_ms: float | None = None
+    first_token_ms: float | None = None
+    last_token_ms: float | None = None
+    finished_ms: float | None = None
+    finish_reason: str = ""                 # "stop", "length", "abort", ... ("" until finished)
+    error: str = ""
+    abort_requested: bool = False           # a client asked; the worker has not confirmed yet
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def queue_score(self) -> float:
+        """RT queue order is the TTFT deadline, BE order is arrival."""
+        if self.service_class == REALTIME:
+            return self.arrival_ms + self.ttft_ms
+        return self.arrival_ms
+
+
+@dataclass
+class StreamEntry:
+    """One output token, or the final marker (final=True: read the record for the result)."""
+    index: int = -1
+    token_id: int = 0
+    text: str = ""
+    final: bool = False
+
+
+@dataclass
+class ClassStats:
+    service_class: int
+    queued_requests: int
+    queued_tokens: int
+    running_requests: int
+    recent_finished: int                    # over the last RECENT_MAX finishes, aborts excluded
+    recent_ttft_attainment: float           # fraction met; 1.0 when nothing finished yet
+    recent_tpot_attainment: float
+
+
+@dataclass
+class WorkerStats:
+    worker_id: str
+    running_requests: int
+    leased_by: str                          # replica id, "" when no lease
+    state: dict[str, bytes] = field(default_factory=dict)  # last set_worker_state fields, raw
+
+
+# --- pure encoding -----------------------------------------------------------------------
+
+def pack_tokens(token_ids: list[int]) -> bytes:
+    return struct.pack(f"<{len(token_ids)}I", *token_ids)
+
+
+def unpack_tokens(data: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(data) // 4}I", data))
+
+
+def _num(value: float) -> str:
+    # repr is the shortest string that parses back to the same float, in Python and Lua.
+    return repr(float(value))
+
+
+_OPTIONAL_TIMES = ("first_scheduled_ms", "first_token_ms", "last_token_ms", "finished_ms")
+
+
+def record_to_fields(rec: RequestRecord) -> dict[str, bytes | str]:
+    """The record hash. num_prompt_tokens and score are derived, stored for the scripts."""
+    fields: dict[str, bytes | str] = {
+        "request_id": rec.request_id,
+        "service_class": str(rec.service_class),
+        "prompt": pack_tokens(rec.prompt_token_ids),
+        "num_prompt_tokens": str(rec.num_prompt_tokens),
+        "sampling": rec.sampling,
+        "ttft_ms": _num(rec.ttft_ms),
+        "tpot_ms": _num(rec.tpot_ms),
+        "arrival_ms": _num(rec.arrival_ms),
+        "score": _num(rec.queue_score),
+        "submitted": "1" if rec.submitted else "0",
+        "state": rec.state,
+        "worker_id": rec.worker_id,
+        "num_output_tokens": str(rec.num_output_tokens),
+        "finish_reason": rec.finish_reason,
+        "error": rec.error,
+        "abort_requested": "1" if rec.abort_requested else "0",
+    }
+    for name in _OPTIONAL_TIMES:
+        if getattr(rec, name) is not None:
+            fields[name] = _num(getattr(rec, name))
+    return fields
+
+
+def record_from_fields(raw: dict[bytes, bytes]) -> RequestRecord:
+    f = {k.decode(): v for k, v in raw.items()}
+
+    def text(name: str) -> str:
+        return f.get(name, b"").decode()
+
+    return RequestRecord(
+        request_id=text("request_id"),
+        service_class=int(f["service_class"]),
+        prompt_token_ids=unpack_tokens(f["prompt"]),
+        sampling=f.get("sampling", b""),
+        ttft_ms=float(f["ttft_ms"]),
+        tpot_ms=float(f["tpot_ms"]),
+        arrival_ms=float(f["arrival_ms"]),
+        submitted=f.get("submitted") == b"1",
+        state=text("state"),
+        worker_id=text("worker_id"),
+        num_output_tokens=int(f.get("num_output_tokens", b"0")),
+        finish_reason=text("finish_reason"),
+        error=text("error"),
+        abort_requested=f.get("abort_requested") == b"1",
+        **{name: float(f[name]) if name in f else None for name in _OPTIONAL_TIMES},
+    )
+
+
+def _pairs_to_dict(flat: list) -> dict:
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+def entry_from_stream(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
+    if entry_id == FINAL_ID:
+        return StreamEntry(final=True)
+    return StreamEntry(index=int(fields[b"i"]), token_id=int(fields[b"t"]),
+                       text=fields[b"s"].decode())
+
+
+def attainment(outcomes: list[bytes]) -> tuple[int, float, float]:
+    """(count, TTFT attainment, TPOT attainment) of "<ttft_met><tpot_met>" outcomes."""
+    if not outcomes:
+        return 0, 1.0, 1.0
+    ttft = sum(o[0:1] == b"1" for o in outcomes)
+    tpot = sum(o[1:2] == b"1" for o in outcomes)
+    return len(outcomes), ttft / len(outcomes), tpot / len(outcomes)
+
+
+# --- Lua -----------------------------------------------------------------------------------
+
+# Every request script gets the same context (Store._ctx_keys, Store._ctx_args):
+#   KEYS[c] queue, KEYS[2+c] queued_tokens, KEYS[4+c] recent, KEYS[6+c] running_count,
+#   where c is the service class (1 RT, 2 BE);
+#   ARGV[1..4] key heads (request record, token stream, running set, abort set),
+#   ARGV[5] result TTL (s). A script's own arguments start at ARGV[A+1].
+_PRELUDE = """
+local A = 5
+local REQ, TOK, RUNNING, ABORTS, TTL = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local FINAL_ID = '1-0'
+
+-- "<ttft_met><tpot_met>" from HMGET fields 5..10 of finish_request.
+local function outcome(f)
+  local arrival, ttft, tpot = tonumber(f[5]), tonumber(f[6]), tonumber(f[7])
+  local first, last, n = tonumber(f[8]), tonumber(f[9]), tonumber(f[10]) or 0
+  local ttft_met = ttft <= 0 or (first ~= nil and first - arrival <= ttft)
+  local tpot_met = tpot <= 0 or n < 2 or (last - first) / (n - 1) <= tpot
+  return (ttft_met and '1' or '0') .. (tpot_met and '1' or '0')
+end
+
+-- Any state -> finished, once. 1 if it finished now, 0 if unknown or already finished.
+local function finish_request(id, reason, now, err)
+  local rec = REQ .. id
+  local f = redis.call('HMGET', rec, 'state', 'service_class', 'worker_id', 'num_prompt_tokens',
+    'arrival_ms', 'ttft_ms', 'tpot_ms', 'first_token_ms', 'last_token_ms', 'num_output_tokens')
+  local state, c = f[1], tonumber(f[2])
+  if not state or state == 'finished' then return 0 end
+  if state == 'queued' then
+    if redis.call('ZREM', KEYS[c], id) == 1 then redis.call('DECRBY', KEYS[2 + c], f[4]) end
+  elseif redis.call('SREM', RUNNING .. f[3], id) == 1 then
+    redis.call('DECR', KEYS[6 + c])
+  end
+  local tok = TOK .. id
+  redis.call('XADD', tok, FINAL_ID, 'f', '1')
+  redis.call('HSET', rec, 'state', 'finished', 'finished_ms', now, 'finish_reason', reason,
+    'error', err)
+  -- A client's abort says nothing about how well we serve: keep it out of attainment.
+  if reason ~= 'abort' then
+    redis.call('LPUSH', KEYS[4 + c], outcome(f))
+    redis.call('LTRIM', KEYS[4 + c], 0, %(recent_max)d - 1)
+  end
+  redis.call('EXPIRE', rec, TTL)
+  redis.call('EXPIRE', tok, TTL)
+  return 1
+end
+""" % {"recent_max": RECENT_MAX}
+
+# ARGV[A+1] id, [A+2] class, [A+3] queue score, [A+4] num prompt tokens, [A+5..] field, value...
+_ADMIT = """
+local id, c = ARGV[A + 1], tonumber(ARGV[A + 2])
+local rec = REQ .. id
+if redis.call('EXISTS', rec) == 1 then return 0 end
+redis.call('HSET', rec, unpack(ARGV, A + 5))
+redis.call('ZADD', KEYS[c], ARGV[A + 3], id)
+redis.call('INCRBY', KEYS[2 + c], ARGV[A + 4])
+return 1
+"""
+
+# ARGV[A+1] max RT, [A+2] max BE. Returns per class a list of {id, HGETALL of its record}.
+_PEEK = """
+local out = {}
+for c = 1, 2 do
+  local rows = {}
+  local n = tonumber(ARGV[A + c])
+  if n > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[c], 0, n - 1)) do
+      rows[#rows + 1] = {id, redis.call('HGETALL', REQ .. id)}
+    end
+  end
+  out[c] = rows
+end
+return out
+"""
+
+# ARGV[A+1] worker, [A+2] now, [A+3..] ids. Returns the ids this call claimed.
+_CLAIM = """
+local worker, now = ARGV[A + 1], ARGV[A + 2]
+local claimed = {}
+for i = A + 3, #ARGV do
+  local id = ARGV[i]
+  local rec = REQ .. id
+  local f = redis.call('HMGET', rec, 'service_class', 'num_prompt_tokens')
+  local c = tonumber(f[1])
+  -- Removing the id from its queue is the claim: exactly one caller gets ZREM == 1.
+  if c and redis.call('ZREM', KEYS[c], id) == 1 then
+    redis.call('DECRBY', KEYS[2 + c], f[2])
+    redis.call('INCR', KEYS[6 + c])
+    redis.call('SADD', RUNNING .. worker, id)
+    redis.call('HSET', rec, 'state', 'running', 'worker_id', worker)
+    redis.call('HSETNX', rec, 'first_scheduled_ms', now)
+    claimed[#claimed + 1] = id
+  end
+end
+return claimed
+"""
+
+# ARGV[A+1] worker, [A+2] now, [A+3..] ids. Returns the ids put back in their queue.
+_REQUEUE = """
+local worker, now = ARGV[A + 1], ARGV[A + 2]
+local running = RUNNING .. worker
+local requeued = {}
+for i = A + 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('SISMEMBER', running, id) == 1 then
+    local rec = REQ .. id
+    local f = redis.call('HMGET', rec, 'service_class', 'num_prompt_tokens', 'score',
+      'abort_requested')
+    if f[4] == '1' then
+      -- Its abort never reached the worker: honour it instead of running it again.
+      finish_request(id, 'abort', now, '')
+    else
+      local c = tonumber(f[1])
+      redis.call('SREM', running, id)
+      redis.call('DECR', KEYS[6 + c])
+      redis.call('ZADD', KEYS[c], f[3], id)
+      redis.call('INCRBY', KEYS[2 + c], f[2])
+      redis.call('HSET', rec, 'state', 'queued', 'worker_id', '')
+      requeued[#requeued + 1] = id
+    end
+  end
+end
+return requeued
+"""
+
+# ARGV[A+1] id, [A+2] start index, [A+3] now, [A+4] n, then n token ids, then n texts.
+# Returns how many of the tokens were new.
+_APPEND = """
+local id, start, now, n = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3], tonumber(ARGV[A + 4])
+local rec, tok = REQ .. id, TOK .. id
+if redis.call('EXISTS', rec) == 0 then return 0 end
+local have = 0
+local last = redis.call('XREVRANGE', tok, '+', '-', 'COUNT', 1)
+if #last > 0 then
+  if last[1][1] == FINAL_ID then return 0 end  -- finished: late tokens are dropped
+  have = tonumber(string.sub(last[1][1], 3))   -- entry 0-k is index k-1: k tokens stored
+end
+if start > have then
+  return redis.error_reply('BROSGAP ' .. id .. ': stream has ' .. have .. ' tokens, got index ' .. start)
+end
+local first_new = have - start
+if first_new >= n then return 0 end
+for k = first_new, n - 1 do
+  local index = start + k
+  redis.call('XADD', tok, '0-' .. (index + 1), 'i', index, 't', ARGV[A + 5 + k],
+    's', ARGV[A + 5 + n + k])
+end
+redis.call('HSET', rec, 'num_output_tokens', start + n, 'last_token_ms', now)
+redis.call('HSETNX', rec, 'first_token_ms', now)
+return n - first_new
+"""
+
+# ARGV[A+1] id, [A+2] reason, [A+3] now, [A+4] error.
+_FINISH = """
+return finish_request(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4])
+"""
+
+# ARGV[A+1] id, [A+2] now. 1: a queued request finished now, or a running one's worker
+# will be told; 0: unknown or already finished.
+_ABORT = """
+local id, now = ARGV[A + 1], ARGV[A + 2]
+local rec = REQ .. id
+local f = redis.call('HMGET', rec, 'state', 'worker_id')
+if f[1] == 'queued' then return finish_request(id, 'abort', now, '') end
+if f[1] ~= 'running' then return 0 end
+redis.call('HSET', rec, 'abort_requested', '1')
+redis.call('SADD', ABORTS .. f[2], id)
+return 1
+"""
+
+# Leases: KEYS[1] the lease, ARGV[1] replica id, ARGV[2] ttl (ms).
+_LEASE_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_LEASE_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+_LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+_REQUEST_SCRIPTS = {"admit": _ADMIT, "peek": _PEEK, "claim": _CLAIM, "requeue": _REQUEUE,
+                    "append": _APPEND, "finish": _FINISH, "abort": _ABORT}
+_LEASE_SCRIPTS = {"acquire": _LEASE_ACQUIRE, "renew": _LEASE_RENEW, "release": _LEASE_RELEASE}
+
+
+# --- the store ---------------------------------------------------------------------------
+
+class Store:
+    def __init__(self, redis_client, prefix: str = "bros", result_ttl_s: int = 3600) -> None:
+        if redis_client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("Store needs a redis client with decode_responses=False")
+        if result_ttl_s <= 0:
+            raise ValueError(f"result_ttl_s must be > 0, got {result_ttl_s}")
+        self.redis = redis_client
+        self.keys = Keys(prefix)
+        self.result_ttl_s = result_ttl_s
+        # Registered once; each holds its SHA, so a call is one EVALSHA round trip.
+        self._scripts = {name: redis_client.register_script(_PRELUDE + src)
+                         for name, src in _REQUEST_SCRIPTS.items()}
+        self._scripts.update({name: redis_client.register_script(src)
+                              for name, src in _LEASE_SCRIPTS.items()})
+        k = self.keys
+        self._ctx_keys = ([k.queue(c) for c in SERVICE_CLASSES]
+                          + [k.queued_tokens(c) for c in SERVICE_CLASSES]
+                          + [k.recent(c) for c in SERVICE_CLASSES]
+                          + [k.running_count(c) for c in SERVICE_CLASSES])
+        self._ctx_args = [k.head(REQ), k.head(TOK), k.head(RUNNING), k.head(ABORTS),
+                          str(result_ttl_s)]
+
+    async def _run(self, name: str, args: list) -> object:
+        return await self._scripts[name](keys=self._ctx_keys, args=self._ctx_args + args)
+
+    def _queue_script(self, pipe, name: str, args: list) -> None:
+        keys = self._ctx_keys
+        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *self._ctx_args, *args)
+
+    async def load_scripts(self) -> None:
+        """(Re)load every script into the server, e.g. after it restarted."""
+        for script in self._scripts.values():
+            script.sha = await self.redis.script_load(script.script)
+
+    # --- admission and queues ----------------------------------------------------------
+
+    async def admit(self, rec: RequestRecord) -> tuple[str, bool]:
+        """Create and enqueue the request unless its id exists: (id, created)."""
+        if rec.state != "queued" or rec.worker_id:
+            raise ValueError(f"admit takes a fresh queued record, got state={rec.state!r}")
+        if rec.service_class not in SERVICE_CLASSES:
+            raise ValueError(f"service_class must be 1 or 2, got {rec.service_class}")
+        flat = [x for pair in record_to_fields(rec).items() for x in pair]
+        created = await self._run("admit", [rec.request_id, rec.service_class,
+                                            _num(rec.queue_score), rec.num_prompt_tokens, *flat])
+        return rec.request_id, bool(created)
+
+    async def get(self, request_id: str) -> RequestRecord | None:
+        raw = await self.redis.hgetall(self.keys.req(request_id))
+        return record_from_fields(raw) if raw else None
+
+    async def peek_queues(self, max_rt: int, max_be: int
+                          ) -> tuple[list[RequestRecord], list[RequestRecord]]:
+        """The first max_rt / max_be queued requests in queue order, in one round trip."""
+        rt, be = await self._run("peek", [max(0, max_rt), max(0, max_be)])
+        return _records(rt), _records(be)
+
+    async def claim(self, worker_id: str, request_ids: list[str], now_ms: float) -> list[str]:
+        if not request_ids:
+            return []
+        claimed = await self._run("claim", [worker_id, _num(now_ms), *request_ids])
+        return [i.decode() for i in claimed]
+
+    async def requeue(self, worker_id: str, request_ids: list[str],
+                      now_ms: float | None = None) -> list[str]:
+        """Back to their queues at their admission scores; a request whose abort is pending
+        finishes as aborted instead (at now_ms). Returns the ids requeued."""
+        if not request_ids:
+            return []
+        requeued = await self._run("requeue", [worker_id, _num(wall_ms(now_ms)), *request_ids])
+        return [i.decode() for i in requeued]
+
+    async def running(self, worker_id: str) -> set[str]:
+        return {i.decode() for i in await self.redis.smembers(self.keys.running(worker_id))}
+
+    # --- tokens and results ------------------------------------------------------------
+
+    def batch(self) -> contextlib.AbstractAsyncContextManager["Batch"]:
+        """Writes queued on the Batch run in one round trip when the block exits cleanly."""
+        return _batch(self)
+
+    async def append_tokens(self, request_id: str, start_index: int, token_ids: list[int],
+                            texts: list[str], now_ms: float | None = None) -> int:
+        """Tokens start_index, start_index+1, ...; returns how many were new."""
+        async with self.batch() as b:
+            b.append_tokens(request_id, start_index, token_ids, texts, now_ms)
+        return b.results[0]
+
+    async def finish(self, request_id: str, reason: str, now_ms: float, error: str = "") -> bool:
+        """True if it finished now; False if unknown or already finished."""
+        async with self.batch() as b:
+            b.finish(request_id, reason, now_ms, error)
+        return bool(b.results[0])
+
+    async def read_stream(self, request_id: str, after_index: int, block_ms: int | None,
+                          count: int | None = None) -> list[StreamEntry]:
+        """Entries after output index after_index (-1: from the start), waiting up to
+        block_ms for one if there are none yet (None: do not wait)."""
+        key = self.keys.tok(request_id)
+        reply = await self.redis.xread({key: f"0-{after_index + 1}"}, count=count, block=block_ms)
+        if isinstance(reply, dict):  # RESP3
+            entries = reply.get(key.encode(), [[]])[0]
+        else:
+            entries = reply[0][1] if reply else []
+        return [entry_from_stream(entry_id, fields) for entry_id, fields in entries]
+
+    # --- leases ------------------------------------------------------------------------
+
+    async def new_replica_id(self) -> str:
+        return f"replica-{await self.redis.incr(self.keys.replica_seq())}"
+
+    async def acquire_lease(self, worker_id: str, replica_id: str, ttl_ms: int) -> bool:
+        """Take a free lease, or extend our own; False while another replica holds it."""
+        return await self._lease("acquire", worker_id, [replica_id, int(ttl_ms)])
+
+    async def renew_lease(self, worker_id: str, replica_id: str, ttl_ms: int) -> bool:
+        return await self._lease("renew", worker_id, [replica_id, int(ttl_ms)])
+
+    async def release_lease(self, worker_id: str, replica_id: str) -> bool:
+        return await self._lease("release", worker_id, [replica_id])
+
+    async def _lease(self, name: str, worker_id: str, args: list) -> bool:
+        return bool(await self._scripts[name](keys=[self.keys.lease(worker_id)], args=args))
+
+    async def lease_holder(self, worker_id: str) -> str | None:
+        holder = await self.redis.get(self.keys.lease(worker_id))
+        return holder.decode() if holder is not None else None
+
+    # --- aborts ------------------------------------------------------------------------
+
+    async def request_abort(self, request_id: str, now_ms: float | None = None) -> bool:
+        return bool(await self._run("abort", [request_id, _num(wall_ms(now_ms))]))
+
+    async def take_aborts(self, worker_id: str) -> list[str]:
+        """The ids whose abort this worker must carry out, each handed out once."""
+        key = self.keys.aborts(worker_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.smembers(key)
+        pipe.delete(key)
+        ids, _ = await pipe.execute()
+        return sorted(i.decode() for i in ids)
+
+    # --- load --------------------------------------------------------------------------
+
+    async def set_worker_state(self, worker_id: str, fields: dict) -> None:
+        async with self.batch() as b:
+            b.set_worker_state(worker_id, fields)
+
+    async def load(self, worker_ids: list[str]) -> dict:
+        """{"classes": {class: ClassStats}, "workers": {worker_id: WorkerStats}}, one round trip."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for c in SERVICE_CLASSES:
+            pipe.zcard(k.queue(c))
+            pipe.get(k.queued_tokens(c))
+            pipe.get(k.running_count(c))
+            pipe.lrange(k.recent(c), 0, -1)
+        for w in worker_ids:
+            pipe.scard(k.running(w))
+            pipe.get(k.lease(w))
+            pipe.hgetall(k.worker(w))
+        replies = await pipe.execute()
+        classes = {}
+        for i, c in enumerate(SERVICE_CLASSES):
+            zcard, tokens, running, outcomes = replies[4 * i: 4 * i + 4]
+            n, ttft, tpot = attainment(outcomes)
+            classes[c] = ClassStats(c, zcard, int(tokens or 0), int(running or 0), n, ttft, tpot)
+        workers = {}
+        base = 4 * len(SERVICE_CLASSES)
+        for j, w in enumerate(worker_ids):
+            scard, lease, state = replies[base + 3 * j: base + 3 * j + 3]
+            workers[w] = WorkerStats(w, scard, lease.decode() if lease else "",
+                                     {f.decode(): v for f, v in state.items()})
+        return {"classes": classes, "workers": workers}
+
+
+def _records(rows: list) -> list[RequestRecord]:
+    # A row whose hash vanished (cannot happen while the invariants hold) is skipped.
+    return [record_from_fields(_pairs_to_dict(flat)) for _, flat in rows if flat]
+
+
+# --- batching ------------------------------------------------------------------------------
+
+class Batch:
+    """Idempotent writes collected for one round trip; see the module docstring."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._ops: list[Callable[[object], None]] = []
+        self.results: list = []
+
+    def append_tokens(self, request_id: str, start_index: int, token_ids: list[int],
+                      texts: list[str], now_ms: float | None = None) -> None:
+        if len(token_ids) != len(texts):
+            raise ValueError(f"{len(token_ids)} token ids but {len(texts)} texts")
+        if start_index < 0:
+            raise ValueError(f"start_index must be >= 0, got {start_index}")
+        args = [request_id, start_index, _num(wall_ms(now_ms)), len(token_ids), *token_ids, *texts]
+        self._ops.append(lambda pipe: self._store._queue_script(pipe, "append", args))
+
+    def finish(self, request_id: str, reason: str, now_ms: float, error: str = "") -> None:
+        if not reason:
+            raise ValueError("finish needs a reason")
+        args = [request_id, reason, _num(now_ms), error]
+        self._ops.append(lambda pipe: self._store._queue_script(pipe, "finish", args))
+
+    def set_worker_state(self, worker_id: str, fields: dict) -> None:
+        """Field values: bytes as they are (e.g. a serialized proto), anything else str()."""
+        if not fields:
+            return
+        key = self._store.keys.worker(worker_id)
+        mapping = {f: v if isinstance(v, bytes) else str(v) for f, v in fields.items()}
+        self._ops.append(lambda pipe: pipe.hset(key, mapping=mapping))
+
+    async def execute(self) -> list:
+        if not self._ops:
+            return []
+        try:
+            self.results = await self._send()
+        except NoScriptError:
+            # The server lost our scripts (restart, SCRIPT FLUSH). Every op is
+            # idempotent, so running the whole batch again is safe.
+            await self._store.load_scripts()
+            self.results = await self._send()
+        return self.results
+
+    async def _send(self) -> list:
+        pipe = self._store.redis.pipeline(transaction=True)
+        for op in self._ops:
+            op(pipe)
+        return await pipe.execute()
+
+
+@contextlib.asynccontextmanager
+async def _batch(store: Store) -> AsyncIterator[Batch]:
+    b = Batch(store)
+    yield b
+    await b.execute()
