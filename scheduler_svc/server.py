@@ -65,7 +65,7 @@ async def _watch_health(health_servicer, client, loops: list[WorkerLoop], ready:
             redis_ok = bool(await client.ping())
         except Exception:  # noqa: BLE001 — any failure means Redis is away
             redis_ok = False
-        now = redis_ok and any(loop.status.connected for loop in loops)
+        now = redis_ok and any(loop.status.reachable for loop in loops)
         if now != serving:
             await _set_health(health_servicer, now)
             serving = now

@@ -70,7 +70,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         for loop in self.loops:
             w = load["workers"][loop.address]
             occ = worker_pb2.PoolOccupancy(**{k: int(v) for k, v in w.state.items() if k in fields})
-            report.workers.add(worker_id=loop.address, leased_by=w.leased_by, reachable=loop.status.connected,
+            report.workers.add(worker_id=loop.address, leased_by=w.leased_by, reachable=loop.status.reachable,
                                occupancy=occ, running_sequences=int(w.state.get("running", 0)),
                                last_step_ms=float(w.state.get("last_step_ms", 0.0)))
         return report
@@ -102,7 +102,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         tok_req = (worker_pb2.TokenizeRequest(text=request.text) if which == "text"
                    else worker_pb2.TokenizeRequest(chat=request.chat))
         for loop in self.loops:
-            if not loop.status.connected:
+            if not loop.status.reachable:
                 continue
             try:
                 stub = worker_pb2_grpc.WorkerStub(self._channels[loop.address])

@@ -41,7 +41,8 @@ class Running:
 
 @dataclass
 class LoopStatus:
-    connected: bool = False
+    connected: bool = False         # this replica drives the worker (holds its lease)
+    reachable: bool = False         # the worker answered recently (Describe or Step)
     occupancy: dict = field(default_factory=dict)
     last_step_ms: float = 0.0
 
@@ -73,6 +74,8 @@ class WorkerLoop:
                     await self._session()
                     backoff = 0.1
                 else:
+                    # Another replica drives it; still know it (admission checks, Tokenize, health).
+                    await self._probe()
                     await asyncio.sleep(self.lease_ttl_ms / 4000)
                     continue
             except (grpc.aio.AioRpcError, ConnectionError, OSError) as e:
@@ -81,13 +84,21 @@ class WorkerLoop:
                 raise
             except Exception:  # noqa: BLE001 — one loop's bug must not kill the replica
                 log.exception("worker %s loop failed", self.address)
-            self.status.connected = False
+            self.status.connected = self.status.reachable = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
     async def stop(self) -> None:
         self._stopping.set()
         await self.store.release_lease(self.address, self.replica_id)
+
+    async def _probe(self) -> None:
+        try:
+            async with grpc.aio.insecure_channel(self.address) as channel:
+                self.info = await worker_pb2_grpc.WorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=2)
+            self.status.reachable = True
+        except grpc.aio.AioRpcError:
+            self.status.reachable = False
 
     async def _session(self) -> None:
         async with grpc.aio.insecure_channel(self.address) as channel:
@@ -96,7 +107,7 @@ class WorkerLoop:
             stream = stub.Step()
             report = await self._exchange(stream, worker_pb2.StepPlan(list_resident=True))
             await self._reconcile(report)
-            self.status.connected = True
+            self.status.connected = self.status.reachable = True
             while not self._stopping.is_set():
                 if not await self.store.renew_lease(self.address, self.replica_id, self.lease_ttl_ms):
                     log.warning("lost the lease on %s", self.address)
