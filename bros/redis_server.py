@@ -96,8 +96,9 @@ class EmbeddedRedis:
         if self.port is None:
             self.port = free_port()
         self._log = open(self.log_path, "ab")
+        # Own process group: a terminal Ctrl-C reaches the launcher, which stops Redis last.
         self._proc = subprocess.Popen(self._command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, cwd=self.data_dir)
+                                      stdin=subprocess.DEVNULL, cwd=self.data_dir, process_group=0)
         atexit.register(self._kill_at_exit)
         self._wait_ready()
         return self
