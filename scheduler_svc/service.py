@@ -91,7 +91,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             check_length(len(prompt), request.sampling.max_tokens, info.max_model_len)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        rec = self._record(request, prompt, submitted)
+        rec = self._record(request, prompt, submitted, info.default_sampling)
         rid, created = await self.store.admit(rec)
         return rid, created
 
@@ -116,11 +116,20 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             return ids
         await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker can tokenize text now")
 
-    def _record(self, request, prompt: list[int], submitted: bool) -> RequestRecord:
+    def _record(self, request, prompt: list[int], submitted: bool,
+                default: types_pb2.SamplingParams) -> RequestRecord:
         rt = request.service_class == types_pb2.REALTIME
+        sampling = types_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        # Unset fields become the model's recommendation now, so every worker samples alike.
+        if not sampling.HasField("temperature"):
+            sampling.temperature = default.temperature if default.HasField("temperature") else 0.0
+        if not sampling.HasField("top_p"):
+            sampling.top_p = default.top_p if default.HasField("top_p") else 1.0
+        sampling.top_k = sampling.top_k or default.top_k
         return RequestRecord(
             request_id=request.request_id or uuid.uuid4().hex, service_class=request.service_class,
-            prompt_token_ids=prompt, sampling=request.sampling.SerializeToString(),
+            prompt_token_ids=prompt, sampling=sampling.SerializeToString(),
             ttft_ms=float(request.ttft_ms or (self.cfg.rt_ttft_ms if rt else self.cfg.be_ttft_ms)),
             tpot_ms=float(request.tpot_ms or (self.cfg.rt_tpot_ms if rt else 0.0)),
             arrival_ms=time.time() * 1e3, submitted=submitted, state="queued", worker_id="",

@@ -23,7 +23,7 @@ from .build import build_engine
 from .config import WorkerConfig
 from .engine import Engine
 from .plan import ItemError, Plan, Report
-from .wire import plan_from_pb, report_to_pb
+from .wire import plan_from_pb, report_to_pb, sampling_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             vocab_size=r.vocab_size, max_model_len=r.max_model_len, num_blocks=lim.num_blocks,
             block_size=lim.block_size, max_num_host_slots=lim.max_num_host_slots,
             max_num_batched_tokens=lim.max_num_batched_tokens, max_num_seqs=lim.max_num_seqs,
-            eos_token_ids=r.eos_token_ids, kv_bytes_per_slot=r.kv_bytes_per_slot)
+            eos_token_ids=r.eos_token_ids, kv_bytes_per_slot=r.kv_bytes_per_slot,
+            default_sampling=sampling_to_pb(r.default_sampling))
 
     async def Tokenize(self, request, context):
         engine = await self._ready_or_abort(context)
@@ -107,7 +108,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         async for plan_pb in request_iterator:
             if my_stream != self._active_stream:
                 await context.abort(grpc.StatusCode.ABORTED, "another scheduler took over this worker")
-            plan = plan_from_pb(plan_pb)
+            plan = plan_from_pb(plan_pb, engine.runner.default_sampling)
             report = await loop.run_in_executor(self._executor, self._safe_step, engine, plan)
             yield report_to_pb(report)
 

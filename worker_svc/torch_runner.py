@@ -9,12 +9,12 @@ from .attention import BatchSeq, TorchAttention
 from .block_allocator import SeqClass, SlotCopy
 from .engine import RunResult, StepItem
 from .kv_cache import KVCache, kv_bytes_per_slot
-from .model.checkpoint import load_state_dict
+from .model.checkpoint import generation_defaults, load_state_dict
 from .model.config import ModelConfig
 from .model.fast_decode import FastDecode
 from .model.llama import LlamaModel
 from .model.tokenizer import Tokenizer
-from .sampler import Sampler, make_generator
+from .sampler import Sampler, SamplingConfig, make_generator
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -33,6 +33,8 @@ class TorchRunner:
         self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
         self.sampler = Sampler()
+        # What unset sampling fields mean for this model (greedy when it recommends nothing).
+        self.default_sampling = SamplingConfig(max_tokens=1, **{"temperature": 0.0, **generation_defaults(model_dir)})
         self.cache: KVCache | None = None
         self.attn: TorchAttention | None = None
         self.fast_decode: FastDecode | None = None

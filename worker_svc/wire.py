@@ -11,12 +11,14 @@ _FINISH = {None: types_pb2.FINISH_REASON_UNSPECIFIED, "stop": types_pb2.STOP,
            "length": types_pb2.LENGTH, "abort": types_pb2.ABORT}
 
 
-def sampling_from_pb(p: types_pb2.SamplingParams) -> SamplingConfig:
+def sampling_from_pb(p: types_pb2.SamplingParams, default: SamplingConfig | None = None) -> SamplingConfig:
+    """Unset temperature / top_p / top_k take the model's defaults (greedy if none)."""
+    default = default or SamplingConfig(max_tokens=1, temperature=0.0)
     return SamplingConfig(
         max_tokens=p.max_tokens,
-        temperature=p.temperature if p.HasField("temperature") else 1.0,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k,
+        temperature=p.temperature if p.HasField("temperature") else default.temperature,
+        top_p=p.top_p if p.HasField("top_p") else default.top_p,
+        top_k=p.top_k or default.top_k,
         seed=p.seed if p.HasField("seed") else None,
         stop_token_ids=tuple(p.stop_token_ids),
         stop=tuple(p.stop),
@@ -33,11 +35,11 @@ def sampling_to_pb(s: SamplingConfig) -> types_pb2.SamplingParams:
     return p
 
 
-def plan_from_pb(p: worker_pb2.StepPlan) -> Plan:
+def plan_from_pb(p: worker_pb2.StepPlan, default_sampling: SamplingConfig | None = None) -> Plan:
     return Plan(
         plan_id=p.plan_id,
         new_sequences=[NewSeq(n.seq_id, _seq_class(n.service_class), list(n.prompt_token_ids),
-                              sampling_from_pb(n.sampling), list(n.output_token_ids))
+                              sampling_from_pb(n.sampling, default_sampling), list(n.output_token_ids))
                        for n in p.new_sequences],
         scheduled=[(s.seq_id, s.num_tokens) for s in p.scheduled],
         preempt=list(p.preempt), checkpoint=list(p.checkpoint), restore=list(p.restore),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -109,3 +110,16 @@ def _fsync_files(directory: Path) -> None:
     for file in directory.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+
+
+def generation_defaults(model_dir: str | Path) -> dict[str, float]:
+    """The model's recommended sampling from generation_config.json (temperature, top_p,
+    top_k); `do_sample: false` means greedy. Empty when the checkpoint says nothing."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    cfg = json.loads(path.read_text())
+    out = {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
+    if cfg.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..block_allocator import SlotCopy
 from ..engine import RunResult, StepItem
+from ..sampler import SamplingConfig
 from .clock import Clock
 from .cost_model import CostModel
 
@@ -45,6 +46,7 @@ class SimRunner:
         self.eos_token_ids = (self.sim.eos_token_id,)
         self.kv_bytes_per_slot = self.sim.kv_bytes_per_slot
         self.dtype_name, self.device = "float16", "sim"
+        self.default_sampling = SamplingConfig(max_tokens=1, temperature=0.0)
 
     def apply_copies(self, copies: list[SlotCopy]) -> float:
         num_slots = sum(len(c.slots) for c in copies)
