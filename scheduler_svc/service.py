@@ -108,7 +108,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 stub = worker_pb2_grpc.WorkerStub(self._channels[loop.address])
                 ids = list((await stub.Tokenize(tok_req, timeout=10)).token_ids)
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
+                    # UNIMPLEMENTED: a sim worker has no tokenizer; the caller must send ids.
                     raise InvalidArgument(which, e.details()) from None
                 continue
             if not ids:

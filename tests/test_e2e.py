@@ -197,3 +197,24 @@ def test_unknown_request_id_is_not_found(stub, rpc):
         else:
             stub.Abort(ipb.AbortRequest(request_id="no-such-request"), timeout=5)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "request_id" in e.value.details()
+
+
+def test_resume_after_a_dropped_stream(tmp, redis_server, sim_worker, stub):
+    """A client streaming from a replica that dies reconnects to another with the request
+    id and the last index it saw, and gets the rest: nothing lost, nothing twice."""
+    doomed = Scheduler(tmp, redis_server.url, [sim_worker.address]).start()
+    req = request(ids=[42] * 20, max_tokens=60, request_id="resume-me")
+    first = stub_for(doomed.address).Generate(req, timeout=30)
+    seen = []
+    for msg in first:
+        seen += list(msg.chunk.token_ids)
+        if len(seen) >= 5:
+            break
+    doomed.kill()  # the stream drops with the replica; the request itself lives on in Redis
+    resume = ipb.GenerateRequest()
+    resume.CopyFrom(req)
+    resume.resume_from_index = len(seen) - 1
+    rest, final = collect_from(stub.Generate(resume, timeout=30), len(seen))
+    assert len(seen) + len(rest) == 60 == final.num_output_tokens
+    full, _ = collect(stub.Watch(ipb.WatchRequest(request_id="resume-me", wait=False), timeout=10))
+    assert seen + rest == full
