@@ -25,29 +25,45 @@ class SeqView:
     num_computed_tokens: int = 0   # in the worker's KV pool
     ttft_deadline_ms: float = 0.0  # RT: arrival + TTFT target
     tpot_ms: float = 0.0           # RT: target time per output token
+    first_token_ms: float | None = None
     last_token_ms: float | None = None
+    num_output_tokens: int = 0     # produced so far (delivered)
+    max_tokens: int = 0
     preempted: bool = False        # paused on the worker (KV kept or checkpointed)
 
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
+    def next_deadline_ms(self) -> float:
+        """When this request's next token is due: its TTFT deadline until the first token,
+        then first token + n * TPOT target (the average-TPOT target, so a request that ran
+        ahead has banked slack)."""
+        if self.first_token_ms is None:
+            return self.ttft_deadline_ms
+        return self.first_token_ms + self.num_output_tokens * self.tpot_ms
+
 
 @dataclass
 class PlanInput:
     now_ms: float
-    running: list[SeqView]         # resident on this worker, not finished
+    running: list[SeqView]         # resident on this worker, not finished (incl. preempted)
     waiting: list[SeqView]         # queued candidates (both classes), best first per class
     free_blocks: int               # from the worker's last report
     block_size: int
+    # The worker's last PoolOccupancy as a dict (rt_available_slots, be_slots, ...).
+    occupancy: dict = field(default_factory=dict)
+    # Recent RT outcomes seen by this loop, newest last: (ttft_met, tpot_met) (AIMD input).
+    recent_rt: list = field(default_factory=list)
 
 
 @dataclass
 class PlanDecision:
     admit: list[str] = field(default_factory=list)                    # send as NewSequence
     scheduled: list[tuple[str, int]] = field(default_factory=list)    # (request_id, num_tokens)
-    preempt: list[str] = field(default_factory=list)
-    recompute: list[str] = field(default_factory=list)
+    preempt: list[str] = field(default_factory=list)      # pause; KV stays (BE: shareable by RT)
+    checkpoint: list[str] = field(default_factory=list)   # pause and move KV to host
+    recompute: list[str] = field(default_factory=list)    # drop KV; re-prefill later
 
 
 @dataclass(frozen=True)
