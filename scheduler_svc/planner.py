@@ -68,77 +68,84 @@ class PlanDecision:
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    max_num_seqs: int = 64              # running sequences per worker
+    max_num_seqs: int = 64              # resident (running, not paused) sequences per worker
     max_num_batched_tokens: int = 512   # tokens per step (the chunked-prefill budget)
+    # partition: the share of memory, tokens and sequences reserved for RT (BE gets the rest).
+    partition_rt_fraction: float = 0.5
+    # bros: an RT request whose slack (ms to its next deadline) is below this runs before
+    # any BE work; above it, it may yield its place to BE this iteration.
+    bros_urgent_slack_ms: float = 150.0
+    # bros, adaptive token budget (AIMD, like TCP's window): +step per on-time iteration,
+    # x factor on an iteration where an RT request is past its deadline; never below min.
+    bros_aimd_step_tokens: int = 16
+    bros_aimd_decrease: float = 0.7
+    bros_min_batched_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be > 0")
+        if not 0 < self.partition_rt_fraction < 1:
+            raise ValueError("partition_rt_fraction must be in (0, 1)")
+        if not 0 < self.bros_aimd_decrease < 1 or self.bros_aimd_step_tokens <= 0:
+            raise ValueError("bros AIMD: decrease in (0, 1), step > 0")
 
 
 class Policy(Protocol):
-    """Contract: plan() is pure and deterministic for equal inputs; it never schedules more
-    than max_num_batched_tokens tokens or max_num_seqs sequences, never a sequence twice,
-    and only admits ids from `waiting`."""
+    """Contract: plan() does no I/O and is deterministic for equal inputs and history; it
+    never schedules more than max_num_batched_tokens tokens or max_num_seqs sequences,
+    never a sequence twice, and only admits ids from `waiting`."""
     name: str
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision: ...
 
 
+def blocks_of(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
 def new_blocks_needed(seq: SeqView, num_tokens: int, block_size: int) -> int:
     """Blocks a sequence opens to grow by num_tokens, assuming it fills its blocks."""
-    before = -(-seq.num_computed_tokens // block_size)
-    after = -(-(seq.num_computed_tokens + num_tokens) // block_size)
-    return after - before
+    return blocks_of(seq.num_computed_tokens + num_tokens, block_size) - blocks_of(seq.num_computed_tokens, block_size)
 
 
-class FCFS:
-    """vLLM's default: first come, first served over both classes, running sequences
-    first (decodes and unfinished prefills), then the oldest waiting requests, with
-    chunked prefill under the token budget. When the pool runs out, the newest running
-    sequence is preempted by recompute."""
+class StepBudget:
+    """What is left of one step (tokens, sequences, free blocks) and what it holds so far."""
 
-    name = "fcfs"
+    def __init__(self, inp: PlanInput, cfg: PlannerConfig, max_tokens: int | None = None,
+                 max_seqs: int | None = None, free_blocks: int | None = None, chunked: bool = True):
+        self.block_size = inp.block_size
+        self.tokens = cfg.max_num_batched_tokens if max_tokens is None else max_tokens
+        self.seqs = cfg.max_num_seqs if max_seqs is None else max_seqs
+        self.blocks = inp.free_blocks if free_blocks is None else free_blocks
+        self.chunked = chunked
+        self.out = PlanDecision()
 
-    def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
-        out = PlanDecision()
-        budget, free_blocks = cfg.max_num_batched_tokens, inp.free_blocks
-        running = sorted(inp.running, key=lambda s: s.arrival_ms)
-        num_seqs = 0
-        while running:
-            seq = running.pop(0)
-            if budget == 0 or num_seqs == cfg.max_num_seqs:
-                break
-            n = min(seq.num_uncomputed_tokens, budget)
-            need = new_blocks_needed(seq, n, inp.block_size)
-            while need > free_blocks and running:
-                victim = running.pop()  # newest arrival gives way
-                out.recompute.append(victim.request_id)
-                free_blocks += -(-victim.num_computed_tokens // inp.block_size)
-            if need > free_blocks:
-                out.recompute.append(seq.request_id)
-                break
-            out.scheduled.append((seq.request_id, n))
-            budget, free_blocks, num_seqs = budget - n, free_blocks - need, num_seqs + 1
-        if out.recompute:
-            return out  # under memory pressure nothing new starts this step
-        for seq in sorted(inp.waiting, key=lambda s: s.arrival_ms):
-            if budget == 0 or num_seqs == cfg.max_num_seqs:
-                break
-            n = min(seq.num_uncomputed_tokens, budget)
-            need = new_blocks_needed(seq, n, inp.block_size)
-            if need > free_blocks:
-                break  # strict FCFS: a later, smaller request does not jump the queue
-            out.admit.append(seq.request_id)
-            out.scheduled.append((seq.request_id, n))
-            budget, free_blocks, num_seqs = budget - n, free_blocks - need, num_seqs + 1
-        return out
+    def chunk(self, seq: SeqView) -> int:
+        """Tokens this sequence would run now: all it has left, within the budget (0: none).
+        Without chunked prefill a prompt runs whole or not at all."""
+        n = min(seq.num_uncomputed_tokens, self.tokens)
+        if not self.chunked and n < seq.num_uncomputed_tokens:
+            return 0
+        return n
 
+    def fits(self, seq: SeqView, n: int) -> bool:
+        return n > 0 and self.seqs > 0 and new_blocks_needed(seq, n, self.block_size) <= self.blocks
 
-POLICIES: dict[str, type] = {"fcfs": FCFS}
+    def take(self, seq: SeqView, n: int, admit: bool = False) -> None:
+        self.out.scheduled.append((seq.request_id, n))
+        if admit:
+            self.out.admit.append(seq.request_id)
+        self.tokens -= n
+        self.seqs -= 1
+        self.blocks -= new_blocks_needed(seq, n, self.block_size)
+
+    def release(self, seq: SeqView) -> None:
+        """Credit the blocks of a sequence this step preempts by recompute."""
+        self.blocks += blocks_of(seq.num_computed_tokens, self.block_size)
 
 
 def make_policy(name: str) -> Policy:
+    from .policies import POLICIES
     try:
         return POLICIES[name]()
     except KeyError:

@@ -62,6 +62,7 @@ class WorkerLoop:
         self.seqs: dict[str, Running] = {}
         self._pending_free: list[str] = []
         self._plan_id = 0
+        self._needs_resync = False  # the worker cut a sequence's KV short: re-read counts
         self._stopping = asyncio.Event()
 
     # ---- outer loop: lease, connect, retry ------------------------------------------
@@ -180,7 +181,7 @@ class WorkerLoop:
                         waiting=[self._view(r, len(r.prompt_token_ids) + r.num_output_tokens)
                                  for r in waiting.values()],
                         free_blocks=occ.get("free_blocks", self.info.num_blocks),
-                        block_size=self.info.block_size)
+                        block_size=self.info.block_size, occupancy=occ)
         decision = self.policy.plan(inp, self.cfg)
         claimed = set(await self.store.claim(self.address, decision.admit, now_ms())) if decision.admit else set()
         for rid in decision.admit:
@@ -192,9 +193,18 @@ class WorkerLoop:
         for rid in decision.recompute:
             plan.recompute.append(rid)
             self.seqs[rid].view.num_computed_tokens = 0
+        for rid in decision.preempt:
+            plan.preempt.append(rid)
+            self.seqs[rid].view.preempted = True
+        for rid in decision.checkpoint:
+            plan.checkpoint.append(rid)
+            self.seqs[rid].view.preempted = True
         for rid, num_tokens in decision.scheduled:
             if rid in self.seqs:
                 plan.scheduled.append(worker_pb2.ScheduledSequence(seq_id=rid, num_tokens=num_tokens))
+                self.seqs[rid].view.preempted = False  # scheduling resumes it on the worker
+        if self._needs_resync:
+            plan.list_resident = True
         return plan
 
     async def _new_sequence(self, rec: RequestRecord) -> worker_pb2.NewSequence:
@@ -212,7 +222,8 @@ class WorkerLoop:
         return SeqView(request_id=rec.request_id, service_class=rec.service_class, arrival_ms=rec.arrival_ms,
                        num_prompt_tokens=len(rec.prompt_token_ids), num_tokens=num_tokens,
                        ttft_deadline_ms=rec.arrival_ms + rec.ttft_ms, tpot_ms=rec.tpot_ms,
-                       last_token_ms=rec.last_token_ms)
+                       first_token_ms=rec.first_token_ms, last_token_ms=rec.last_token_ms,
+                       num_output_tokens=rec.num_output_tokens)
 
     # ---- the report --------------------------------------------------------------------
 
@@ -222,6 +233,7 @@ class WorkerLoop:
         self.status.occupancy = {f.name: getattr(report.occupancy, f.name)
                                  for f in report.occupancy.DESCRIPTOR.fields}
         self.status.last_step_ms = report.timings.step_ms
+        self._resync(report)
         finished: list[str] = []
         t = now_ms()
         async with self.store.batch() as b:
@@ -235,6 +247,9 @@ class WorkerLoop:
                 run.view.num_tokens += len(out.token_ids)
                 if out.token_ids:
                     run.view.last_token_ms = t
+                    if run.view.first_token_ms is None:
+                        run.view.first_token_ms = t
+                    run.view.num_output_tokens += len(out.token_ids)
                     b.append_tokens(out.seq_id, run.num_output_tokens, list(out.token_ids),
                                     [out.text] + [""] * (len(out.token_ids) - 1), t)
                     run.num_output_tokens += len(out.token_ids)
@@ -247,6 +262,14 @@ class WorkerLoop:
         for rid in finished:
             self.seqs.pop(rid, None)
         self._pending_free += finished
+
+    def _resync(self, report: worker_pb2.StepReport) -> None:
+        """The recompute fallback truncated some sequences' KV; their computed counts come
+        back with the resident list, asked for in the next plan."""
+        for res in report.resident:
+            if res.seq_id in self.seqs:
+                self.seqs[res.seq_id].view.num_computed_tokens = res.num_computed_tokens
+        self._needs_resync = bool(report.recompute_needed)
 
     def _on_error(self, b, err: worker_pb2.ItemError, t: float) -> None:
         """A new sequence the worker refused can never run there: end it with the reason.

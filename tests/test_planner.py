@@ -1,5 +1,6 @@
 """The pure planner: FCFS with chunked prefill, a token budget and a sequence cap."""
-from scheduler_svc.planner import BE, RT, FCFS, PlanInput, PlannerConfig, SeqView, make_policy
+from scheduler_svc.planner import BE, RT, PlanInput, PlannerConfig, SeqView, make_policy
+from scheduler_svc.policies.fcfs import FCFS
 
 import pytest
 

@@ -1,0 +1,147 @@
+"""BROS: slack-driven iteration scheduling over a bidirectional KV pool, with an
+adaptive token budget (../shared/PAPER.md, mechanisms 1-3).
+
+Each iteration, in phases:
+  1. adapt the token budget (AIMD): an RT request past its deadline cuts it, an on-time
+     iteration grows it, so iterations stay short enough for the tightest TPOT;
+  2. urgent RT (slack below bros_urgent_slack_ms), least slack first, picked with a
+     partial sort; running, prefilling and waiting RT alike, chunked under the budget;
+  3. BE fills what is left: running BE first, then paused BE, then new BE, by arrival;
+  4. RT with slack to spare takes what BE left, least slack first: a BE request may
+     have taken its place this iteration, which its slack absorbs.
+Memory: RT may grow into blocks held by paused BE sequences (the worker checkpoints the
+overwritten BE slots to host), so RT's room counts them; when even that is short, the
+newest running BE sequences are paused to make room. BE only takes free blocks.
+"""
+from __future__ import annotations
+
+import heapq
+
+from ..planner import BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of
+
+
+class Bros:
+    name = "bros"
+    adaptive = True
+    chunked = True
+    share_kv = True
+
+    def __init__(self) -> None:
+        self.token_budget: int | None = None   # the AIMD window, in tokens per iteration
+
+    def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
+        step = StepBudget(inp, cfg, max_tokens=self._adapt(inp, cfg), chunked=self.chunked)
+        evictable = self._evictable_blocks(inp)
+        rt_running = [s for s in inp.running if s.service_class == RT]
+        be_running = [s for s in inp.running if s.service_class == BE]
+        rt = rt_running + [s for s in inp.waiting if s.service_class == RT]
+        waiting_ids = {s.request_id for s in inp.waiting}
+        slack = {s.request_id: s.next_deadline_ms() - inp.now_ms for s in rt}
+        resident = sum(not s.preempted for s in inp.running)
+        urgent = [s for s in rt if slack[s.request_id] < cfg.bros_urgent_slack_ms]
+        # Partial sort: only as many as this step could ever run.
+        urgent = heapq.nsmallest(max(step.seqs, 0), urgent, key=lambda s: slack[s.request_id])
+        pausable = sorted((s for s in be_running if not s.preempted), key=lambda s: -s.arrival_ms)
+        for seq in urgent:
+            evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable,
+                                               pausable, resident, cfg)
+        scheduled = {rid for rid, _ in step.out.scheduled} | set(step.out.preempt) | set(step.out.recompute)
+        resident = self._run_be(inp, be_running, scheduled, step, resident, cfg)
+        relaxed = heapq.nsmallest(max(step.seqs, 0), [s for s in rt if s.request_id not in scheduled
+                                                       and s not in urgent], key=lambda s: slack[s.request_id])
+        for seq in relaxed:
+            evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable, [],
+                                               resident, cfg)
+        return step.out
+
+    # ---- phases -------------------------------------------------------------------------
+
+    def _adapt(self, inp: PlanInput, cfg: PlannerConfig) -> int:
+        if self.token_budget is None or not self.adaptive:
+            self.token_budget = cfg.max_num_batched_tokens
+            return self.token_budget
+        late = any(s.service_class == RT and inp.now_ms > s.next_deadline_ms() for s in inp.running)
+        if late:
+            floor = min(cfg.bros_min_batched_tokens, cfg.max_num_batched_tokens)
+            self.token_budget = max(floor, int(self.token_budget * cfg.bros_aimd_decrease))
+        else:
+            self.token_budget = min(cfg.max_num_batched_tokens, self.token_budget + cfg.bros_aimd_step_tokens)
+        return self.token_budget
+
+    def _evictable_blocks(self, inp: PlanInput) -> int:
+        """Blocks RT can take from paused BE sequences (the worker's count, in blocks)."""
+        if not self.share_kv:
+            return 0
+        occ = inp.occupancy
+        extra = occ.get("rt_available_slots_with_preempt", 0) - occ.get("rt_available_slots", 0)
+        return max(0, extra // inp.block_size)
+
+    def _run_rt(self, seq: SeqView, waiting: bool, step: StepBudget, evictable: int, pausable: list[SeqView],
+                resident: int, cfg: PlannerConfig) -> tuple[int, int]:
+        n = step.chunk(seq)
+        if n == 0 or step.seqs == 0 or (waiting and resident >= cfg.max_num_seqs and not pausable):
+            return evictable, resident
+        need = self._blocks_short(seq, n, step)
+        while need > evictable and pausable:  # make room: pause (or recompute) the newest BE
+            victim = pausable.pop(0)
+            evictable += self._displace(victim, step)
+            resident -= 1
+        if need > evictable or (waiting and resident >= cfg.max_num_seqs):
+            return evictable, resident
+        evictable -= max(0, need)
+        step.blocks += max(0, need)  # those blocks come from paused BE, not the free list
+        step.take(seq, n, admit=waiting)
+        return evictable, resident + (1 if waiting or seq.preempted else 0)
+
+    def _blocks_short(self, seq: SeqView, n: int, step: StepBudget) -> int:
+        from ..planner import new_blocks_needed
+        return new_blocks_needed(seq, n, step.block_size) - step.blocks
+
+    def _displace(self, victim: SeqView, step: StepBudget) -> int:
+        """Make a running BE sequence give way; returns the blocks RT can now use."""
+        if self.share_kv:
+            step.out.preempt.append(victim.request_id)
+            return blocks_of(victim.num_computed_tokens, step.block_size)
+        step.out.recompute.append(victim.request_id)
+        step.release(victim)
+        return 0
+
+    def _run_be(self, inp: PlanInput, be_running: list[SeqView], taken: set[str], step: StepBudget,
+                resident: int, cfg: PlannerConfig) -> int:
+        by_arrival = lambda s: s.arrival_ms  # noqa: E731
+        active = sorted((s for s in be_running if not s.preempted and s.request_id not in taken), key=by_arrival)
+        paused = sorted((s for s in be_running if s.preempted and s.request_id not in taken), key=by_arrival)
+        waiting = sorted((s for s in inp.waiting if s.service_class == BE), key=by_arrival)
+        for group, is_new in ((active, False), (paused, False), (waiting, True)):
+            for seq in group:
+                n = step.chunk(seq)
+                if n == 0 or step.seqs == 0:
+                    return resident
+                if (is_new or seq.preempted) and resident >= cfg.max_num_seqs:
+                    return resident
+                if not step.fits(seq, n):
+                    if not is_new and not seq.preempted and self.share_kv:
+                        step.out.preempt.append(seq.request_id)  # no room to grow: pause, keep KV
+                        resident -= 1
+                    continue
+                step.take(seq, n, admit=is_new)
+                resident += 1 if (is_new or seq.preempted) else 0
+        return resident
+
+
+class BrosNoSharing(Bros):
+    """Ablation: no bidirectional sharing; BE gives way by recompute."""
+    name = "bros-no-sharing"
+    share_kv = False
+
+
+class BrosFixedBudget(Bros):
+    """Ablation: no adaptive budget."""
+    name = "bros-fixed-budget"
+    adaptive = False
+
+
+class BrosNoChunking(Bros):
+    """Ablation: prompts are prefilled whole."""
+    name = "bros-no-chunking"
+    chunked = False

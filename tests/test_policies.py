@@ -1,0 +1,125 @@
+"""Baselines and the bros policy, as specs on hand-made inputs (pure: no Redis, no gRPC)."""
+import random
+
+import pytest
+
+from scheduler_svc.planner import BE, RT, PlanInput, PlannerConfig, SeqView, make_policy
+from scheduler_svc.policies import POLICIES
+
+
+def seq(rid, arrival, prompt, cls, computed=0, produced=0, deadline=1e9, tpot=100.0, first=None, preempted=False):
+    return SeqView(request_id=rid, service_class=cls, arrival_ms=arrival, num_prompt_tokens=prompt,
+                   num_tokens=prompt + produced, num_computed_tokens=computed, ttft_deadline_ms=deadline,
+                   tpot_ms=tpot, first_token_ms=first, num_output_tokens=produced, preempted=preempted)
+
+
+def inp(running=(), waiting=(), free_blocks=100, now=0.0, occupancy=None):
+    return PlanInput(now_ms=now, running=list(running), waiting=list(waiting), free_blocks=free_blocks,
+                     block_size=16, occupancy=occupancy or {"num_blocks": 200})
+
+
+def test_priority_puts_rt_first_and_recomputes_be_under_pressure():
+    p = make_policy("priority")
+    d = p.plan(inp(waiting=[seq("be", 1, 8, BE), seq("rt", 5, 8, RT)]), PlannerConfig())
+    assert [r for r, _ in d.scheduled] == ["rt", "be"]
+    running = [seq("be-old", 1, 32, BE, computed=32, produced=1), seq("rt", 5, 32, RT, computed=32, produced=1)]
+    d = p.plan(inp(running=running, free_blocks=0), PlannerConfig())
+    assert d.recompute == ["be-old"] and d.scheduled == [("rt", 1)]
+
+
+def test_priority_keeps_vllms_gap_when_the_sequence_cap_is_full():
+    running = [seq(f"be{i}", i, 8, BE, computed=8, produced=1) for i in range(4)]
+    d = make_policy("priority").plan(inp(running=running, waiting=[seq("rt", 9, 8, RT)]),
+                                     PlannerConfig(max_num_seqs=4))
+    assert "rt" not in d.admit  # memory is plentiful; the cap, not memory, blocks RT
+
+
+def test_partition_keeps_each_class_in_its_share():
+    waiting = [seq(f"be{i}", i, 64, BE) for i in range(8)] + [seq("rt", 50, 64, RT)]
+    d = make_policy("partition").plan(inp(waiting=waiting), PlannerConfig(max_num_batched_tokens=128))
+    tokens = {rid: n for rid, n in d.scheduled}
+    assert tokens["rt"] == 64                                 # RT's half is its own
+    assert sum(n for rid, n in tokens.items() if rid != "rt") <= 64
+
+
+def test_bros_runs_urgent_rt_before_be_and_lets_relaxed_rt_yield():
+    cfg = PlannerConfig(max_num_batched_tokens=40, bros_urgent_slack_ms=150)
+    running = [seq("rt-urgent", 0, 8, RT, computed=8, produced=1, first=0.0, tpot=100.0),   # due at 100
+               seq("rt-relaxed", 0, 8, RT, computed=8, produced=1, first=5000.0, tpot=100.0),  # due at 5100
+               seq("be-run", 0, 100, BE, computed=70)]
+    d = make_policy("bros").plan(inp(running=running, now=0.0), cfg)
+    order = [r for r, _ in d.scheduled]
+    assert order[0] == "rt-urgent"
+    assert order.index("be-run") < order.index("rt-relaxed") if "rt-relaxed" in order else True
+    assert dict(d.scheduled)["be-run"] == 30  # the 30-token chunk goes before the relaxed RT
+    assert sum(n for _, n in d.scheduled) <= 40
+
+
+def test_bros_picks_least_slack_first():
+    waiting = [seq(f"rt{i}", 0, 4, RT, deadline=d) for i, d in enumerate([120, 10, 60, 90])]
+    d = make_policy("bros").plan(inp(waiting=waiting), PlannerConfig())
+    assert [r for r, _ in d.scheduled] == ["rt1", "rt2", "rt3", "rt0"]
+
+
+def test_bros_pauses_be_to_make_room_for_rt_when_memory_is_short():
+    running = [seq("be-old", 0, 64, BE, computed=64), seq("be-new", 5, 64, BE, computed=64)]
+    waiting = [seq("rt", 10, 40, RT, deadline=100)]
+    d = make_policy("bros").plan(inp(running=running, waiting=waiting, free_blocks=0,
+                                     occupancy={"rt_available_slots": 0, "rt_available_slots_with_preempt": 0}),
+                                 PlannerConfig())
+    assert d.preempt[0] == "be-new"      # the newest BE gives way, keeping its KV
+    assert ("rt", 40) in d.scheduled and d.admit == ["rt"]
+    d2 = make_policy("bros-no-sharing").plan(inp(running=running, waiting=waiting, free_blocks=0), PlannerConfig())
+    assert d2.recompute[0] == "be-new" and not d2.preempt
+
+
+def test_bros_aimd_cuts_the_budget_when_rt_is_late_and_regrows_it():
+    p = make_policy("bros")
+    cfg = PlannerConfig(max_num_batched_tokens=512, bros_aimd_step_tokens=16, bros_aimd_decrease=0.5)
+    late = [seq("rt", 0, 8, RT, computed=8, produced=1, first=0.0, tpot=10.0)]  # due at 10
+    p.plan(inp(running=late, now=0.0), cfg)
+    assert p.token_budget == 512
+    p.plan(inp(running=late, now=50.0), cfg)
+    assert p.token_budget == 256
+    p.plan(inp(running=late, now=60.0), cfg)
+    assert p.token_budget == 128
+    p.plan(inp(now=70.0), cfg)
+    assert p.token_budget == 144
+    fixed = make_policy("bros-fixed-budget")
+    fixed.plan(inp(running=late, now=50.0), cfg)
+    assert fixed.token_budget == 512
+
+
+def test_bros_without_chunking_runs_a_prompt_whole_or_not_at_all():
+    d = make_policy("bros-no-chunking").plan(inp(waiting=[seq("be", 0, 600, BE)]),
+                                             PlannerConfig(max_num_batched_tokens=512))
+    assert d.scheduled == []
+    d = make_policy("bros").plan(inp(waiting=[seq("be", 0, 600, BE)]), PlannerConfig(max_num_batched_tokens=512))
+    assert d.scheduled == [("be", 512)]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_keeps_the_contract_on_random_inputs(name):
+    rng = random.Random(name)
+    for _ in range(300):
+        running = []
+        for i in range(rng.randint(0, 8)):
+            prompt = rng.randint(1, 80)
+            computed = rng.randint(0, prompt)
+            produced = rng.randint(0, 5) if computed == prompt else 0
+            running.append(seq(f"r{i}", rng.random() * 100, prompt, rng.choice([RT, BE]), computed=computed,
+                               produced=produced + (1 if computed == prompt else 0), deadline=rng.random() * 400,
+                               first=rng.random() * 100 if produced else None, preempted=rng.random() < 0.2))
+        waiting = [seq(f"w{i}", rng.random() * 100, rng.randint(1, 80), rng.choice([RT, BE]),
+                       deadline=rng.random() * 400) for i in range(rng.randint(0, 8))]
+        cfg = PlannerConfig(max_num_seqs=rng.randint(1, 10), max_num_batched_tokens=rng.randint(1, 200))
+        occ = {"num_blocks": 64, "rt_available_slots": 0, "rt_available_slots_with_preempt": rng.randint(0, 200)}
+        d = make_policy(name).plan(inp(running, waiting, free_blocks=rng.randint(0, 20), now=rng.random() * 300,
+                                       occupancy=occ), cfg)
+        ids = [r for r, _ in d.scheduled]
+        assert len(ids) == len(set(ids)) <= cfg.max_num_seqs
+        assert sum(n for _, n in d.scheduled) <= cfg.max_num_batched_tokens
+        assert set(d.admit) <= {w.request_id for w in waiting} and set(d.admit) <= set(ids)
+        by_id = {s.request_id: s for s in running + waiting}
+        assert all(1 <= n <= by_id[r].num_uncomputed_tokens for r, n in d.scheduled)
+        assert not set(ids) & (set(d.preempt) | set(d.recompute))
