@@ -218,3 +218,24 @@ def test_resume_after_a_dropped_stream(tmp, redis_server, sim_worker, stub):
     assert len(seen) + len(rest) == 60 == final.num_output_tokens
     full, _ = collect(stub.Watch(ipb.WatchRequest(request_id="resume-me", wait=False), timeout=10))
     assert seen + rest == full
+
+
+@pytest.mark.parametrize("policy", ["priority", "partition", "bros"])
+def test_every_policy_serves_a_mixed_load_end_to_end(tmp, redis_server, policy):
+    worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name=policy).start()
+    sched = Scheduler(tmp, redis_server.url, [worker.address], "--policy", policy, "--max-num-batched-tokens", "128",
+                      prefix=f"bros-{policy}").start()
+    try:
+        s = stub_for(sched.address)
+
+        def one(i):
+            return collect(s.Generate(request(ids=[7 + i] * (20 + 13 * i), cls=RT if i % 3 == 0 else BE,
+                                              max_tokens=10 + i), timeout=60))
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(12)))
+        for i, (tokens, final) in enumerate(results):
+            assert len(tokens) == 10 + i == final.num_output_tokens, (policy, i, final)
+    finally:
+        sched.stop()
+        worker.stop()
