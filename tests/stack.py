@@ -51,6 +51,13 @@ class Proc:
                                      stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return self
 
+    def _wait(self, address: str, service: str, timeout: float) -> None:
+        try:
+            wait_serving(address, service, self.proc, timeout, self.log)
+        except BaseException:
+            self.kill()  # never leave a half-started process behind a failed test
+            raise
+
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -73,7 +80,7 @@ class Worker(Proc):
 
     def start(self, timeout: float = 120) -> "Worker":
         super().start()
-        wait_serving(self.address, "bros.v1.Worker", self.proc, timeout, self.log)
+        self._wait(self.address, "bros.v1.Worker", timeout)
         return self
 
 
@@ -88,5 +95,5 @@ class Scheduler(Proc):
 
     def start(self, timeout: float = 60) -> "Scheduler":
         super().start()
-        wait_serving(self.address, "bros.v1.Inference", self.proc, timeout, self.log)
+        self._wait(self.address, "bros.v1.Inference", timeout)
         return self
