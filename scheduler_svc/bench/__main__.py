@@ -1,0 +1,186 @@
+"""`python -m scheduler_svc.bench`: the hybrid RT + BE benchmark in virtual time.
+
+For each RT rate (a fraction of the worker's estimated RT capacity) every policy serves
+the same seeded workload on a simulated worker. Progress goes to stderr; a rate x policy
+table to stdout; the numbers to <out>/<scenario>.json; plots, if matplotlib is
+installed, to <out>/<scenario>-ttft-cdf.png and <out>/<scenario>-vs-rate.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from scheduler_svc.planner import RT
+
+from .metrics import BenchMetrics
+from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workload, capacity, policy_names, run_policy
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scheduler_svc.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="sim-paper")
+    p.add_argument("--policies", type=_csv(str), default=None, help="comma-separated; default: all registered")
+    p.add_argument("--duration-s", type=float, default=None, help="arrival window in virtual seconds")
+    p.add_argument("--rates", type=_csv(float), default=None,
+                   help="RT rates as fractions of the estimated RT capacity, e.g. 0.1,0.2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench/out"))
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks; default: the sim worker's")
+    return p.parse_args(argv)
+
+
+def _csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+
+
+def configure(args: argparse.Namespace) -> Scenario:
+    scn = SCENARIOS[args.scenario]
+    given = {"duration_s": args.duration_s, "max_num_seqs": args.max_num_seqs,
+             "max_num_batched_tokens": args.max_num_batched_tokens, "num_blocks": args.num_blocks,
+             "rate_fracs": tuple(args.rates) if args.rates else None}
+    return replace(scn, **{k: v for k, v in given.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    scn = configure(args)
+    policies = args.policies or policy_names()
+    unknown = sorted(set(policies) - set(policy_names()))
+    if unknown:
+        sys.exit(f"unknown policies {unknown}; registered: {policy_names()}")
+    cap = capacity(scn)
+    _log(f"{scn.name}: {scn.description}")
+    _log(f"pool {cap.pool_tokens} tokens; capacity RT {cap.rt_req_s:.2f} req/s, BE {cap.be_req_s:.2f} req/s; "
+         f"BE load {scn.be_busy * cap.be_req_s:.2f} req/s ({scn.be_arrival})")
+    points, ttfts = [], {}
+    cdf_frac = scn.rate_fracs[len(scn.rate_fracs) // 2]
+    total, done = len(scn.rate_fracs) * len(policies), 0
+    for frac in scn.rate_fracs:
+        rate = frac * cap.rt_req_s
+        requests = build_workload(scn, cap, rate, scn.duration_s, args.seed)
+        point = {"rt_rate": rate, "rt_rate_frac": frac, "num_requests": len(requests), "policies": {}}
+        for name in policies:
+            res = run_policy(scn, requests, name)
+            done += 1
+            _log(f"[{done}/{total}] rate {frac:.2f} ({rate:.3f} req/s) {name}: {_summary(res)}")
+            point["policies"][name] = _policy_entry(res)
+            if frac == cdf_frac:
+                ttfts[name] = [r.ttft_ms() for r in res.run.requests if r.request.service_class == RT]
+        points.append(point)
+    print(format_table(points, policies))
+    write_outputs(args.out, scn, cap, args.seed, points, policies, ttfts, cdf_frac)
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _summary(res: PointResult) -> str:
+    m = res.metrics
+    return (f"attain {m.rt_attain_both:.3f}, TTFT p99 {m.rt_ttft_p99_ms:.0f} ms, BE {m.be_tok_s:.0f} tok/s, "
+            f"{len(res.run.iterations)} steps, {res.wall_s:.1f} s wall ({res.run.stop_reason})")
+
+
+def _policy_entry(res: PointResult) -> dict:
+    entry = {k: _finite(v) for k, v in res.metrics.to_dict().items()}
+    entry.update(stop_reason=res.run.stop_reason, wall_s=res.wall_s, num_iterations=len(res.run.iterations),
+                 num_dropped=res.run.num_dropped, num_retries=res.run.num_retries,
+                 error_fields=res.run.error_fields, error_examples=res.run.error_examples,
+                 end_s=res.run.end_ms / 1e3)
+    return entry
+
+
+def _finite(v):
+    # JSON has no NaN: an undefined metric (e.g. no RT request finished) is null.
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+_COLUMNS = (("rate", 6), ("req/s", 7), ("policy", 18), ("both", 6), ("ttft", 6), ("tpot", 6),
+            ("TTFTp99", 9), ("TPOTp99", 9), ("norm ms", 8), ("BE tok/s", 9), ("tok/s", 8), ("preempt", 8),
+            ("unfin", 6), ("stop", 9))
+
+
+def format_table(points: list[dict], policies: list[str]) -> str:
+    lines = ["".join(f"{name:>{w}}" for name, w in _COLUMNS)]
+    for pt in points:
+        for name in policies:
+            m = pt["policies"][name]
+            cells = (f"{pt['rt_rate_frac']:.2f}", f"{pt['rt_rate']:.3f}", name,
+                     *(_num(m[k], 3) for k in ("rt_attain_both", "rt_attain_ttft", "rt_attain_tpot")),
+                     *(_num(m[k], 0) for k in ("rt_ttft_p99_ms", "rt_tpot_p99_ms")),
+                     _num(m["rt_norm_latency_ms"], 1), _num(m["be_tok_s"], 0), _num(m["total_tok_s"], 0),
+                     str(m["preemptions"]), str(m["rt_unfinished"] + m["be_unfinished"]), m["stop_reason"])
+            lines.append("".join(f"{c:>{w}}" for c, (_, w) in zip(cells, _COLUMNS)))
+    return "\n".join(lines)
+
+
+def _num(v, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def write_outputs(out: Path, scn: Scenario, cap: Capacity, seed: int, points: list[dict], policies: list[str],
+                  ttfts: dict[str, list[float | None]], cdf_frac: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"scenario": scn.name, "description": scn.description, "seed": seed,
+           "config": {k: _finite(v) for k, v in vars(scn).items() if k not in ("name", "description")},
+           "capacity": vars(cap), "metric_fields": list(BenchMetrics.__dataclass_fields__), "points": points}
+    path = out / f"{scn.name}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    _log(f"wrote {path}")
+    try:
+        import matplotlib
+    except ImportError:
+        _log("matplotlib not installed: no plots")
+        return
+    matplotlib.use("Agg")
+    _plot_cdf(out / f"{scn.name}-ttft-cdf.png", scn, ttfts, cdf_frac)
+    _plot_vs_rate(out / f"{scn.name}-vs-rate.png", scn, points, policies)
+
+
+def _plot_cdf(path: Path, scn: Scenario, ttfts: dict[str, list[float | None]], frac: float) -> None:
+    """Over all RT requests: one that never got a token keeps its curve below 1."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in ttfts.items():
+        xs = sorted(t for t in values if t is not None)
+        ax.step(xs, [(i + 1) / len(values) for i in range(len(xs))], where="post", label=name)
+    ax.axvline(scn.rt_ttft_ms, color="grey", linestyle=":", label="TTFT target")
+    ax.set(xscale="log", xlabel="RT TTFT (ms)", ylabel="fraction of RT requests",
+           title=f"{scn.name}: RT TTFT CDF at {frac:.2f} of RT capacity")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    _log(f"wrote {path}")
+
+
+def _plot_vs_rate(path: Path, scn: Scenario, points: list[dict], policies: list[str]) -> None:
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rates = [pt["rt_rate"] for pt in points]
+    for name in policies:
+        left.plot(rates, _series(points, name, "rt_attain_both"), marker="o", label=name)
+        right.plot(rates, _series(points, name, "be_req_s"), marker="o", label=name)
+    left.set(xlabel="RT rate (req/s)", ylabel="RT attainment (TTFT and TPOT)", ylim=(0, 1.02),
+             title=f"{scn.name}: RT SLO attainment")
+    right.set(xlabel="RT rate (req/s)", ylabel="BE throughput (req/s)", ylim=(0, None),
+              title=f"{scn.name}: BE throughput")
+    left.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    _log(f"wrote {path}")
+
+
+def _series(points: list[dict], policy: str, key: str) -> list[float]:
+    return [math.nan if pt["policies"][policy][key] is None else pt["policies"][policy][key] for pt in points]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The virtual-time hybrid benchmark: workloads, the driver, the metrics."""
+import math
+import random
+import time
+
+import pytest
+
+from scheduler_svc.bench import metrics, virtual, workload
+from scheduler_svc.bench.metrics import IterationRecord, RequestRecord
+from scheduler_svc.bench.scenarios import policy_names
+from scheduler_svc.bench.workload import Request
+from scheduler_svc.planner import BE, RT, PlanDecision, PlannerConfig, make_policy
+from worker_svc.sim.cost_model import CostModel
+
+needs_traces = pytest.mark.skipif(not (workload.traces_dir() / workload.AZURE_CONV).exists(),
+                                  reason="shared traces not found (set BROS_TRACES)")
+PLANNER = PlannerConfig(max_num_seqs=64, max_num_batched_tokens=512)
+
+
+def tiny_workload(seed=3):
+    """20 RT requests from the Azure trace and 20 paper-synthetic BE ones, within 30 s."""
+    rt = workload.rt_azure(1.0, 30, seed, max_model_len=4096, ttft_ms=250, tpot_ms=100)[:20]
+    be = workload.be_requests("poisson", "paper", 1.0, 30, seed, max_model_len=4096)[:20]
+    assert len(rt) == len(be) == 20
+    return workload.merge(rt, be)
+
+
+# ---- workloads -----------------------------------------------------------------------------
+
+
+@needs_traces
+def test_rt_trace_is_rescaled_to_the_requested_mean_rate():
+    reqs = workload.rt_azure(2.0, 600, seed=1, max_model_len=8192, ttft_ms=250, tpot_ms=100)
+    assert 0.8 * 1200 < len(reqs) < 1.2 * 1200
+    assert all(r.arrival_ms < 600_000 and r.service_class == RT for r in reqs)
+    assert [r.arrival_ms for r in reqs] == sorted(r.arrival_ms for r in reqs)
+    assert all(r.prompt_len + r.output_len <= 8192 for r in reqs)
+    assert reqs == workload.rt_azure(2.0, 600, seed=1, max_model_len=8192, ttft_ms=250, tpot_ms=100)
+
+
+def test_clip_shortens_the_prompt_first():
+    assert workload.clip_lengths(14050, 300, 8192) == (7892, 300)
+    assert workload.clip_lengths(100, 9000, 8192) == (100, 4096)
+    assert workload.clip_lengths(0, 0, 8192) == (1, 1)
+
+
+def test_be_backlog_arrives_at_once_with_the_paper_lengths():
+    reqs = workload.be_requests("backlog", "paper", 2.0, 50, seed=0, max_model_len=8192)
+    assert len(reqs) == 100
+    assert all(r.arrival_ms == 0 and r.service_class == BE for r in reqs)
+    assert all(512 <= r.prompt_len <= 1024 and 32 <= r.output_len <= 128 for r in reqs)
+
+
+def test_capacity_grows_with_batch_and_shrinks_with_length():
+    cost = CostModel.opt13b_a100()
+    assert 0 < workload.capacity_req_s(cost, 768, 80, 1) < workload.capacity_req_s(cost, 768, 80, 16)
+    assert workload.capacity_req_s(cost, 2000, 300, 16) < workload.capacity_req_s(cost, 768, 80, 16)
+    assert workload.max_batch_for_pool(16_000, 700, 100, 64) == 20
+    assert workload.max_batch_for_pool(16_000, 700, 100, 8) == 8
+
+
+# ---- the driver -----------------------------------------------------------------------------
+
+
+@needs_traces
+def test_tiny_workload_under_fcfs_finishes_every_request_quickly():
+    reqs = tiny_workload()
+    t0 = time.perf_counter()
+    result = virtual.run(reqs, make_policy("fcfs"), PLANNER)
+    assert time.perf_counter() - t0 < 10
+    assert result.stop_reason == "done"
+    assert result.num_dropped == 0 and result.error_fields == {}
+    for rec in result.requests:
+        assert rec.finished and rec.first_token_ms is not None
+        assert rec.num_output_tokens == rec.request.output_len
+        assert rec.request.arrival_ms < rec.first_token_ms <= rec.finish_ms <= result.end_ms
+    m = metrics.compute(result.requests, result.iterations)
+    for name in ("rt_attain_ttft", "rt_attain_tpot", "rt_attain_both"):
+        assert 0 <= getattr(m, name) <= 1
+    assert m.rt_attain_both <= min(m.rt_attain_ttft, m.rt_attain_tpot)
+    assert m.num_rt == m.num_be == 20 and m.rt_unfinished == m.be_unfinished == 0
+    assert m.be_tok_s > 0 and m.total_tok_s > m.be_tok_s and m.mean_batch_size >= 1
+
+
+@needs_traces
+def test_driver_is_deterministic():
+    reqs = tiny_workload(seed=5)
+    runs = [virtual.run(reqs, make_policy("fcfs"), PLANNER) for _ in range(2)]
+    dicts = [metrics.compute(r.requests, r.iterations).to_dict() for r in runs]
+    for d in dicts:
+        d.pop("planner_p50_ms"), d.pop("planner_p99_ms")
+    assert dicts[0] == dicts[1]
+    assert [(r.first_token_ms, r.finish_ms) for r in runs[0].requests] == \
+           [(r.first_token_ms, r.finish_ms) for r in runs[1].requests]
+
+
+def _requests(*specs):
+    return [Request(f"r{i}", cls, arrival, prompt, output, 250.0, 100.0)
+            for i, (cls, arrival, prompt, output) in enumerate(specs)]
+
+
+@pytest.mark.parametrize("name", policy_names())
+def test_views_mirror_the_worker_after_every_step(name):
+    """Under any registered policy, on a pool small enough to force preemption, what the
+    planner is shown equals the worker's state after every step."""
+    rng = random.Random(0)
+    reqs = _requests(*[(RT if i % 3 == 0 else BE, 10.0 * i, rng.randint(20, 200), rng.randint(20, 80))
+                       for i in range(40)])
+    d = virtual._Driver(reqs, make_policy(name), PlannerConfig(max_num_seqs=8, max_num_batched_tokens=128),
+                        virtual.VirtualConfig(num_blocks=48, host_cache_mb=4, stall_ms=2_000))
+    for plan_id in range(1, 3000):
+        if d._stop_reason(plan_id):
+            break
+        d._iterate(plan_id)
+        for rid, res in d.resident.items():
+            seq, alloc = d.engine.seqs[rid], d.engine.allocator.seqs[rid]
+            assert res.view.num_computed_tokens == seq.num_computed_tokens, rid
+            assert res.view.num_tokens == seq.num_tokens, rid
+            assert res.view.num_output_tokens == len(seq.output_token_ids), rid
+            assert res.view.preempted == alloc.paused, rid
+        d.engine.check_integrity()
+
+
+class _AdmitAll:
+    """A test policy: admit everything waiting, run every resident sequence greedily."""
+    name = "admit-all"
+
+    def plan(self, inp, cfg):
+        out = PlanDecision(admit=[s.request_id for s in inp.waiting])
+        budget = cfg.max_num_batched_tokens
+        for s in inp.running + inp.waiting:
+            n = min(s.num_tokens - s.num_computed_tokens, budget)
+            if n > 0:
+                out.scheduled.append((s.request_id, n))
+                budget -= n
+        return out
+
+
+def test_a_request_the_worker_refuses_is_dropped_and_the_rest_finish():
+    reqs = _requests((RT, 0.0, 40, 4), (BE, 0.0, 5000, 4), (BE, 10.0, 30, 3))
+    result = virtual.run(reqs, _AdmitAll(), PLANNER, virtual.VirtualConfig(num_blocks=64))  # 1024 slots
+    assert result.stop_reason == "done"
+    # Its scheduled item is refused too (unknown sequence), as on the live worker.
+    assert result.num_dropped == 1 and result.error_fields["new_sequences.prompt_token_ids"] == 1
+    dropped = [r for r in result.requests if r.error]
+    assert [r.request.request_id for r in dropped] == ["r1"] and not dropped[0].finished
+    assert all(r.num_output_tokens == r.request.output_len for r in result.requests if not r.error)
+
+
+def test_idle_worker_jumps_to_the_next_arrival():
+    reqs = _requests((RT, 0.0, 16, 2), (RT, 50_000.0, 16, 2))
+    result = virtual.run(reqs, make_policy("fcfs"), PLANNER)
+    assert result.stop_reason == "done"
+    assert len(result.iterations) < 10  # no idle ticking across the 50 s gap
+    assert result.requests[1].first_token_ms > 50_000
+
+
+def test_a_policy_that_never_runs_anything_is_stopped_as_stalled():
+    class Idle:
+        name = "idle"
+
+        def plan(self, inp, cfg):
+            return PlanDecision()
+
+    result = virtual.run(_requests((RT, 0.0, 16, 2)), Idle(), PLANNER, virtual.VirtualConfig(stall_ms=100))
+    assert result.stop_reason == "stalled"
+    m = metrics.compute(result.requests, result.iterations)
+    assert m.rt_unfinished == 1 and m.rt_attain_ttft == 0
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+def _record(rid, cls, arrival, first, finish, n, ttft_ms=250.0, tpot_ms=100.0):
+    return RequestRecord(Request(rid, cls, arrival, 100, max(n, 1), ttft_ms, tpot_ms), first, finish, n)
+
+
+def test_metrics_by_hand():
+    records = [
+        _record("ok", RT, 0, 100, 1000, 10),        # TTFT 100, TPOT 900/9 = 100: meets both (<=)
+        _record("late", RT, 0, 300, 500, 5),        # TTFT 300 misses; TPOT 200/4 = 50 meets
+        _record("slow", RT, 1000, 1100, 2100, 3),   # TTFT 100 meets; TPOT 1000/2 = 500 misses
+        _record("lost", RT, 0, None, None, 0),      # never started: misses both
+        _record("bulk", BE, 0, 2000, 4000, 20),     # the last finish: makespan 4 s
+    ]
+    iterations = [IterationRecord(0, 10, 2, 100, 0.5, 1), IterationRecord(10, 0, 0, 0, 0.1, 0),
+                  IterationRecord(10, 10, 4, 4, 0.3, 2)]
+    m = metrics.compute(records, iterations)
+    assert m.rt_ttft_p50_ms == 100 and m.rt_ttft_p99_ms == pytest.approx(100 + 200 * 0.98)
+    assert m.rt_tpot_p50_ms == 100 and m.rt_tpot_p99_ms == pytest.approx(100 + 400 * 0.98)
+    assert (m.rt_attain_ttft, m.rt_attain_tpot, m.rt_attain_both) == (0.5, 0.5, 0.25)
+    assert m.rt_norm_latency_ms == pytest.approx((1000 / 10 + 500 / 5 + 1100 / 3) / 3)
+    assert m.makespan_s == 4 and m.be_req_s == 0.25 and m.be_tok_s == 5
+    assert m.total_tok_s == (10 + 5 + 3 + 20) / 4
+    assert m.preemptions == 3 and m.mean_batch_size == 3  # the empty iteration does not count
+    assert m.planner_p50_ms == 0.3 and m.rt_unfinished == 1 and m.be_unfinished == 0
+
+
+def test_one_token_output_meets_tpot_and_is_left_out_of_its_percentiles():
+    r = _record("one", RT, 0, 50, 50, 1)
+    assert r.tpot_ms() == 0 and r.tpot_met()
+    m = metrics.compute([r], [])
+    assert math.isnan(m.rt_tpot_p99_ms) and m.rt_attain_both == 1
+
+
+def test_percentile_interpolates_like_numpy():
+    assert metrics.percentile([4, 1, 3, 2], 50) == 2.5
+    assert metrics.percentile([1, 2, 3, 4, 5], 100) == 5
+    assert math.isnan(metrics.percentile([], 50))
