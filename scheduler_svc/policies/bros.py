@@ -2,13 +2,20 @@
 adaptive token budget (../shared/PAPER.md, mechanisms 1-3).
 
 Each iteration, in phases:
-  1. adapt the token budget (AIMD): an RT request past its deadline cuts it, an on-time
-     iteration grows it, so iterations stay short enough for the tightest TPOT;
+  1. adapt the BE allowance (AIMD on tokens): a decoding RT request past its next-token
+     deadline cuts it, an on-time iteration grows it, so BE chunks shrink exactly when
+     they start to stretch iterations beyond what RT TPOT tolerates;
   2. urgent RT (slack below bros_urgent_slack_ms), least slack first, picked with a
-     partial sort; running, prefilling and waiting RT alike, chunked under the budget;
-  3. BE fills what is left: running BE first, then paused BE, then new BE, by arrival;
-  4. RT with slack to spare takes what BE left, least slack first: a BE request may
-     have taken its place this iteration, which its slack absorbs.
+     partial sort; running, prefilling and waiting RT alike, chunked under the full
+     step budget (a late first token needs prefill throughput, not smaller steps);
+  3. BE fills what is left of the allowance: running BE first (the newest recomputed when
+     BE alone runs the pool short), then paused BE (only when its KV fits back), then new
+     BE, by arrival;
+  4. RT with slack to spare takes what is left, least slack first: a BE request may
+     have taken its place this iteration, which its slack absorbs;
+  5. if nothing could run although work is resident (every RT sequence needs a block
+     and none is free or reclaimable), the newest RT sequence is recomputed, as vLLM
+     does, so the pool never deadlocks.
 Memory: RT may grow into blocks held by paused BE sequences (the worker checkpoints the
 overwritten BE slots to host), so RT's room counts them; when even that is short, the
 newest running BE sequences are paused to make room. BE only takes free blocks.
@@ -30,7 +37,8 @@ class Bros:
         self.token_budget: int | None = None   # the AIMD window, in tokens per iteration
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
-        step = StepBudget(inp, cfg, max_tokens=self._adapt(inp, cfg), chunked=self.chunked)
+        be_allowance = self._adapt(inp, cfg)
+        step = StepBudget(inp, cfg, chunked=self.chunked)
         evictable = self._evictable_blocks(inp)
         rt_running = [s for s in inp.running if s.service_class == RT]
         be_running = [s for s in inp.running if s.service_class == BE]
@@ -46,13 +54,27 @@ class Bros:
             evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable,
                                                pausable, resident, cfg)
         scheduled = {rid for rid, _ in step.out.scheduled} | set(step.out.preempt) | set(step.out.recompute)
+        rt_tokens = cfg.max_num_batched_tokens - step.tokens
+        reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))   # tokens BE may not use
+        step.tokens -= reserve
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg)
+        step.tokens += reserve
         relaxed = heapq.nsmallest(max(step.seqs, 0), [s for s in rt if s.request_id not in scheduled
                                                        and s not in urgent], key=lambda s: slack[s.request_id])
         for seq in relaxed:
             evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable, [],
                                                resident, cfg)
+        if not step.out.scheduled and not step.out.preempt:
+            self._unjam(inp, step)
         return step.out
+
+    def _unjam(self, inp: PlanInput, step: StepBudget) -> None:
+        """Work is resident or queued but nothing could run: free the KV of the newest
+        sequence holding any (paused BE first, then RT), so the pool cannot deadlock."""
+        holding = [s for s in inp.running if s.num_computed_tokens > 0]
+        if holding and (inp.waiting or any(s.num_uncomputed_tokens for s in inp.running)):
+            victim = max(holding, key=lambda s: (s.service_class == BE and s.preempted, s.arrival_ms))
+            step.out.recompute.append(victim.request_id)
 
     # ---- phases -------------------------------------------------------------------------
 
@@ -60,7 +82,10 @@ class Bros:
         if self.token_budget is None or not self.adaptive:
             self.token_budget = cfg.max_num_batched_tokens
             return self.token_budget
-        late = any(s.service_class == RT and inp.now_ms > s.next_deadline_ms() for s in inp.running)
+        # Only decoding RT counts: a request still waiting for its first token is late
+        # because of the queue or its own prefill, which smaller steps would not help.
+        late = any(s.service_class == RT and s.first_token_ms is not None and not s.preempted
+                   and inp.now_ms > s.next_deadline_ms() for s in inp.running)
         if late:
             floor = min(cfg.bros_min_batched_tokens, cfg.max_num_batched_tokens)
             self.token_budget = max(floor, int(self.token_budget * cfg.bros_aimd_decrease))
@@ -112,20 +137,31 @@ class Bros:
         active = sorted((s for s in be_running if not s.preempted and s.request_id not in taken), key=by_arrival)
         paused = sorted((s for s in be_running if s.preempted and s.request_id not in taken), key=by_arrival)
         waiting = sorted((s for s in inp.waiting if s.service_class == BE), key=by_arrival)
-        for group, is_new in ((active, False), (paused, False), (waiting, True)):
+        # Running BE first; among themselves BE compete as under FCFS: when the pool is
+        # short the newest gives way by recompute (pausing would free nothing for BE).
+        while active:
+            seq = active.pop(0)
+            n = step.chunk(seq)
+            if n == 0 or step.seqs == 0:
+                return resident
+            while not step.fits(seq, n) and active:
+                victim = active.pop()
+                step.out.recompute.append(victim.request_id)
+                step.release(victim)
+            if not step.fits(seq, n):
+                return resident
+            step.take(seq, n)
+        for group, is_new in ((paused, False), (waiting, True)):
             for seq in group:
                 n = step.chunk(seq)
-                if n == 0 or step.seqs == 0:
+                if n == 0 or step.seqs == 0 or resident >= cfg.max_num_seqs:
                     return resident
-                if (is_new or seq.preempted) and resident >= cfg.max_num_seqs:
-                    return resident
+                if not is_new and blocks_of(seq.num_tokens, step.block_size) > step.blocks:
+                    continue  # its KV may be on host: resume only when all of it fits back
                 if not step.fits(seq, n):
-                    if not is_new and not seq.preempted and self.share_kv:
-                        step.out.preempt.append(seq.request_id)  # no room to grow: pause, keep KV
-                        resident -= 1
-                    continue
+                    return resident  # arrival order among new BE: no overtaking
                 step.take(seq, n, admit=is_new)
-                resident += 1 if (is_new or seq.preempted) else 0
+                resident += 1
         return resident
 
 
