@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from bros.config_cli import add_config_flags
 
 
 @dataclass(frozen=True)
@@ -13,7 +15,7 @@ class SchedulerConfig:
     port: int = 50051
     redis_url: str = "redis://127.0.0.1:6379/0"
     workers: tuple[str, ...] = ()            # host:port of each worker
-    policy: str = "fcfs"
+    policy: str = "bros"                     # fcfs, priority, partition, bros (+ ablations)
     replica_id: str = ""                     # default: a fresh uuid per process
     max_num_seqs: int = 64                   # running sequences per worker
     max_num_batched_tokens: int = 512        # tokens per step (chunked prefill budget)
@@ -45,14 +47,8 @@ class SchedulerConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "SchedulerConfig":
         p = argparse.ArgumentParser(prog="python -m scheduler_svc", description="bros scheduler")
-        defaults = cls()
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            default = getattr(defaults, f.name)
-            if f.name == "workers":
-                p.add_argument(flag, default="", help="comma-separated host:port of the workers")
-            else:
-                p.add_argument(flag, type=type(default), default=default)
+        add_config_flags(p, cls, skip=("workers",))
+        p.add_argument("--workers", default="", help="comma-separated host:port of the workers")
         ns = vars(p.parse_args(argv))
         ns["workers"] = tuple(w.strip() for w in ns["workers"].split(",") if w.strip())
         return cls(**ns)

@@ -3,7 +3,9 @@ from the command line (the one place arguments and the environment are read)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+
+from bros.config_cli import add_config_flags
 
 MB = 1024 * 1024
 
@@ -63,18 +65,9 @@ class WorkerConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "WorkerConfig":
         p = argparse.ArgumentParser(prog="python -m worker_svc", description="bros GPU worker")
-        defaults = cls()
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            default = getattr(defaults, f.name)
-            if f.name == "sim_cost_overrides":
-                p.add_argument("--sim-cost-set", action="append", default=[], metavar="KEY=VALUE",
-                               help="override one cost-model coefficient (repeatable)")
-            elif isinstance(default, bool):
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-            else:
-                kind = int if f.type in ("int", "int | None") else str
-                p.add_argument(flag, type=kind, default=default)
+        add_config_flags(p, cls, skip=("sim_cost_overrides",))
+        p.add_argument("--sim-cost-set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one cost-model coefficient (repeatable)")
         ns = vars(p.parse_args(argv))
         overrides = tuple((k, float(v)) for k, v in (kv.split("=", 1) for kv in ns.pop("sim_cost_set")))
         return cls(**ns, sim_cost_overrides=overrides)
