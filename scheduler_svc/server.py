@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from bros.v1 import inference_pb2_grpc
 
 from .config import SchedulerConfig
+from .placement import RoomBoard
 from .planner import PlannerConfig, make_policy
 from .service import SERVICE_NAME, InferenceService
 from .store import Store
@@ -27,8 +28,9 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     client = aioredis.from_url(cfg.redis_url)
     store = Store(client, prefix=cfg.key_prefix, result_ttl_s=cfg.result_ttl_s)
     planner_cfg = PlannerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
+    board = RoomBoard()
     loops = [WorkerLoop(addr, store, make_policy(cfg.policy), planner_cfg, cfg.resolved_replica_id,
-                        lease_ttl_ms=cfg.lease_ttl_ms) for addr in cfg.workers]
+                        lease_ttl_ms=cfg.lease_ttl_ms, board=board) for addr in cfg.workers]
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(cfg, store, loops), server)

@@ -20,6 +20,7 @@ import grpc
 
 from bros.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
+from .placement import RoomBoard
 from .planner import PlanInput, PlannerConfig, Policy, SeqView
 from .store import RequestRecord, Store
 
@@ -49,7 +50,7 @@ class LoopStatus:
 
 class WorkerLoop:
     def __init__(self, address: str, store: Store, policy: Policy, cfg: PlannerConfig, replica_id: str,
-                 lease_ttl_ms: int = 5000, idle_sleep_s: float = 0.005):
+                 lease_ttl_ms: int = 5000, idle_sleep_s: float = 0.005, board: RoomBoard | None = None):
         self.address = address
         self.store = store
         self.policy = policy
@@ -58,6 +59,7 @@ class WorkerLoop:
         self.lease_ttl_ms = lease_ttl_ms
         self.idle_sleep_s = idle_sleep_s
         self.status = LoopStatus()
+        self.board = board or RoomBoard()  # shared by this replica's loops
         self.info: worker_pb2.WorkerInfo | None = None
         self.seqs: dict[str, Running] = {}
         self._pending_free: list[str] = []
@@ -87,6 +89,7 @@ class WorkerLoop:
             except Exception:  # noqa: BLE001 — one loop's bug must not kill the replica
                 log.exception("worker %s loop failed", self.address)
             self.status.connected = self.status.reachable = False
+            self.board.forget(self.address)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -176,7 +179,9 @@ class WorkerLoop:
                         plan.free.append(rid)
         n = self.cfg.max_num_seqs
         waiting_rt, waiting_be = await self.store.peek_queues(n, n)
-        waiting = {r.request_id: r for r in waiting_rt + waiting_be if r.request_id not in self.seqs}
+        idle = not self.seqs
+        waiting = {r.request_id: r for r in waiting_rt + waiting_be if r.request_id not in self.seqs
+                   and self.board.takes(self.address, r.service_class, idle)}
         occ = self.status.occupancy
         inp = PlanInput(now_ms=now_ms(), running=[s.view for s in self.seqs.values()],
                         waiting=[self._view(r, len(r.prompt_token_ids) + r.num_output_tokens)
@@ -237,6 +242,7 @@ class WorkerLoop:
         self.status.occupancy = {f.name: getattr(report.occupancy, f.name)
                                  for f in report.occupancy.DESCRIPTOR.fields}
         self.status.last_step_ms = report.timings.step_ms
+        self.board.report(self.address, self.status.occupancy)
         self._resync(report)
         finished: list[str] = []
         t = now_ms()
