@@ -81,10 +81,11 @@ class RequestRecord:
     finish_reason: str = ""                 # "stop", "length", "abort", ... ("" until finished)
     error: str = ""
     abort_requested: bool = False           # a client asked; the worker has not confirmed yet
+    prompt_len: int | None = None           # set on light records (peek_queues): no prompt carried
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        return len(self.prompt_token_ids) if self.prompt_len is None else self.prompt_len
 
     @property
     def queue_score(self) -> float:
@@ -175,7 +176,8 @@ def record_from_fields(raw: dict[bytes, bytes]) -> RequestRecord:
     return RequestRecord(
         request_id=text("request_id"),
         service_class=int(f["service_class"]),
-        prompt_token_ids=unpack_tokens(f["prompt"]),
+        prompt_token_ids=unpack_tokens(f["prompt"]) if "prompt" in f else [],
+        prompt_len=None if "prompt" in f else int(f["num_prompt_tokens"]),
         sampling=f.get("sampling", b""),
         ttft_ms=float(f["ttft_ms"]),
         tpot_ms=float(f["tpot_ms"]),
@@ -278,7 +280,17 @@ for c = 1, 2 do
   local n = tonumber(ARGV[A + c])
   if n > 0 then
     for _, id in ipairs(redis.call('ZRANGE', KEYS[c], 0, n - 1)) do
-      rows[#rows + 1] = {id, redis.call('HGETALL', REQ .. id)}
+      -- Light records: planning needs lengths and times, not the prompt or sampling,
+      -- and shipping prompts every iteration cost more than the rest of the loop.
+      local h = redis.call('HGETALL', REQ .. id)
+      local light = {}
+      for i = 1, #h, 2 do
+        if h[i] ~= 'prompt' and h[i] ~= 'sampling' then
+          light[#light + 1] = h[i]
+          light[#light + 1] = h[i + 1]
+        end
+      end
+      rows[#rows + 1] = {id, light}
     end
   end
   out[c] = rows
@@ -459,7 +471,8 @@ class Store:
 
     async def peek_queues(self, max_rt: int, max_be: int
                           ) -> tuple[list[RequestRecord], list[RequestRecord]]:
-        """The first max_rt / max_be queued requests in queue order, in one round trip."""
+        """The first max_rt / max_be queued requests in queue order, in one round trip, as
+        light records (no prompt_token_ids or sampling: `get` the ones you admit)."""
         rt, be = await self._run("peek", [max(0, max_rt), max(0, max_be)])
         return _records(rt), _records(be)
 

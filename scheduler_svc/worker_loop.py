@@ -177,25 +177,31 @@ class WorkerLoop:
                     b.finish(rid, "abort", now_ms())
                     if self.seqs.pop(rid, None) is not None:
                         plan.free.append(rid)
+        # Only as many queued requests as could start now: records carry their prompts,
+        # so a deep BE backlog must not be shipped over every iteration. RT is always
+        # looked at in full (bros may pause BE to make room for it).
         n = self.cfg.max_num_seqs
-        waiting_rt, waiting_be = await self.store.peek_queues(n, n)
+        free_seats = max(0, n - sum(not s.view.preempted for s in self.seqs.values()))
+        waiting_rt, waiting_be = await self.store.peek_queues(n, free_seats)
         idle = not self.seqs
         waiting = {r.request_id: r for r in waiting_rt + waiting_be if r.request_id not in self.seqs
                    and self.board.takes(self.address, r.service_class, idle)}
         occ = self.status.occupancy
         inp = PlanInput(now_ms=now_ms(), running=[s.view for s in self.seqs.values()],
-                        waiting=[self._view(r, len(r.prompt_token_ids) + r.num_output_tokens)
+                        waiting=[self._view(r, r.num_prompt_tokens + r.num_output_tokens)
                                  for r in waiting.values()],
                         free_blocks=occ.get("free_blocks", self.info.num_blocks),
                         block_size=self.info.block_size, occupancy=occ)
         decision = self.policy.plan(inp, self.cfg)
         claimed = set(await self.store.claim(self.address, decision.admit, now_ms())) if decision.admit else set()
+        admitted = [rid for rid in decision.admit if rid in claimed]
+        full = dict(zip(admitted, await asyncio.gather(*(self.store.get(rid) for rid in admitted))))
         for rid in decision.admit:
-            if rid in claimed:
-                plan.new_sequences.append(await self._new_sequence(waiting[rid]))
-                self.seqs[rid] = Running(self._view(waiting[rid], len(waiting[rid].prompt_token_ids)
-                                                    + waiting[rid].num_output_tokens),
-                                         waiting[rid].num_output_tokens)
+            if rid in claimed and full[rid] is not None:
+                rec = full[rid]
+                plan.new_sequences.append(await self._new_sequence(rec))
+                self.seqs[rid] = Running(self._view(rec, rec.num_prompt_tokens + rec.num_output_tokens),
+                                         rec.num_output_tokens)
         for rid in decision.recompute:
             plan.recompute.append(rid)
             self.seqs[rid].view.num_computed_tokens = 0
@@ -229,7 +235,7 @@ class WorkerLoop:
     @staticmethod
     def _view(rec: RequestRecord, num_tokens: int) -> SeqView:
         return SeqView(request_id=rec.request_id, service_class=rec.service_class, arrival_ms=rec.arrival_ms,
-                       num_prompt_tokens=len(rec.prompt_token_ids), num_tokens=num_tokens,
+                       num_prompt_tokens=rec.num_prompt_tokens, num_tokens=num_tokens,
                        ttft_deadline_ms=rec.arrival_ms + rec.ttft_ms, tpot_ms=rec.tpot_ms,
                        first_token_ms=rec.first_token_ms, last_token_ms=rec.last_token_ms,
                        num_output_tokens=rec.num_output_tokens)

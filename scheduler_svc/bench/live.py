@@ -1,0 +1,120 @@
+"""The live mode of the benchmark: the same workload through the full stack (a real
+Redis server, a scheduler process, sim worker processes on a real clock, gRPC clients
+sending at the workload's arrival times). Slower than virtual mode by the workload's
+length, and it measures what a client sees: TTFT and TPOT from the client's side.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bros.client import Chunk, Client, Final
+from bros.redis_server import EmbeddedRedis
+
+from ..planner import PlannerConfig, RT
+from .metrics import BenchMetrics, RequestRecord, compute
+from .workload import Request
+
+
+def run_live(requests: list[Request], policy: str, planner: PlannerConfig, num_blocks: int | None = None,
+             num_workers: int = 1, sim_cost: str = "opt13b_a100", log_dir: str | None = None) -> BenchMetrics:
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bros-live-"))
+    with EmbeddedRedis() as redis_server:
+        procs = []
+        try:
+            workers = [_start(procs, log_dir / f"worker-{i}.log", "worker_svc", "bros.v1.Worker", 120,
+                              "--backend", "sim", "--sim-clock", "real", "--sim-cost", sim_cost,
+                              "--max-num-seqs", str(planner.max_num_seqs),
+                              "--max-num-batched-tokens", str(planner.max_num_batched_tokens),
+                              *(["--num-blocks", str(num_blocks)] if num_blocks else []))
+                       for i in range(num_workers)]
+            sched = _start(procs, log_dir / "scheduler.log", "scheduler_svc", "bros.v1.Inference", 60,
+                           "--redis-url", redis_server.url, "--workers", ",".join(workers), "--policy", policy,
+                           "--max-num-seqs", str(planner.max_num_seqs),
+                           "--max-num-batched-tokens", str(planner.max_num_batched_tokens))
+            records = _replay(sched, requests)
+        finally:
+            for p in reversed(procs):
+                _stop(p)
+    return compute(records, [])
+
+
+def _replay(target: str, requests: list[Request]) -> list[RequestRecord]:
+    """Send each request at its arrival time (ms from now) and time what comes back."""
+    records = {r.request_id: RequestRecord(r) for r in requests}
+    t0 = time.monotonic() * 1e3 + 200.0  # a little head start to spawn the senders
+    client = Client(target, timeout=600)
+
+    def one(req: Request) -> None:
+        delay = (t0 + req.arrival_ms - time.monotonic() * 1e3) / 1e3
+        if delay > 0:
+            time.sleep(delay)
+        rec = records[req.request_id]
+        rt = req.service_class == RT
+        events = client.generate([100 + (i % 1000) for i in range(req.prompt_len)],
+                                 service_class="rt" if rt else "be", max_tokens=req.output_len,
+                                 temperature=0.0, ignore_eos=True, request_id=req.request_id,
+                                 ttft_ms=int(req.ttft_ms) if rt else 0, tpot_ms=int(req.tpot_ms) if rt else 0)
+        for ev in events:
+            now = time.monotonic() * 1e3 - t0
+            if isinstance(ev, Chunk):
+                if rec.first_token_ms is None:
+                    rec.first_token_ms = now
+                rec.num_output_tokens += len(ev.token_ids)
+            elif isinstance(ev, Final):
+                rec.finish_ms = now
+                rec.error = ev.error or None
+
+    threads = [threading.Thread(target=one, args=(r,), daemon=True) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client.close()
+    return list(records.values())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(procs: list, log: Path, module: str, service: str, timeout: float, *args: str) -> str:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    procs.append(proc)
+    address = f"127.0.0.1:{port}"
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{module} exited: {log.read_text()[-2000:]}")
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return address
+        except grpc.RpcError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{module} not serving after {timeout}s: {log.read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
