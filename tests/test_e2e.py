@@ -1,6 +1,5 @@
 """The whole stack over real gRPC: a real Redis (embedded Valkey), real worker and
 scheduler processes. The sim backend (real clock) for most cases, the model for one."""
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
