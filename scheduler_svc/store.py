@@ -552,6 +552,28 @@ class Store:
     async def request_abort(self, request_id: str, now_ms: float | None = None) -> bool:
         return bool(await self._run("abort", [request_id, _num(wall_ms(now_ms))]))
 
+    async def loop_inputs(self, worker_id: str, replica_id: str, ttl_ms: int, max_rt: int, max_be: int
+                          ) -> tuple[bool, list[str], list[RequestRecord], list[RequestRecord]]:
+        """What a worker loop reads each iteration, in ONE round trip: renew its lease, take
+        the pending aborts, peek both queues (light records). Returns (lease still ours,
+        aborts, rt, be); when the lease is lost, nothing else was consumed."""
+        for attempt in (0, 1):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.evalsha(self._scripts["renew"].sha, 1, self.keys.lease(worker_id), replica_id, int(ttl_ms))
+            self._queue_script(pipe, "peek", [max(0, max_rt), max(0, max_be)])
+            pipe.smembers(self.keys.aborts(worker_id))
+            pipe.delete(self.keys.aborts(worker_id))
+            try:
+                renewed, (rt, be), aborts, _ = await pipe.execute()
+                break
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self.load_scripts()  # the server restarted and forgot them
+        # Aborts taken by a replica that just lost the lease are not lost: the record's
+        # abort_requested flag is what the next replica's reconciliation acts on.
+        return bool(renewed), sorted(i.decode() for i in aborts), _records(rt), _records(be)
+
     async def take_aborts(self, worker_id: str) -> list[str]:
         """The ids whose abort this worker must carry out, each handed out once."""
         key = self.keys.aborts(worker_id)

@@ -114,10 +114,16 @@ class WorkerLoop:
             await self._reconcile(report)
             self.status.connected = self.status.reachable = True
             while not self._stopping.is_set():
-                if not await self.store.renew_lease(self.address, self.replica_id, self.lease_ttl_ms):
+                n = self.cfg.max_num_seqs
+                # Only as many queued BE requests as could start now; RT is always looked
+                # at in full (bros may pause BE to make room for it).
+                free_seats = max(0, n - sum(not s.view.preempted for s in self.seqs.values()))
+                held, aborts, waiting_rt, waiting_be = await self.store.loop_inputs(
+                    self.address, self.replica_id, self.lease_ttl_ms, n, free_seats)
+                if not held:
                     log.warning("lost the lease on %s", self.address)
                     return
-                plan = await self._next_plan()
+                plan = await self._next_plan(aborts, waiting_rt + waiting_be)
                 report = await self._exchange(stream, plan)
                 await self._absorb(report)
                 if not plan.scheduled and not self.seqs:
@@ -147,6 +153,10 @@ class WorkerLoop:
                 if rec is None or rec.state != "running" or rec.worker_id != self.address:
                     self._pending_free.append(res.seq_id)
                     continue
+                if rec.abort_requested:  # asked before the last replica could act on it
+                    b.finish(rec.request_id, "abort", t)
+                    self._pending_free.append(rec.request_id)
+                    continue
                 # Tokens the last replica never wrote: the stream skips those it has (the
                 # text of the missing ones is lost; their ids are not).
                 out = list(res.output_token_ids)
@@ -167,8 +177,7 @@ class WorkerLoop:
 
     # ---- planning ------------------------------------------------------------------------
 
-    async def _next_plan(self) -> worker_pb2.StepPlan:
-        aborts = await self.store.take_aborts(self.address)
+    async def _next_plan(self, aborts: list[str], queued: list[RequestRecord]) -> worker_pb2.StepPlan:
         plan = worker_pb2.StepPlan(free=self._pending_free)
         self._pending_free = []
         if aborts:
@@ -177,14 +186,8 @@ class WorkerLoop:
                     b.finish(rid, "abort", now_ms())
                     if self.seqs.pop(rid, None) is not None:
                         plan.free.append(rid)
-        # Only as many queued requests as could start now: records carry their prompts,
-        # so a deep BE backlog must not be shipped over every iteration. RT is always
-        # looked at in full (bros may pause BE to make room for it).
-        n = self.cfg.max_num_seqs
-        free_seats = max(0, n - sum(not s.view.preempted for s in self.seqs.values()))
-        waiting_rt, waiting_be = await self.store.peek_queues(n, free_seats)
         idle = not self.seqs
-        waiting = {r.request_id: r for r in waiting_rt + waiting_be if r.request_id not in self.seqs
+        waiting = {r.request_id: r for r in queued if r.request_id not in self.seqs
                    and self.board.takes(self.address, r.service_class, idle)}
         occ = self.status.occupancy
         inp = PlanInput(now_ms=now_ms(), running=[s.view for s in self.seqs.values()],

@@ -442,3 +442,27 @@ def test_embedded_server_kill_then_fresh_start():
     with EmbeddedRedis() as fresh:
         import redis
         assert redis.Redis.from_url(fresh.url).ping()
+
+
+def test_loop_inputs_renews_takes_aborts_and_peeks_in_one_round_trip(server):
+    async def body(store):
+        await store.admit(rec("rt-1", arrival=0, ttft=100))
+        await store.admit(rec("be-1", cls=BEST_EFFORT, arrival=5, ttft=0))
+        await store.admit(rec("run", arrival=1))
+        assert await store.claim("w0", ["run"], 10) == ["run"]
+        assert await store.acquire_lease("w0", "me", 5000)
+        assert await store.request_abort("run")
+        calls = []
+        original = store.redis.pipeline
+        store.redis.pipeline = lambda *a, **k: calls.append(1) or original(*a, **k)
+        held, aborts, rt, be = await store.loop_inputs("w0", "me", 5000, 10, 10)
+        store.redis.pipeline = original
+        assert len(calls) == 1  # one pipeline: one round trip
+        assert held and aborts == ["run"]
+        assert [r.request_id for r in rt] == ["rt-1"] and [r.request_id for r in be] == ["be-1"]
+        assert rt[0].num_prompt_tokens == 4 and rt[0].prompt_token_ids == []  # light records
+        held, aborts, _, _ = await store.loop_inputs("w0", "me", 5000, 10, 0)
+        assert held and aborts == []  # each abort handed out once
+        held, _, _, be = await store.loop_inputs("w0", "someone-else", 5000, 10, 0)
+        assert not held and be == []
+    run(server, body)
