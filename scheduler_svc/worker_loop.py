@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,6 +42,20 @@ class Running:
 
 
 @dataclass
+class LoopStats:
+    """What the loop costs, for GetLoad and the sim-scale benchmark."""
+    iterations: int = 0
+    round_trips: int = 0            # Redis round trips made by this loop
+    planner_ms: deque = field(default_factory=lambda: deque(maxlen=2000))
+
+    def summary(self) -> dict:
+        times = sorted(self.planner_ms)
+        pick = (lambda q: times[min(len(times) - 1, int(q * len(times)))]) if times else (lambda q: 0.0)
+        return {"iterations": self.iterations, "planner_p50_ms": pick(0.5), "planner_p99_ms": pick(0.99),
+                "redis_round_trips_per_iter": self.round_trips / max(1, self.iterations)}
+
+
+@dataclass
 class LoopStatus:
     connected: bool = False         # this replica drives the worker (holds its lease)
     reachable: bool = False         # the worker answered recently (Describe or Step)
@@ -59,6 +74,7 @@ class WorkerLoop:
         self.lease_ttl_ms = lease_ttl_ms
         self.idle_sleep_s = idle_sleep_s
         self.status = LoopStatus()
+        self.stats = LoopStats()
         self.board = board or RoomBoard()  # shared by this replica's loops
         self.info: worker_pb2.WorkerInfo | None = None
         self.seqs: dict[str, Running] = {}
@@ -120,6 +136,8 @@ class WorkerLoop:
                 free_seats = max(0, n - sum(not s.view.preempted for s in self.seqs.values()))
                 held, aborts, waiting_rt, waiting_be = await self.store.loop_inputs(
                     self.address, self.replica_id, self.lease_ttl_ms, n, free_seats)
+                self.stats.iterations += 1
+                self.stats.round_trips += 2  # loop_inputs, and the report batch below
                 if not held:
                     log.warning("lost the lease on %s", self.address)
                     return
@@ -195,8 +213,11 @@ class WorkerLoop:
                                  for r in waiting.values()],
                         free_blocks=occ.get("free_blocks", self.info.num_blocks),
                         block_size=self.info.block_size, occupancy=occ)
+        t0 = time.perf_counter()
         decision = self.policy.plan(inp, self.cfg)
+        self.stats.planner_ms.append((time.perf_counter() - t0) * 1e3)
         claimed = set(await self.store.claim(self.address, decision.admit, now_ms())) if decision.admit else set()
+        self.stats.round_trips += 2 if decision.admit else 0  # the claim, then the records (concurrent)
         admitted = [rid for rid in decision.admit if rid in claimed]
         full = dict(zip(admitted, await asyncio.gather(*(self.store.get(rid) for rid in admitted))))
         for rid in decision.admit:
@@ -277,7 +298,7 @@ class WorkerLoop:
                     finished.append(out.seq_id)
             b.set_worker_state(self.address, {
                 "leased_by": self.replica_id, "running": len(self.seqs) - len(finished),
-                "last_step_ms": report.timings.step_ms, **self.status.occupancy})
+                "last_step_ms": report.timings.step_ms, **self.stats.summary(), **self.status.occupancy})
         for rid in finished:
             self.seqs.pop(rid, None)
         self._pending_free += finished

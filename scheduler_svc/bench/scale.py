@@ -1,0 +1,82 @@
+"""The sim-scale scenario (live): 8 sim workers, 10,000 queued BE requests, one
+scheduler replica. Measures what the scheduler costs per iteration while the queue is
+deep: planner time (p50/p99 over each loop's recent iterations) and Redis round trips.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from bros.client import Client
+from bros.redis_server import EmbeddedRedis
+
+from ..store import Store
+from .live import _start, _stop
+
+
+def run_scale(num_workers: int = 8, num_be: int = 10_000, window_s: float = 30.0, policy: str = "bros",
+              out: Path = Path("bench/out"), seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    log_dir = Path(tempfile.mkdtemp(prefix="bros-scale-"))
+    with EmbeddedRedis() as redis_server:
+        procs = []
+        try:
+            workers = [_start(procs, log_dir / f"worker-{i}.log", "worker_svc", "bros.v1.Worker", 120,
+                              "--backend", "sim", "--sim-clock", "real") for i in range(num_workers)]
+            sched = _start(procs, log_dir / "scheduler.log", "scheduler_svc", "bros.v1.Inference", 60,
+                           "--redis-url", redis_server.url, "--workers", ",".join(workers), "--policy", policy)
+            t0 = time.monotonic()
+            with Client(sched, timeout=30) as client:
+                for i in range(num_be):
+                    client.submit([100 + j % 1000 for j in range(rng.randint(512, 1024))], service_class="be",
+                                  max_tokens=rng.randint(32, 128), temperature=0.0, ignore_eos=True)
+                    if i % 1000 == 999:
+                        print(f"submitted {i + 1} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+            submit_s = time.monotonic() - t0
+            time.sleep(window_s)
+            result = asyncio.run(_collect(redis_server.url, workers))
+        finally:
+            for p in reversed(procs):
+                _stop(p)
+    result.update(scenario="sim-scale", policy=policy, num_workers=num_workers, num_be=num_be,
+                  window_s=window_s, submit_s=submit_s, submit_req_s=num_be / submit_s)
+    _report(result, out)
+    return result
+
+
+async def _collect(url: str, workers: list[str]) -> dict:
+    client = aioredis.from_url(url)
+    try:
+        load = await Store(client).load(workers)
+    finally:
+        await client.aclose()
+    states = [load["workers"][w].state for w in workers]
+    num = lambda st, k: float(st.get(k, 0) or 0)  # noqa: E731
+    be = load["classes"][2]
+    return {
+        "planner_p50_ms": max(num(st, "planner_p50_ms") for st in states),
+        "planner_p99_ms": max(num(st, "planner_p99_ms") for st in states),
+        "redis_round_trips_per_iter": sum(num(st, "redis_round_trips_per_iter") for st in states) / len(states),
+        "iterations": int(sum(num(st, "iterations") for st in states)),
+        "be_queued_at_end": be.queued_requests,
+        "be_running_at_end": be.running_requests,
+        "be_finished_recent": be.recent_finished,
+    }
+
+
+def _report(r: dict, out: Path) -> None:
+    print(f"\nsim-scale: {r['num_workers']} sim workers, {r['num_be']} BE queued, policy {r['policy']}, "
+          f"{r['window_s']:.0f} s window")
+    print("| planner p50 | planner p99 | Redis round trips / iter | iterations | BE queued at end |")
+    print(f"| {r['planner_p50_ms']:.3f} ms | {r['planner_p99_ms']:.3f} ms | {r['redis_round_trips_per_iter']:.2f} "
+          f"| {r['iterations']} | {r['be_queued_at_end']} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sim-scale.json").write_text(json.dumps(r, indent=2))
+    print(f"wrote {out / 'sim-scale.json'}")
