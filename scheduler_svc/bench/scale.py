@@ -17,7 +17,9 @@ import redis.asyncio as aioredis
 from bros.client import Client
 from bros.redis_server import EmbeddedRedis
 
-from ..store import Store
+from bros.v1 import types_pb2
+
+from ..store import RequestRecord, Store
 from .live import _start, _stop
 
 
@@ -30,25 +32,42 @@ def run_scale(num_workers: int = 8, num_be: int = 10_000, window_s: float = 30.0
         try:
             workers = [_start(procs, log_dir / f"worker-{i}.log", "worker_svc", "bros.v1.Worker", 120,
                               "--backend", "sim", "--sim-clock", "real") for i in range(num_workers)]
+            # The backlog goes straight into Redis (the same admission script Submit runs),
+            # so all 10,000 are queued before the first plan; one Submit through gRPC
+            # checks the client path too.
+            t0 = time.monotonic()
+            asyncio.run(_prefill(redis_server.url, num_be - 1, rng))
+            submit_s = time.monotonic() - t0
             sched = _start(procs, log_dir / "scheduler.log", "scheduler_svc", "bros.v1.Inference", 60,
                            "--redis-url", redis_server.url, "--workers", ",".join(workers), "--policy", policy)
-            t0 = time.monotonic()
             with Client(sched, timeout=30) as client:
-                for i in range(num_be):
-                    client.submit([100 + j % 1000 for j in range(rng.randint(512, 1024))], service_class="be",
-                                  max_tokens=rng.randint(32, 128), temperature=0.0, ignore_eos=True)
-                    if i % 1000 == 999:
-                        print(f"submitted {i + 1} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-            submit_s = time.monotonic() - t0
+                client.submit(list(range(100, 612)), service_class="be", max_tokens=64, temperature=0.0)
             time.sleep(window_s)
             result = asyncio.run(_collect(redis_server.url, workers))
         finally:
             for p in reversed(procs):
                 _stop(p)
     result.update(scenario="sim-scale", policy=policy, num_workers=num_workers, num_be=num_be,
-                  window_s=window_s, submit_s=submit_s, submit_req_s=num_be / submit_s)
+                  window_s=window_s, admit_s=submit_s)
     _report(result, out)
     return result
+
+
+async def _prefill(url: str, n: int, rng: random.Random) -> None:
+    client = aioredis.from_url(url)
+    store = Store(client)
+    try:
+        now = time.time() * 1e3
+        for i in range(n):
+            sampling = types_pb2.SamplingParams(max_tokens=rng.randint(32, 128), temperature=0.0, ignore_eos=True)
+            await store.admit(RequestRecord(
+                request_id=f"scale-{i}", service_class=2, sampling=sampling.SerializeToString(),
+                prompt_token_ids=[100 + j % 1000 for j in range(rng.randint(512, 1024))],
+                ttft_ms=0.0, tpot_ms=0.0, arrival_ms=now + i * 1e-3, submitted=True))
+            if i % 2000 == 1999:
+                print(f"queued {i + 1}", file=sys.stderr)
+    finally:
+        await client.aclose()
 
 
 async def _collect(url: str, workers: list[str]) -> dict:
