@@ -26,9 +26,15 @@ def default_target(environ: Mapping[str, str] = os.environ) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["bench"]:
+        try:
+            return cmd_bench(args[1:])
+        except SystemExit as e:  # the benchmark's argparse
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
     parser = build_parser(default_target())
     try:
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args(args)
     except SystemExit as e:  # argparse: 2 on bad usage, 0 after --help
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
@@ -68,7 +74,15 @@ def build_parser(target: str) -> argparse.ArgumentParser:
     p = add("serve", help="run Redis, a worker and a scheduler on this machine until Ctrl-C")
     launcher.add_arguments(p)
     p.set_defaults(handler=cmd_serve)
+    add("bench", help="replay a workload through every policy: bros bench --scenario NAME (see bros bench -h)")
     return parser
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """The benchmark owns its flags (--scenario, --policies, --rates, ...): hand them over."""
+    from scheduler_svc.bench.__main__ import main as bench_main
+    bench_main(argv)
+    return EXIT_OK
 
 
 def connection_options(target: str) -> argparse.ArgumentParser:

@@ -441,3 +441,9 @@ def test_first_signal_raises_stop_and_handlers_are_restored():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler's exception interrupts this at once
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_bench_verb_hands_its_flags_to_the_benchmark(capsys):
+    from bros.cli import main
+    assert main(["bench", "--scenario", "no-such-scenario"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
