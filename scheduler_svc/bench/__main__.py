@@ -22,7 +22,7 @@ from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workloa
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scheduler_svc.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--scenario", choices=sorted(SCENARIOS) + ["sim-scale"], default="sim-paper")
+    p.add_argument("--scenario", choices=sorted(SCENARIOS) + ["cpu-hybrid", "sim-scale"], default="sim-paper")
     p.add_argument("--policies", type=_csv(str), default=None, help="comma-separated; default: all registered")
     p.add_argument("--duration-s", type=float, default=None, help="arrival window in virtual seconds")
     p.add_argument("--rates", type=_csv(float), default=None,
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.scenario == "sim-scale":  # live: processes, not the virtual driver
         from .scale import run_scale
         run_scale(window_s=args.duration_s or 30.0, out=args.out, seed=args.seed)
+        return
+    if args.scenario == "cpu-hybrid":  # live, the real model on this CPU
+        from .cpu_hybrid import run_cpu_hybrid
+        run_cpu_hybrid(args.policies or ["fcfs", "priority", "partition", "bros"],
+                       duration_s=args.duration_s or 60.0, seed=args.seed, out=args.out)
         return
     scn = configure(args)
     policies = args.policies or policy_names()

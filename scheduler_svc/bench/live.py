@@ -27,14 +27,16 @@ from .workload import Request
 
 
 def run_live(requests: list[Request], policy: str, planner: PlannerConfig, num_blocks: int | None = None,
-             num_workers: int = 1, sim_cost: str = "opt13b_a100", log_dir: str | None = None) -> BenchMetrics:
+             num_workers: int = 1, sim_cost: str = "opt13b_a100", log_dir: str | None = None,
+             worker_args: tuple[str, ...] | None = None) -> BenchMetrics:
+    """worker_args replaces the sim worker's backend flags (e.g. the torch backend)."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bros-live-"))
     with EmbeddedRedis() as redis_server:
         procs = []
         try:
-            workers = [_start(procs, log_dir / f"worker-{i}.log", "worker_svc", "bros.v1.Worker", 120,
-                              "--backend", "sim", "--sim-clock", "real", "--sim-cost", sim_cost,
-                              "--max-num-seqs", str(planner.max_num_seqs),
+            backend = worker_args or ("--backend", "sim", "--sim-clock", "real", "--sim-cost", sim_cost)
+            workers = [_start(procs, log_dir / f"worker-{i}.log", "worker_svc", "bros.v1.Worker", 300,
+                              *backend, "--max-num-seqs", str(planner.max_num_seqs),
                               "--max-num-batched-tokens", str(planner.max_num_batched_tokens),
                               *(["--num-blocks", str(num_blocks)] if num_blocks else []))
                        for i in range(num_workers)]
