@@ -32,17 +32,24 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.store = store
         self.loops = loops
         self._channels = {loop.address: grpc.aio.insecure_channel(loop.address) for loop in loops}
+        self._background: set[asyncio.Task] = set()
 
     # ---- RPCs -------------------------------------------------------------------------------
 
     async def Generate(self, request, context):
         rid, _ = await self._admit(request, context, submitted=False)
+        completed = False
         try:
             async for msg in self._stream(rid, _resume_index(request), wait=True):
                 yield msg
-        except asyncio.CancelledError:
-            await self._abort_if_unsubmitted(rid)
-            raise
+            completed = True
+        finally:
+            # A cancelled call ends here as CancelledError (at an await) or GeneratorExit
+            # (at a yield), and neither may await any more: the abort runs as its own task.
+            if not completed:
+                task = asyncio.get_running_loop().create_task(self._abort_if_unsubmitted(rid))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def Submit(self, request, context):
         rid, _ = await self._admit(request, context, submitted=True)

@@ -145,13 +145,20 @@ def test_abort_frees_the_kv(stub):
 
 
 def test_cancelled_generate_is_aborted(stub):
+    """Cancels land at different moments (mid-read, between chunks); each must abort."""
     assert wait_for(lambda: occupancy(stub)[:2] == (0, 0))
-    call = stub.Generate(request(ids=list(range(1, 100)), max_tokens=2000, request_id="cancel-me"), timeout=30)
-    next(call)
-    call.cancel()
-    assert wait_for(lambda: occupancy(stub)[:2] == (0, 0), timeout=5)
-    _, final = collect(stub.Watch(ipb.WatchRequest(request_id="cancel-me", wait=True), timeout=10))
-    assert final.finish_reason == tpb.ABORT
+    ids = [f"cancel-me-{i}" for i in range(6)]
+    for i, rid in enumerate(ids):
+        call = stub.Generate(request(ids=list(range(1, 100)), max_tokens=2000, request_id=rid), timeout=30)
+        for _ in range(1 + i % 3):
+            next(call)
+        if i % 2:
+            time.sleep(0.03)
+        call.cancel()
+    assert wait_for(lambda: occupancy(stub)[:2] == (0, 0), timeout=5), occupancy(stub)
+    for rid in ids:
+        _, final = collect(stub.Watch(ipb.WatchRequest(request_id=rid, wait=True), timeout=10))
+        assert final.finish_reason == tpb.ABORT, rid
 
 
 BAD = [
