@@ -6,37 +6,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from bros.health import wait_serving
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_serving(address: str, service: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    channel = grpc.insecure_channel(address)
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{service} at {address} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{service} at {address} not SERVING after {timeout}s:\n{log.read_text()[-3000:]}")
-    finally:
-        channel.close()
 
 
 class Proc:

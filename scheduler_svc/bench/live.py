@@ -15,10 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from bros.client import Chunk, Client, Final
+from bros.health import wait_serving
 from bros.redis_server import EmbeddedRedis
 
 from ..planner import PlannerConfig, RT
@@ -98,19 +96,8 @@ def _start(procs: list, log: Path, module: str, service: str, timeout: float, *a
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     procs.append(proc)
     address = f"127.0.0.1:{port}"
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{module} exited: {log.read_text()[-2000:]}")
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
-                return address
-        except grpc.RpcError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{module} not serving after {timeout}s: {log.read_text()[-2000:]}")
+    wait_serving(address, service, proc, timeout, log)
+    return address
 
 
 def _stop(proc: subprocess.Popen) -> None:
