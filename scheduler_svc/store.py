@@ -81,7 +81,7 @@ class RequestRecord:
     finish_reason: str = ""                 # "stop", "length", "abort", ... ("" until finished)
     error: str = ""
     abort_requested: bool = False           # a client asked; the worker has not confirmed yet
-    prompt_len: int | None = None           # set on light records (peek_queues): no prompt carried
+    prompt_len: int | None = None           # set on light records (loop_inputs): no prompt carried
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -469,13 +469,6 @@ class Store:
         raw = await self.redis.hgetall(self.keys.req(request_id))
         return record_from_fields(raw) if raw else None
 
-    async def peek_queues(self, max_rt: int, max_be: int
-                          ) -> tuple[list[RequestRecord], list[RequestRecord]]:
-        """The first max_rt / max_be queued requests in queue order, in one round trip, as
-        light records (no prompt_token_ids or sampling: `get` the ones you admit)."""
-        rt, be = await self._run("peek", [max(0, max_rt), max(0, max_be)])
-        return _records(rt), _records(be)
-
     async def claim(self, worker_id: str, request_ids: list[str], now_ms: float) -> list[str]:
         if not request_ids:
             return []
@@ -573,15 +566,6 @@ class Store:
         # Aborts taken by a replica that just lost the lease are not lost: the record's
         # abort_requested flag is what the next replica's reconciliation acts on.
         return bool(renewed), sorted(i.decode() for i in aborts), _records(rt), _records(be)
-
-    async def take_aborts(self, worker_id: str) -> list[str]:
-        """The ids whose abort this worker must carry out, each handed out once."""
-        key = self.keys.aborts(worker_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.smembers(key)
-        pipe.delete(key)
-        ids, _ = await pipe.execute()
-        return sorted(i.decode() for i in ids)
 
     # --- load --------------------------------------------------------------------------
 

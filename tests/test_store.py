@@ -45,6 +45,14 @@ def run(server, body, n_stores=1, **store_kw):
     return asyncio.run(main())
 
 
+async def peek(store, max_rt, max_be):
+    """Both queues' heads, read the way a worker loop reads them (lease held)."""
+    assert await store.acquire_lease("peek-worker", "peek-replica", 5000)
+    held, _, rt, be = await store.loop_inputs("peek-worker", "peek-replica", 5000, max_rt, max_be)
+    assert held
+    return rt, be
+
+
 def rec(request_id, cls=REALTIME, arrival=0.0, ttft=1000.0, tpot=100.0, prompt_len=4, **kw):
     sampling = types_pb2.SamplingParams(max_tokens=16, temperature=0.0).SerializeToString()
     return RequestRecord(request_id=request_id, service_class=cls,
@@ -83,7 +91,7 @@ def test_queue_order_rt_by_deadline_be_by_arrival(server):
         await store.admit(rec("rt-c", arrival=50, ttft=1000))   # deadline 1050
         await store.admit(rec("be-x", cls=BEST_EFFORT, arrival=30, ttft=0))
         await store.admit(rec("be-y", cls=BEST_EFFORT, arrival=10, ttft=0))
-        rt, be = await store.peek_queues(10, 10)
+        rt, be = await peek(store, 10, 10)
         assert [r.request_id for r in rt] == ["rt-b", "rt-a", "rt-c"]
         assert [r.request_id for r in be] == ["be-y", "be-x"]
         full = rec("rt-b", arrival=100, ttft=200)
@@ -92,7 +100,7 @@ def test_queue_order_rt_by_deadline_be_by_arrival(server):
         assert rt[0].num_prompt_tokens == full.num_prompt_tokens
         assert rt[0].request_id == full.request_id and rt[0].arrival_ms == full.arrival_ms
         assert await store.get("rt-b") == full
-        rt, be = await store.peek_queues(2, 0)
+        rt, be = await peek(store, 2, 0)
         assert [r.request_id for r in rt] == ["rt-b", "rt-a"] and be == []
     run(server, body)
 
@@ -134,7 +142,7 @@ def test_requeue_restores_queue_position_and_keeps_tokens(server):
         y = await store.get("y")
         assert (y.state, y.worker_id, y.num_output_tokens) == ("queued", "", 2)
         assert await store.running("w0") == {"x"}
-        rt, be = await store.peek_queues(5, 5)
+        rt, be = await peek(store, 5, 5)
         assert [r.request_id for r in rt] == ["y", "z"] and [r.request_id for r in be] == ["be"]
         load = await store.load(["w0"])
         assert load["classes"][REALTIME].queued_tokens == 8
@@ -356,8 +364,9 @@ def test_abort_running_request_goes_to_its_worker(server):
         assert await store.request_abort("r2")
         r1 = await store.get("r1")
         assert r1.state == "running" and r1.abort_requested
-        assert await store.take_aborts("w") == ["r1", "r2"]
-        assert await store.take_aborts("w") == []
+        assert await store.acquire_lease("w", "me", 5000)
+        assert (await store.loop_inputs("w", "me", 5000, 0, 0))[1] == ["r1", "r2"]
+        assert (await store.loop_inputs("w", "me", 5000, 0, 0))[1] == []
         assert await store.finish("r1", "abort", T0 + 9)    # the worker confirms r1
         # The worker dies before confirming r2: requeue must not run it again.
         assert await store.requeue("w", ["r2"], T0 + 10) == []

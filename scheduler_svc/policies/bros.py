@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import heapq
 
-from ..planner import BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of
+from ..planner import (BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of,
+                       new_blocks_needed)
 
 
 class Bros:
@@ -149,8 +150,9 @@ class Bros:
         step.take(seq, n, admit=waiting)
         return evictable, resident + (1 if waiting or seq.preempted else 0)
 
-    def _blocks_short(self, seq: SeqView, n: int, step: StepBudget) -> int:
-        from ..planner import new_blocks_needed
+    @staticmethod
+    def _blocks_short(seq: SeqView, n: int, step: StepBudget) -> int:
+        """Blocks this growth needs beyond the free list (<= 0: the free list suffices)."""
         return new_blocks_needed(seq, n, step.block_size) - step.blocks
 
     def _displace(self, victim: SeqView, step: StepBudget) -> int:
