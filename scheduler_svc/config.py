@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from bros.config_cli import add_config_flags
+from bros.tls import check_pair
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,29 @@ class SchedulerConfig:
     rt_ttft_ms: float = 1000.0               # default RT targets when a request sets none
     rt_tpot_ms: float = 200.0
     be_ttft_ms: float = 0.0                  # BE: no target (0), queue order by arrival only
-    max_prompt_chars: int = 1_000_000        # text prompts beyond this are refused
+    # Request limits: a request over one is refused with INVALID_ARGUMENT naming the field.
+    max_prompt_chars: int = 1_000_000        # text prompts, and chat content in total
+    max_chat_messages: int = 1024            # messages in a chat prompt
+    max_stop_strings: int = 16               # sampling.stop entries
+    max_stop_string_chars: int = 256         # characters of one stop string
+    max_stop_token_ids: int = 256            # sampling.stop_token_ids entries
+    max_request_id_chars: int = 128          # a client-chosen request_id
     result_ttl_s: int = 3600                 # finished results stay readable this long
     lease_ttl_ms: int = 3000                 # a dead replica's workers are taken over after this
+    step_timeout_ms: int = 30_000            # a worker with no report for this long is dropped
+    worker_requeue_after_ms: int = 5_000     # a lost worker's requests are requeued after this
+    redis_retry_s: float = 30.0              # open streams wait this long for Redis to come back
     key_prefix: str = "bros"
+    # access (docs/reliability.md#access); every file is read once, at startup
+    tls_cert_file: str = ""                  # clients' TLS: this server's certificate ("" = plaintext)
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""             # require client certificates signed by this CA
+    auth_tokens_file: str = ""               # bearer tokens and their classes ("" = no auth)
+    worker_tls_ca_file: str = ""             # TLS to the workers, verified against this CA
+    worker_tls_cert_file: str = ""           # this scheduler's client certificate for the workers
+    worker_tls_key_file: str = ""
+    redis_password_file: str = ""            # else a password in --redis-url is used
+    redis_ca_file: str = ""                  # CA of a rediss:// server
 
     def __post_init__(self) -> None:
         checks = [
@@ -35,10 +55,21 @@ class SchedulerConfig:
             (self.rt_ttft_ms > 0 and self.rt_tpot_ms > 0, "rt_ttft_ms", "RT targets must be > 0"),
             (self.lease_ttl_ms >= 500, "lease_ttl_ms", "must be >= 500"),
             (self.result_ttl_s > 0, "result_ttl_s", "must be > 0"),
+            (self.max_prompt_chars > 0, "max_prompt_chars", "must be > 0"),
+            (self.max_chat_messages > 0, "max_chat_messages", "must be > 0"),
+            (self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0"),
+            (self.max_stop_string_chars > 0, "max_stop_string_chars", "must be > 0"),
+            (self.max_stop_token_ids >= 0, "max_stop_token_ids", "must be >= 0"),
+            (self.max_request_id_chars > 0, "max_request_id_chars", "must be > 0"),
+            (self.step_timeout_ms >= 100, "step_timeout_ms", "must be >= 100"),
+            (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+        check_pair(self.tls_cert_file, self.tls_key_file, "--tls-cert-file", "--tls-key-file")
+        check_pair(self.worker_tls_cert_file, self.worker_tls_key_file, "--worker-tls-cert-file",
+                   "--worker-tls-key-file")
 
     @property
     def resolved_replica_id(self) -> str:
@@ -51,7 +82,10 @@ class SchedulerConfig:
         p.add_argument("--workers", default="", help="comma-separated host:port of the workers")
         ns = vars(p.parse_args(argv))
         ns["workers"] = tuple(w.strip() for w in ns["workers"].split(",") if w.strip())
-        return cls(**ns)
+        try:
+            return cls(**ns)
+        except ValueError as e:  # one line naming the flag, exit 2, instead of a traceback
+            p.error(str(e))
 
 
 _PROCESS_REPLICA_ID = f"replica-{uuid.uuid4().hex[:12]}"

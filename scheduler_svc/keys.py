@@ -84,6 +84,11 @@ class Keys:
         return self.head(ABORTS) + worker_id
 
     # --- global --------------------------------------------------------------------
+    def poke(self, replica_id: str) -> str:
+        """stream (MAXLEN ~16, expires): entries wake one replica's StreamHub when a call
+        starts watching a request it was not waiting on."""
+        return f"{self.prefix}:poke:{replica_id}"
+
     def replica_seq(self) -> str:
         """string (integer): INCR gives each scheduler replica a unique id."""
         return f"{self.prefix}:replica_seq"

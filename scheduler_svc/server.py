@@ -11,13 +11,17 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bros import tls
+from bros.decode_guard import DecodeGuard
 from bros.v1 import inference_pb2_grpc
 
+from .access import check_redis_credentials, load_access
 from .config import SchedulerConfig
 from .placement import RoomBoard
 from .planner import PlannerConfig, make_policy
 from .service import SERVICE_NAME, InferenceService
 from .store import Store
+from .stream_hub import StreamHub
 from .worker_loop import WorkerLoop
 
 log = logging.getLogger(__name__)
@@ -25,20 +29,30 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> None:
-    client = aioredis.from_url(cfg.redis_url)
+    try:  # every credential file is read now: a bad one is a one-line exit naming its flag
+        access = load_access(cfg)
+        client = aioredis.from_url(cfg.redis_url, **access.redis_options)
+        await check_redis_credentials(client, cfg)
+    except ValueError as e:
+        raise SystemExit(f"scheduler: {e}") from None
     store = Store(client, prefix=cfg.key_prefix, result_ttl_s=cfg.result_ttl_s)
     planner_cfg = PlannerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
     board = RoomBoard()
     loops = [WorkerLoop(addr, store, make_policy(cfg.policy), planner_cfg, cfg.resolved_replica_id,
-                        lease_ttl_ms=cfg.lease_ttl_ms, board=board) for addr in cfg.workers]
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                        lease_ttl_ms=cfg.lease_ttl_ms, board=board, step_timeout_ms=cfg.step_timeout_ms,
+                        requeue_after_ms=cfg.worker_requeue_after_ms,
+                        credentials=access.worker_credentials) for addr in cfg.workers]
+    server = grpc.aio.server(interceptors=[*access.interceptors, DecodeGuard()],
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(cfg, store, loops), server)
+    hub = StreamHub(client, store.keys, cfg.resolved_replica_id)
+    hub.start()
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(cfg, store, loops, hub), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await _set_health(health_servicer, False)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = tls.bind(server, f"{cfg.host}:{cfg.port}", access.server_credentials)
     await server.start()
     log.info("scheduler %s on %s:%d, workers %s, policy %s", cfg.resolved_replica_id, cfg.host, port,
              ",".join(cfg.workers), cfg.policy)
@@ -57,6 +71,7 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     for t in tasks + [watcher]:
         t.cancel()
     await server.stop(grace=5)
+    await hub.close()
     await client.aclose()
 
 

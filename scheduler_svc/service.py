@@ -11,36 +11,40 @@ import time
 import uuid
 
 import grpc
+from redis.exceptions import RedisError
 
 from bros.v1 import inference_pb2, inference_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
 
+from .auth import caller
 from .config import SchedulerConfig
 from .store import RequestRecord, Store
-from .validation import InvalidArgument, check_generate, check_length, check_request_id
+from .stream_hub import StreamHub
+from .validation import InvalidArgument, check_generate, check_length, check_lookup
 from .worker_loop import WorkerLoop
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 _FINISH = {"stop": types_pb2.STOP, "length": types_pb2.LENGTH, "abort": types_pb2.ABORT}
-_STREAM_POLL_MS = 1000
+_STREAM_POLL_S = 1.0        # a waiting call re-reads this often even without a wake-up
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, cfg: SchedulerConfig, store: Store, loops: list[WorkerLoop]):
+    def __init__(self, cfg: SchedulerConfig, store: Store, loops: list[WorkerLoop], hub: StreamHub):
         self.cfg = cfg
         self.store = store
         self.loops = loops
-        self._channels = {loop.address: grpc.aio.insecure_channel(loop.address) for loop in loops}
+        self.hub = hub
+        self._channels = {loop.address: loop.channel() for loop in loops}
         self._background: set[asyncio.Task] = set()
 
     # ---- RPCs -------------------------------------------------------------------------------
 
     async def Generate(self, request, context):
-        rid, _ = await self._admit(request, context, submitted=False)
+        rid, _ = await self._unavailable_on_redis(self._admit(request, context, submitted=False), context)
         completed = False
         try:
-            async for msg in self._stream(rid, _resume_index(request), wait=True):
+            async for msg in self._stream(rid, _resume_index(request), True, context):
                 yield msg
             completed = True
         finally:
@@ -52,20 +56,21 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 task.add_done_callback(self._background.discard)
 
     async def Submit(self, request, context):
-        rid, _ = await self._admit(request, context, submitted=True)
+        rid, _ = await self._unavailable_on_redis(self._admit(request, context, submitted=True), context)
         return inference_pb2.SubmitResponse(request_id=rid)
 
     async def Watch(self, request, context):
-        await self._require_known(request.request_id, context)
-        async for msg in self._stream(request.request_id, _resume_index(request), wait=request.wait):
+        await self._unavailable_on_redis(self._require_known(request, context), context)
+        async for msg in self._stream(request.request_id, _resume_index(request), request.wait, context):
             yield msg
 
     async def Abort(self, request, context):
-        await self._require_known(request.request_id, context)
-        return inference_pb2.AbortResponse(aborted=await self.store.request_abort(request.request_id))
+        await self._unavailable_on_redis(self._require_known(request, context), context)
+        aborted = await self._unavailable_on_redis(self.store.request_abort(request.request_id), context)
+        return inference_pb2.AbortResponse(aborted=aborted)
 
     async def GetLoad(self, request, context):
-        load = await self.store.load([loop.address for loop in self.loops])
+        load = await self._unavailable_on_redis(self.store.load([loop.address for loop in self.loops]), context)
         report = inference_pb2.LoadReport()
         for cls in (types_pb2.REALTIME, types_pb2.BEST_EFFORT):
             c = load["classes"][cls]
@@ -89,17 +94,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected yet")
         try:
-            check_generate(request, self.cfg.max_prompt_chars, info.vocab_size)
+            check_generate(request, self.cfg, info.vocab_size, info.max_model_len)
             if request.request_id:
                 existing = await self.store.get(request.request_id)
                 if existing is not None:
+                    await self._require_owner(existing, context)
                     return request.request_id, False
             prompt = await self._tokenize(request, context)
-            check_length(len(prompt), request.sampling.max_tokens, info.max_model_len)
+            check_length(len(prompt), request.sampling.max_tokens, info.max_model_len,
+                         request.WhichOneof("prompt"))
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rec = self._record(request, prompt, submitted, info.default_sampling)
+        rec.owner = caller() or ""
         rid, created = await self.store.admit(rec)
+        if not created:  # the same id was admitted meanwhile: it must be this caller's too
+            await self._require_owner(await self.store.get(rid), context)
         return rid, created
 
     async def _tokenize(self, request, context) -> list[int]:
@@ -154,20 +164,59 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     # ---- streaming ----------------------------------------------------------------------------
 
-    async def _stream(self, rid: str, after_index: int, wait: bool):
+    async def _stream(self, rid: str, after_index: int, wait: bool, context):
         """Token chunks after after_index, then the final result; exactly once, in order."""
+        wake = await self.hub.register(rid, after_index) if wait else None
+        try:
+            while True:
+                if wake is not None:
+                    wake.clear()  # before the read: whatever lands after it wakes us
+                entries = await self._outlasting_redis(lambda: self.store.read_stream(rid, after_index, None),
+                                                       context, after_index)
+                tokens = [e for e in entries if not e.final]
+                if tokens:
+                    yield inference_pb2.GenerateResponse(request_id=rid, chunk=inference_pb2.TokenChunk(
+                        index=tokens[0].index, token_ids=[e.token_id for e in tokens],
+                        text="".join(e.text for e in tokens)))
+                    after_index = tokens[-1].index
+                if any(e.final for e in entries):
+                    final = await self._outlasting_redis(lambda: self._final(rid), context, after_index)
+                    yield inference_pb2.GenerateResponse(request_id=rid, final=final)
+                    return
+                if wake is None:
+                    if not tokens:
+                        return
+                    continue
+                try:
+                    await asyncio.wait_for(wake.wait(), _STREAM_POLL_S)
+                except TimeoutError:
+                    pass
+        finally:
+            if wake is not None:
+                self.hub.unregister(rid, wake)
+
+    async def _outlasting_redis(self, read, context, after_index: int):
+        """A stream rides out a Redis restart: retry with backoff for redis_retry_s, then
+        UNAVAILABLE (the client resumes after the last index it saw)."""
+        deadline = time.monotonic() + self.cfg.redis_retry_s
+        delay = 0.1
         while True:
-            entries = await self.store.read_stream(rid, after_index, _STREAM_POLL_MS if wait else None)
-            tokens = [e for e in entries if not e.final]
-            if tokens:
-                yield inference_pb2.GenerateResponse(request_id=rid, chunk=inference_pb2.TokenChunk(
-                    index=tokens[0].index, token_ids=[e.token_id for e in tokens], text="".join(e.text for e in tokens)))
-                after_index = tokens[-1].index
-            if any(e.final for e in entries):
-                yield inference_pb2.GenerateResponse(request_id=rid, final=await self._final(rid))
-                return
-            if not wait and not tokens:
-                return
+            try:
+                return await read()
+            except RedisError as e:
+                if time.monotonic() + delay > deadline:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"state store unavailable ({type(e).__name__}); resume after index {after_index}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    async def _unavailable_on_redis(call, context):
+        """Nothing is accepted while Redis is away: UNAVAILABLE, which clients retry."""
+        try:
+            return await call
+        except RedisError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable ({type(e).__name__})")
 
     async def _final(self, rid: str) -> inference_pb2.FinalResult:
         rec = await self.store.get(rid)
@@ -187,13 +236,25 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if rec is not None and not rec.submitted and rec.state != "finished":
             await self.store.request_abort(rid)
 
-    async def _require_known(self, rid: str, context) -> None:
+    async def _require_known(self, request, context) -> None:
+        rid = request.request_id
         try:
-            check_request_id(rid, required=True)
+            check_lookup(request, self.cfg)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if await self.store.get(rid) is None:
+        rec = await self.store.get(rid)
+        if rec is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id {rid!r} not found")
+        await self._require_owner(rec, context)
+
+    @staticmethod
+    async def _require_owner(rec: RequestRecord | None, context) -> None:
+        """With tokens on, a request is its sender's alone: no other token may Watch,
+        Abort or re-Generate it (docs/reliability.md#access)."""
+        who = caller()
+        if who is not None and rec is not None and rec.owner != who:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"request_id {rec.request_id!r} belongs to another token")
 
 
 def _resume_index(request) -> int:

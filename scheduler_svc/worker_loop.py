@@ -18,7 +18,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
+from redis.exceptions import RedisError
 
+from bros import tls
 from bros.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 from .placement import RoomBoard
@@ -65,8 +67,11 @@ class LoopStatus:
 
 class WorkerLoop:
     def __init__(self, address: str, store: Store, policy: Policy, cfg: PlannerConfig, replica_id: str,
-                 lease_ttl_ms: int = 5000, idle_sleep_s: float = 0.005, board: RoomBoard | None = None):
+                 lease_ttl_ms: int = 5000, idle_sleep_s: float = 0.005, board: RoomBoard | None = None,
+                 step_timeout_ms: float = 30_000, requeue_after_ms: float = 5_000,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.address = address
+        self.credentials = credentials  # mutual TLS to the worker; None: plaintext
         self.store = store
         self.policy = policy
         self.cfg = cfg
@@ -83,6 +88,11 @@ class WorkerLoop:
         self._needs_resync = False  # the worker cut a sequence's KV short: re-read counts
         self._resuming: set[str] = set()  # paused sequences this plan schedules
         self._stopping = asyncio.Event()
+        # A worker that died or stalls: how long a report may take, and how long the loop
+        # keeps a lost worker's requests for it before they go back to the queues.
+        self.step_timeout_s = step_timeout_ms / 1e3
+        self.requeue_after_s = requeue_after_ms / 1e3
+        self._worker_lost_at: float | None = None   # monotonic s; None while the worker answers
 
     # ---- outer loop: lease, connect, retry ------------------------------------------
 
@@ -98,16 +108,44 @@ class WorkerLoop:
                     await self._probe()
                     await asyncio.sleep(self.lease_ttl_ms / 4000)
                     continue
-            except (grpc.aio.AioRpcError, ConnectionError, OSError) as e:
-                log.warning("worker %s: %s", self.address, e.details() if isinstance(e, grpc.aio.AioRpcError) else e)
+            except (grpc.aio.AioRpcError, ConnectionError, OSError, TimeoutError) as e:
+                log.warning("worker %s: %s", self.address, _describe(e))
+                self._worker_lost()
+            except RedisError as e:
+                # Redis away: the worker keeps its sequences; reconnecting reconciles.
+                log.warning("worker %s: redis: %s", self.address, e)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 — one loop's bug must not kill the replica
                 log.exception("worker %s loop failed", self.address)
             self.status.connected = self.status.reachable = False
             self.board.forget(self.address)
+            await self._requeue_if_lost()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    def _worker_lost(self) -> None:
+        if self._worker_lost_at is None:
+            self._worker_lost_at = time.monotonic()
+
+    async def _requeue_if_lost(self) -> None:
+        """Once a worker has been gone requeue_after_s, what it ran goes back to the queues
+        (at the admission scores, output so far carried) for the other workers or for
+        this one when it is back; reconnecting frees whatever it still holds."""
+        if self._worker_lost_at is None or time.monotonic() - self._worker_lost_at < self.requeue_after_s:
+            return
+        try:
+            if await self.store.lease_holder(self.address) != self.replica_id:
+                return  # whoever drives it now decides
+            ids = sorted(await self.store.running(self.address))
+            if ids:
+                requeued = await self.store.requeue(self.address, ids)
+                log.warning("worker %s lost: requeued %d requests", self.address, len(requeued))
+        except RedisError as e:
+            log.warning("worker %s: requeue deferred, redis: %s", self.address, e)
+
+    def channel(self) -> grpc.aio.Channel:
+        return tls.aio_channel(self.address, self.credentials)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -115,19 +153,20 @@ class WorkerLoop:
 
     async def _probe(self) -> None:
         try:
-            async with grpc.aio.insecure_channel(self.address) as channel:
+            async with self.channel() as channel:
                 self.info = await worker_pb2_grpc.WorkerStub(channel).Describe(worker_pb2.DescribeRequest(), timeout=2)
             self.status.reachable = True
         except grpc.aio.AioRpcError:
             self.status.reachable = False
 
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with self.channel() as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             self.info = await stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
             stream = stub.Step()
             report = await self._exchange(stream, worker_pb2.StepPlan(list_resident=True))
             await self._reconcile(report)
+            self._worker_lost_at = None
             self.status.connected = self.status.reachable = True
             while not self._stopping.is_set():
                 n = self.cfg.max_num_seqs
@@ -150,8 +189,15 @@ class WorkerLoop:
     async def _exchange(self, stream, plan: worker_pb2.StepPlan) -> worker_pb2.StepReport:
         self._plan_id += 1
         plan.plan_id = self._plan_id
-        await stream.write(plan)
-        report = await stream.read()
+        # A stalled worker must not hold its requests forever: no report in time ends the
+        # session (TimeoutError), and its requests are requeued at once.
+        try:
+            await asyncio.wait_for(stream.write(plan), self.step_timeout_s)
+            report = await asyncio.wait_for(stream.read(), self.step_timeout_s)
+        except TimeoutError:
+            stream.cancel()
+            self._worker_lost_at = time.monotonic() - self.requeue_after_s
+            raise TimeoutError(f"no report within {self.step_timeout_s:.1f} s") from None
         if report is grpc.aio.EOF:
             raise ConnectionError("worker closed the Step stream")
         return report
@@ -322,3 +368,7 @@ class WorkerLoop:
             self.seqs[err.seq_id].view.preempted = True  # it did not fit: the worker keeps it paused
         elif err.field not in ("scheduled.num_tokens", "free"):
             log.warning("worker %s refused %s (%s): %s", self.address, err.seq_id, err.field, err.message)
+
+
+def _describe(e: BaseException) -> str:
+    return e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e) or type(e).__name__
