@@ -9,10 +9,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def wait_serving(address: str, service: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def wait_serving(address: str, service: str, proc: subprocess.Popen, timeout: float, log: Path,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     """Return once `service` at `address` is SERVING; raise, with the end of the child's
-    log, if the child exits first or the timeout passes."""
-    channel = grpc.insecure_channel(address)
+    log, if the child exits first or the timeout passes. With credentials, over TLS."""
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout
     try:

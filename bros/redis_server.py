@@ -17,6 +17,7 @@ redis-py like to any other server.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import signal
 import socket
@@ -54,9 +55,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers_ping(port: int) -> bool:
+def _answers_ping(port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            if password is not None:  # a RESP array: the password may hold any byte
+                pw = password.encode()
+                s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
@@ -65,12 +71,20 @@ def _answers_ping(port: int) -> bool:
 
 class EmbeddedRedis:
     """One server subprocess. Restartable: after stop() or kill(), start() runs a new
-    server on the same port and data_dir (with appendonly, it replays the AOF there)."""
+    server on the same port and data_dir (with appendonly, it replays the AOF there).
+    With a password, clients must AUTH (`requirepass`); `url` does not carry it."""
 
     def __init__(self, port: int | None = None, data_dir: str | None = None,
-                 appendonly: bool = False) -> None:
+                 appendonly: bool = False, password: str | None = None,
+                 appendfsync: str = "everysec") -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
         self.port = port
         self.appendonly = appendonly
+        # always: every acknowledged write survives a crash of the server (slower);
+        # everysec: up to a second of writes may be lost with the process.
+        self.appendfsync = appendfsync
+        self.password = password
         self._own_dir = data_dir is None  # a temp dir we made is ours to delete on stop()
         self.data_dir = data_dir
         self._proc: subprocess.Popen | None = None
@@ -104,16 +118,29 @@ class EmbeddedRedis:
         return self
 
     def _command(self) -> list[str]:
-        return [server_binary(), "--bind", "127.0.0.1", "--port", str(self.port),
+        return [server_binary(), *self._password_config(), "--bind", "127.0.0.1", "--port", str(self.port),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", self.appendfsync,
                 "--dir", self.data_dir, "--daemonize", "no"]
+
+    def _password_config(self) -> list[str]:
+        """A config file (the server's first argument) holding `requirepass`: a password
+        on the command line would show in every process listing."""
+        if self.password is None:
+            return []
+        path = Path(self.data_dir) / "auth.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            f.write(f'requirepass "{escaped}"\n')
+        return [str(path)]
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 self._fail(f"server exited with code {self._proc.returncode}")
-            if _answers_ping(self.port):
+            if _answers_ping(self.port, self.password):
                 return
             time.sleep(_POLL_S)
         self._fail(f"server did not answer PING within {START_TIMEOUT_S:.0f} s")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+
 from bros.health import wait_serving
 
 
@@ -20,8 +22,9 @@ def free_port() -> int:
 class Proc:
     """A child process with its output in a log file."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, credentials: grpc.ChannelCredentials | None = None):
         self.args, self.log = args, log
+        self.credentials = credentials  # TLS for the health probe, when the process serves TLS
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
@@ -31,7 +34,7 @@ class Proc:
 
     def _wait(self, address: str, service: str, timeout: float) -> None:
         try:
-            wait_serving(address, service, self.proc, timeout, self.log)
+            wait_serving(address, service, self.proc, timeout, self.log, self.credentials)
         except BaseException:
             self.kill()  # never leave a half-started process behind a failed test
             raise
@@ -51,10 +54,11 @@ class Proc:
 
 
 class Worker(Proc):
-    def __init__(self, tmp: Path, *extra: str, name: str = "worker"):
-        self.port = free_port()
+    def __init__(self, tmp: Path, *extra: str, name: str = "worker", credentials=None, port: int | None = None):
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
-        super().__init__(["-m", "worker_svc", "--port", str(self.port), *extra], tmp / f"{name}-{self.port}.log")
+        super().__init__(["-m", "worker_svc", "--port", str(self.port), *extra], tmp / f"{name}-{self.port}.log",
+                         credentials)
 
     def start(self, timeout: float = 120) -> "Worker":
         super().start()
@@ -64,12 +68,12 @@ class Worker(Proc):
 
 class Scheduler(Proc):
     def __init__(self, tmp: Path, redis_url: str, workers: list[str], *extra: str, port: int | None = None,
-                 prefix: str = "bros"):
+                 prefix: str = "bros", credentials=None):
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         super().__init__(["-m", "scheduler_svc", "--port", str(self.port), "--redis-url", redis_url,
                           "--workers", ",".join(workers), "--key-prefix", prefix, *extra],
-                         tmp / f"scheduler-{self.port}.log")
+                         tmp / f"scheduler-{self.port}.log", credentials)
 
     def start(self, timeout: float = 60) -> "Scheduler":
         super().start()
