@@ -11,13 +11,19 @@ clients; only the call-and-retry loops differ, by `time.sleep` versus `asyncio.s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
+from bros.tls import ClientTls, aio_channel, channel_credentials
+from bros.tls import channel as sync_channel
+from bros.telemetry import metadata_for
 from bros.v1 import inference_pb2, inference_pb2_grpc, types_pb2, worker_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -31,6 +37,13 @@ TRANSIENT_CODES = frozenset({"UNAVAILABLE", "ABORTED"})
 # meanwhile fail at once; a restarted or replaced replica should be found within our
 # retry budget instead.
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000))
+
+
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata a scheduler with --auth-tokens-file expects; none without a token."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -109,7 +122,7 @@ def build_request(prompt: Prompt, *, service_class: str, ttft_ms: int = 0, tpot_
                   top_p: float | None = None, top_k: int = 0, seed: int | None = None,
                   stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                   request_id: str = "", resume_from_index: int | None = None,
-                  chat: bool = False) -> inference_pb2.GenerateRequest:
+                  chat: bool = False, timeout_ms: int = 0) -> inference_pb2.GenerateRequest:
     """A GenerateRequest; an empty request_id gets a fresh one so the call can be resumed."""
     if service_class not in SERVICE_CLASSES:
         raise ValueError(f"service_class must be 'rt' or 'be', got {service_class!r}")
@@ -122,7 +135,7 @@ def build_request(prompt: Prompt, *, service_class: str, ttft_ms: int = 0, tpot_
             setattr(sampling, name, value)
     req = inference_pb2.GenerateRequest(
         service_class=SERVICE_CLASSES[service_class], ttft_ms=ttft_ms, tpot_ms=tpot_ms, sampling=sampling,
-        request_id=request_id or new_request_id(), **prompt_fields(prompt, chat))
+        request_id=request_id or new_request_id(), timeout_ms=timeout_ms, **prompt_fields(prompt, chat))
     if resume_from_index is not None:
         req.resume_from_index = resume_from_index
     return req
@@ -287,6 +300,64 @@ async def aresumable_events(rpc: Callable, request, *, timeout: float | None, re
         await asyncio.sleep(delay)
 
 
+# ---- tracing (bros/telemetry.py) -------------------------------------------------------------
+
+# The RPC a request type goes to, by call shape (Generate and Submit share a request type).
+_STREAM_METHODS = {inference_pb2.GenerateRequest: "Generate", inference_pb2.WatchRequest: "Watch"}
+_UNARY_METHODS = {inference_pb2.GenerateRequest: "Submit", inference_pb2.AbortRequest: "Abort",
+                  inference_pb2.GetLoadRequest: "GetLoad"}
+
+
+@contextlib.contextmanager
+def call_span(tracer: trace.Tracer, method: str, request) -> Iterator[trace.Span]:
+    """A CLIENT span over one logical call, retries and resumes included. Without an SDK
+    tracer provider it is the API's non-recording span: no attributes, no metadata."""
+    span = tracer.start_span(f"bros.v1.Inference/{method}", kind=trace.SpanKind.CLIENT)
+    if span.is_recording():
+        span.set_attributes({"rpc.system": "grpc", "rpc.service": "bros.v1.Inference", "rpc.method": method,
+                             "bros.request_id": getattr(request, "request_id", "")})
+        if isinstance(request, inference_pb2.GenerateRequest):
+            span.set_attribute("bros.service_class", _class_name(request.service_class))
+    try:
+        yield span
+    except BrosError as e:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(e)))
+        raise
+    finally:
+        span.end()
+
+
+def _class_name(value: int) -> str:
+    return next((k for k, v in SERVICE_CLASSES.items() if v == value), "unspecified")
+
+
+def _describe_final(span: trace.Span, final: Final) -> None:
+    if span.is_recording():
+        span.set_attributes({"bros.finish_reason": final.finish_reason, "bros.num_output_tokens": final.num_output_tokens,
+                             "bros.ttft_ms": final.ttft_ms, "bros.tpot_ms": final.tpot_ms})
+
+
+def traced_events(tracer: trace.Tracer, method: str, request,
+                  events_for: Callable[[tuple], Iterator[Event]]) -> Iterator[Event]:
+    """events_for(trace metadata) inside a call span; closing this closes (cancels) them."""
+    with call_span(tracer, method, request) as span, contextlib.closing(events_for(metadata_for(span))) as events:
+        for event in events:
+            if isinstance(event, Final):
+                _describe_final(span, event)
+            yield event
+
+
+async def atraced_events(tracer: trace.Tracer, method: str, request,
+                         events_for: Callable[[tuple], AsyncIterator[Event]]) -> AsyncIterator[Event]:
+    """The asyncio twin of `traced_events`."""
+    with call_span(tracer, method, request) as span:
+        async with contextlib.aclosing(events_for(metadata_for(span))) as events:
+            async for event in events:
+                if isinstance(event, Final):
+                    _describe_final(span, event)
+                yield event
+
+
 # ---- clients -------------------------------------------------------------------------------
 
 class EventStream:
@@ -326,13 +397,19 @@ class AsyncEventStream:
 
 
 class Client:
-    """Blocking client. `timeout` bounds each call (each attempt of a stream), in seconds."""
+    """Blocking client. `timeout` bounds each call (each attempt of a stream), in seconds.
+    `tls` (None: plaintext) and `token` (a bearer token, sent with every call) are for a
+    scheduler that requires them (docs/reliability.md#access)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), *, tls: ClientTls | None = None, token: str | None = None,
+                 tracer_provider: trace.TracerProvider | None = None):
         self.timeout = timeout
         self.retry = retry
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._metadata = bearer_metadata(token)
+        # The global provider unless given one; without an SDK provider spans cost nothing.
+        self._tracer = trace.get_tracer("bros.client", tracer_provider=tracer_provider)
+        self._channel = sync_channel(target, channel_credentials(tls), options=CHANNEL_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     def close(self) -> None:
@@ -368,26 +445,34 @@ class Client:
         return message_to_dict(self._unary(self._stub.GetLoad, inference_pb2.GetLoadRequest()))
 
     def _stream(self, rpc, request, resume: bool) -> Iterator[Event]:
-        return resumable_events(rpc, request, timeout=self.timeout, retry=self.retry, resume=resume)
+        def attempts(trace_metadata: tuple) -> Iterator[Event]:
+            call = functools.partial(rpc, metadata=self._metadata + trace_metadata)
+            return resumable_events(call, request, timeout=self.timeout, retry=self.retry, resume=resume)
+        return traced_events(self._tracer, _STREAM_METHODS[type(request)], request, attempts)
 
     def _unary(self, rpc, request):
-        backoff = self.retry.start()
-        while True:
-            try:
-                return rpc(request, timeout=self.timeout)
-            except grpc.RpcError as e:
-                delay = _retry_delay(e, backoff, retry=True)
-            time.sleep(delay)
+        with call_span(self._tracer, _UNARY_METHODS[type(request)], request) as span:
+            metadata = self._metadata + metadata_for(span)
+            backoff = self.retry.start()
+            while True:
+                try:
+                    return rpc(request, timeout=self.timeout, metadata=metadata)
+                except grpc.RpcError as e:
+                    delay = _retry_delay(e, backoff, retry=True)
+                time.sleep(delay)
 
 
 class AsyncClient:
     """asyncio client with the same methods as `Client`; streams are async iterators."""
 
     def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), *, tls: ClientTls | None = None, token: str | None = None,
+                 tracer_provider: trace.TracerProvider | None = None):
         self.timeout = timeout
         self.retry = retry
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._metadata = bearer_metadata(token)
+        self._tracer = trace.get_tracer("bros.client", tracer_provider=tracer_provider)
+        self._channel = aio_channel(target, channel_credentials(tls), options=CHANNEL_OPTIONS)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     async def close(self) -> None:
@@ -420,13 +505,18 @@ class AsyncClient:
         return message_to_dict(await self._unary(self._stub.GetLoad, inference_pb2.GetLoadRequest()))
 
     def _stream(self, rpc, request, resume: bool) -> AsyncIterator[Event]:
-        return aresumable_events(rpc, request, timeout=self.timeout, retry=self.retry, resume=resume)
+        def attempts(trace_metadata: tuple) -> AsyncIterator[Event]:
+            call = functools.partial(rpc, metadata=self._metadata + trace_metadata)
+            return aresumable_events(call, request, timeout=self.timeout, retry=self.retry, resume=resume)
+        return atraced_events(self._tracer, _STREAM_METHODS[type(request)], request, attempts)
 
     async def _unary(self, rpc, request):
-        backoff = self.retry.start()
-        while True:
-            try:
-                return await rpc(request, timeout=self.timeout)
-            except grpc.RpcError as e:
-                delay = _retry_delay(e, backoff, retry=True)
-            await asyncio.sleep(delay)
+        with call_span(self._tracer, _UNARY_METHODS[type(request)], request) as span:
+            metadata = self._metadata + metadata_for(span)
+            backoff = self.retry.start()
+            while True:
+                try:
+                    return await rpc(request, timeout=self.timeout, metadata=metadata)
+                except grpc.RpcError as e:
+                    delay = _retry_delay(e, backoff, retry=True)
+                await asyncio.sleep(delay)

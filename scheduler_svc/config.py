@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from bros.config_cli import add_config_flags
+from bros.telemetry import telemetry_checks
 from bros.tls import check_pair
 
 
@@ -35,6 +36,7 @@ class SchedulerConfig:
     step_timeout_ms: int = 30_000            # a worker with no report for this long is dropped
     worker_requeue_after_ms: int = 5_000     # a lost worker's requests are requeued after this
     redis_retry_s: float = 30.0              # open streams wait this long for Redis to come back
+    default_timeout_ms: int = 0              # a request's timeout when it sets none (0 = none)
     key_prefix: str = "bros"
     # access (docs/reliability.md#access); every file is read once, at startup
     tls_cert_file: str = ""                  # clients' TLS: this server's certificate ("" = plaintext)
@@ -46,6 +48,12 @@ class SchedulerConfig:
     worker_tls_key_file: str = ""
     redis_password_file: str = ""            # else a password in --redis-url is used
     redis_ca_file: str = ""                  # CA of a rediss:// server
+    # observability (docs/scheduler.md#tracing-and-metrics)
+    metrics_port: int = 0                    # Prometheus /metrics on host:metrics_port (0 = off)
+    otlp_endpoint: str = ""                  # OTLP trace collector URL ("" = tracing off)
+    otlp_protocol: str = "grpc"              # grpc, or http (http/protobuf, path /v1/traces)
+    trace_sample_ratio: float = 1.0          # share of root traces kept (callers' decisions win)
+    service_name: str = "bros-scheduler"     # service.name of this process's spans
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,6 +71,7 @@ class SchedulerConfig:
             (self.max_request_id_chars > 0, "max_request_id_chars", "must be > 0"),
             (self.step_timeout_ms >= 100, "step_timeout_ms", "must be >= 100"),
             (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
+            *telemetry_checks(self),
         ]
         for ok, name, rule in checks:
             if not ok:

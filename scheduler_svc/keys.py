@@ -84,6 +84,11 @@ class Keys:
         return self.head(ABORTS) + worker_id
 
     # --- global --------------------------------------------------------------------
+    def deadlines(self) -> str:
+        """zset of the unfinished requests that have a deadline; score = deadline (epoch ms).
+        Every worker loop's per-iteration read sweeps the expired ones."""
+        return f"{self.prefix}:deadlines"
+
     def poke(self, replica_id: str) -> str:
         """stream (MAXLEN ~16, expires): entries wake one replica's StreamHub when a call
         starts watching a request it was not waiting on."""

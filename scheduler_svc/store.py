@@ -49,6 +49,7 @@ from redis.exceptions import NoScriptError
 
 from .keys import ABORTS, REALTIME, REQ, RUNNING, SERVICE_CLASSES, TOK, Keys
 
+EXPIRE_BATCH = 256         # expired requests ended per loop iteration (the rest next time)
 RECENT_MAX = 1000          # outcomes kept per class for the attainment in GetLoad
 FINAL_ID = b"1-0"          # the stream's last entry; sorts after every token entry 0-n
 STATES = ("queued", "running", "finished")
@@ -74,6 +75,7 @@ class RequestRecord:
     state: str = "queued"                   # one of STATES
     worker_id: str = ""                     # the worker it runs (or last ran) on
     num_output_tokens: int = 0              # tokens in the stream, i.e. delivered for good
+    deadline_ms: float | None = None         # epoch ms after which it ends as "timeout"
     first_scheduled_ms: float | None = None
     first_token_ms: float | None = None
     last_token_ms: float | None = None
@@ -82,6 +84,8 @@ class RequestRecord:
     error: str = ""
     abort_requested: bool = False           # a client asked; the worker has not confirmed yet
     prompt_len: int | None = None           # set on light records (loop_inputs): no prompt carried
+    owner: str = ""                         # identity of the sender's token (never the token); "" without auth
+    trace_context: str = ""                 # W3C traceparent of the request's span; "" = not traced
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -138,7 +142,7 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
-_OPTIONAL_TIMES = ("first_scheduled_ms", "first_token_ms", "last_token_ms", "finished_ms")
+_OPTIONAL_TIMES = ("deadline_ms", "first_scheduled_ms", "first_token_ms", "last_token_ms", "finished_ms")
 
 
 def record_to_fields(rec: RequestRecord) -> dict[str, bytes | str]:
@@ -160,7 +164,10 @@ def record_to_fields(rec: RequestRecord) -> dict[str, bytes | str]:
         "finish_reason": rec.finish_reason,
         "error": rec.error,
         "abort_requested": "1" if rec.abort_requested else "0",
+        "owner": rec.owner,
     }
+    if rec.trace_context:  # written by admit, with the rest of the record: no extra round trip
+        fields["trace_context"] = rec.trace_context
     for name in _OPTIONAL_TIMES:
         if getattr(rec, name) is not None:
             fields[name] = _num(getattr(rec, name))
@@ -189,6 +196,8 @@ def record_from_fields(raw: dict[bytes, bytes]) -> RequestRecord:
         finish_reason=text("finish_reason"),
         error=text("error"),
         abort_requested=f.get("abort_requested") == b"1",
+        owner=text("owner"),
+        trace_context=text("trace_context"),
         **{name: float(f[name]) if name in f else None for name in _OPTIONAL_TIMES},
     )
 
@@ -217,7 +226,7 @@ def attainment(outcomes: list[bytes]) -> tuple[int, float, float]:
 
 # Every request script gets the same context (Store._ctx_keys, Store._ctx_args):
 #   KEYS[c] queue, KEYS[2+c] queued_tokens, KEYS[4+c] recent, KEYS[6+c] running_count,
-#   where c is the service class (1 RT, 2 BE);
+#   where c is the service class (1 RT, 2 BE), and KEYS[9] the deadlines zset;
 #   ARGV[1..4] key heads (request record, token stream, running set, abort set),
 #   ARGV[5] result TTL (s). A script's own arguments start at ARGV[A+1].
 _PRELUDE = """
@@ -241,6 +250,7 @@ local function finish_request(id, reason, now, err)
     'arrival_ms', 'ttft_ms', 'tpot_ms', 'first_token_ms', 'last_token_ms', 'num_output_tokens')
   local state, c = f[1], tonumber(f[2])
   if not state or state == 'finished' then return 0 end
+  redis.call('ZREM', KEYS[9], id)
   if state == 'queued' then
     if redis.call('ZREM', KEYS[c], id) == 1 then redis.call('DECRBY', KEYS[2 + c], f[4]) end
   elseif redis.call('SREM', RUNNING .. f[3], id) == 1 then
@@ -251,6 +261,7 @@ local function finish_request(id, reason, now, err)
   redis.call('HSET', rec, 'state', 'finished', 'finished_ms', now, 'finish_reason', reason,
     'error', err)
   -- A client's abort says nothing about how well we serve: keep it out of attainment.
+  -- (A timeout does: the request did not finish in the time it was given.)
   if reason ~= 'abort' then
     redis.call('LPUSH', KEYS[4 + c], outcome(f))
     redis.call('LTRIM', KEYS[4 + c], 0, %(recent_max)d - 1)
@@ -261,12 +272,14 @@ local function finish_request(id, reason, now, err)
 end
 """ % {"recent_max": RECENT_MAX}
 
-# ARGV[A+1] id, [A+2] class, [A+3] queue score, [A+4] num prompt tokens, [A+5..] field, value...
+# ARGV[A+1] id, [A+2] class, [A+3] queue score, [A+4] num prompt tokens, [A+5] deadline
+# (epoch ms, '' for none), [A+6..] field, value...
 _ADMIT = """
 local id, c = ARGV[A + 1], tonumber(ARGV[A + 2])
 local rec = REQ .. id
 if redis.call('EXISTS', rec) == 1 then return 0 end
-redis.call('HSET', rec, unpack(ARGV, A + 5))
+redis.call('HSET', rec, unpack(ARGV, A + 6))
+if ARGV[A + 5] ~= '' then redis.call('ZADD', KEYS[9], ARGV[A + 5], id) end
 redis.call('ZADD', KEYS[c], ARGV[A + 3], id)
 redis.call('INCRBY', KEYS[2 + c], ARGV[A + 4])
 return 1
@@ -348,6 +361,24 @@ end
 return requeued
 """
 
+# ARGV[A+1] now, [A+2] max. Ends up to max requests whose deadline has passed, as
+# "timeout"; a running one's id also goes to its worker's abort set, so the loop driving
+# that worker frees its KV in the same iteration. Returns how many ended.
+_EXPIRE = """
+local now = ARGV[A + 1]
+local ended = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now, 'LIMIT', 0, tonumber(ARGV[A + 2]))) do
+  local f = redis.call('HMGET', REQ .. id, 'state', 'worker_id')
+  if f[1] == 'running' then redis.call('SADD', ABORTS .. f[2], id) end
+  if finish_request(id, 'timeout', now, 'deadline passed') == 1 then
+    ended = ended + 1
+  else
+    redis.call('ZREM', KEYS[9], id)
+  end
+end
+return ended
+"""
+
 # ARGV[A+1] id, [A+2] start index, [A+3] now, [A+4] n, then n token ids, then n texts.
 # Returns how many of the tokens were new.
 _APPEND = """
@@ -411,7 +442,7 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-_REQUEST_SCRIPTS = {"admit": _ADMIT, "peek": _PEEK, "claim": _CLAIM, "requeue": _REQUEUE,
+_REQUEST_SCRIPTS = {"admit": _ADMIT, "expire": _EXPIRE, "peek": _PEEK, "claim": _CLAIM, "requeue": _REQUEUE,
                     "append": _APPEND, "finish": _FINISH, "abort": _ABORT}
 _LEASE_SCRIPTS = {"acquire": _LEASE_ACQUIRE, "renew": _LEASE_RENEW, "release": _LEASE_RELEASE}
 
@@ -436,7 +467,8 @@ class Store:
         self._ctx_keys = ([k.queue(c) for c in SERVICE_CLASSES]
                           + [k.queued_tokens(c) for c in SERVICE_CLASSES]
                           + [k.recent(c) for c in SERVICE_CLASSES]
-                          + [k.running_count(c) for c in SERVICE_CLASSES])
+                          + [k.running_count(c) for c in SERVICE_CLASSES]
+                          + [k.deadlines()])
         self._ctx_args = [k.head(REQ), k.head(TOK), k.head(RUNNING), k.head(ABORTS),
                           str(result_ttl_s)]
 
@@ -461,8 +493,9 @@ class Store:
         if rec.service_class not in SERVICE_CLASSES:
             raise ValueError(f"service_class must be 1 or 2, got {rec.service_class}")
         flat = [x for pair in record_to_fields(rec).items() for x in pair]
+        deadline = "" if rec.deadline_ms is None else _num(rec.deadline_ms)
         created = await self._run("admit", [rec.request_id, rec.service_class,
-                                            _num(rec.queue_score), rec.num_prompt_tokens, *flat])
+                                            _num(rec.queue_score), rec.num_prompt_tokens, deadline, *flat])
         return rec.request_id, bool(created)
 
     async def get(self, request_id: str) -> RequestRecord | None:
@@ -553,11 +586,12 @@ class Store:
         for attempt in (0, 1):
             pipe = self.redis.pipeline(transaction=True)
             pipe.evalsha(self._scripts["renew"].sha, 1, self.keys.lease(worker_id), replica_id, int(ttl_ms))
+            self._queue_script(pipe, "expire", [_num(wall_ms()), EXPIRE_BATCH])
             self._queue_script(pipe, "peek", [max(0, max_rt), max(0, max_be)])
             pipe.smembers(self.keys.aborts(worker_id))
             pipe.delete(self.keys.aborts(worker_id))
             try:
-                renewed, (rt, be), aborts, _ = await pipe.execute()
+                renewed, _, (rt, be), aborts, _ = await pipe.execute()
                 break
             except NoScriptError:
                 if attempt:
