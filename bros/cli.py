@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 from bros import launcher
 from bros.client import DEFAULT_MAX_TOKENS, DEFAULT_TARGET, BrosError, Chunk, Client, EventStream, Final
+from bros.tls import ClientTls, read_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -21,8 +22,13 @@ class UsageError(Exception):
 
 
 def default_target(environ: Mapping[str, str] = os.environ) -> str:
-    """The one place the environment is read."""
+    """The one place the environment is read (with default_token)."""
     return environ.get("BROS_TARGET") or DEFAULT_TARGET
+
+
+def default_token(environ: Mapping[str, str] = os.environ) -> str | None:
+    """$BROS_TOKEN, used when --token-file is not given."""
+    return environ.get("BROS_TOKEN") or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bench(args[1:])
         except SystemExit as e:  # the benchmark's argparse
             return e.code if isinstance(e.code, int) else EXIT_USAGE
-    parser = build_parser(default_target())
+    parser = build_parser(default_target(), default_token())
     try:
         ns = parser.parse_args(args)
     except SystemExit as e:  # argparse: 2 on bad usage, 0 after --help
@@ -53,10 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ---- arguments ---------------------------------------------------------------------------------
 
-def build_parser(target: str) -> argparse.ArgumentParser:
+def build_parser(target: str, env_token: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bros", description="LLM serving for real-time and best-effort requests")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    conn = connection_options(target)
+    conn = connection_options(target, env_token)
     req = request_options()
     add = sub.add_parser
     add("generate", parents=[conn, req], help="run a request and stream its text"
@@ -85,12 +91,30 @@ def cmd_bench(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def connection_options(target: str) -> argparse.ArgumentParser:
+def connection_options(target: str, env_token: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--target", default=target, metavar="HOST:PORT",
                    help="scheduler address (default: $BROS_TARGET or %s; now %%(default)s)" % DEFAULT_TARGET)
     p.add_argument("--timeout", type=_positive(float), metavar="S", help="per-call deadline in seconds")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (implied by the --tls-*-file options)")
+    p.add_argument("--tls-ca-file", default="", metavar="PEM",
+                   help="CA to verify the scheduler with (default: the system's roots)")
+    p.add_argument("--tls-cert-file", default="", metavar="PEM", help="client certificate, for mutual TLS")
+    p.add_argument("--tls-key-file", default="", metavar="PEM", help="the client certificate's key")
+    p.add_argument("--token-file", default="", metavar="PATH", help="bearer token (default: $BROS_TOKEN)")
+    p.set_defaults(env_token=env_token)  # never printed: --help shows no default for it
     return p
+
+
+def connect(ns: argparse.Namespace) -> Client:
+    """A Client for the connection options: TLS and token included."""
+    use_tls = ns.tls or ns.tls_ca_file or ns.tls_cert_file or ns.tls_key_file
+    tls = ClientTls(ns.tls_ca_file, ns.tls_cert_file, ns.tls_key_file) if use_tls else None
+    try:
+        token = read_file(ns.token_file, "--token-file").decode().strip() if ns.token_file else ns.env_token
+        return Client(ns.target, timeout=ns.timeout, tls=tls, token=token)
+    except ValueError as e:  # a file named by a flag is missing or malformed
+        raise UsageError(str(e)) from None
 
 
 def request_options() -> argparse.ArgumentParser:
@@ -152,32 +176,32 @@ def parse_token_ids(text: str) -> list[int]:
 # ---- commands ----------------------------------------------------------------------------------
 
 def cmd_generate(ns) -> int:
-    with Client(ns.target, timeout=ns.timeout) as client:
+    with connect(ns) as client:
         stream = client.generate(**request_kwargs(ns))
         return print_events(stream, show_targets=ns.service_class == "rt")
 
 
 def cmd_submit(ns) -> int:
-    with Client(ns.target, timeout=ns.timeout) as client:
+    with connect(ns) as client:
         print(client.submit(**request_kwargs(ns)))
     return EXIT_OK
 
 
 def cmd_watch(ns) -> int:
-    with Client(ns.target, timeout=ns.timeout) as client:
+    with connect(ns) as client:
         stream = client.watch(ns.request_id, wait=ns.wait, resume_from_index=ns.resume_from_index)
         return print_events(stream, show_targets=True)
 
 
 def cmd_abort(ns) -> int:
-    with Client(ns.target, timeout=ns.timeout) as client:
+    with connect(ns) as client:
         aborted = client.abort(ns.request_id)
     print(f"aborted {ns.request_id}" if aborted else f"{ns.request_id} had already finished")
     return EXIT_OK
 
 
 def cmd_load(ns) -> int:
-    with Client(ns.target, timeout=ns.timeout) as client:
+    with connect(ns) as client:
         print(format_load(client.load()))
     return EXIT_OK
 

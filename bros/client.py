@@ -66,6 +66,7 @@ class Final:
     ttft_met: bool               # meaningful for "rt" only
     tpot_met: bool
     error: str                   # non-empty when the request ended in an error
+    ttft_flagged: bool = False   # admitted although its TTFT target looked infeasible
 
 
 Event = Chunk | Final
@@ -74,10 +75,11 @@ Event = Chunk | Final
 class BrosError(Exception):
     """A failed call: `code` is the gRPC status name (e.g. "INVALID_ARGUMENT")."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s   # the server's hint with RESOURCE_EXHAUSTED
 
     @property
     def transient(self) -> bool:
@@ -86,7 +88,13 @@ class BrosError(Exception):
 
 def error_from_rpc(e: grpc.RpcError) -> BrosError:
     code = e.code()
-    return BrosError(code.name if code is not None else "UNKNOWN", e.details() or "")
+    retry_after_s = None
+    try:
+        hints = [v for k, v in (e.trailing_metadata() or ()) if k == "retry-after-ms"]
+        retry_after_s = float(hints[0]) / 1e3 if hints else None
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return BrosError(code.name if code is not None else "UNKNOWN", e.details() or "", retry_after_s)
 
 
 def event_from_pb(pb: inference_pb2.GenerateResponse) -> Event | None:
@@ -98,7 +106,8 @@ def event_from_pb(pb: inference_pb2.GenerateResponse) -> Event | None:
         f = pb.final
         return Final(finish_reason=finish_reason_name(f.finish_reason), num_prompt_tokens=f.num_prompt_tokens,
                      num_output_tokens=f.num_output_tokens, queue_ms=f.queue_ms, ttft_ms=f.ttft_ms,
-                     tpot_ms=f.tpot_ms, ttft_met=f.ttft_met, tpot_met=f.tpot_met, error=f.error)
+                     tpot_ms=f.tpot_ms, ttft_met=f.ttft_met, tpot_met=f.tpot_met, error=f.error,
+                     ttft_flagged=f.ttft_flagged)
     return None
 
 

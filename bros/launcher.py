@@ -40,6 +40,7 @@ class LaunchConfig:
     port: int = 50051                    # the scheduler's (client-facing) port; 0: any free port
     policy: str | None = None            # None: the scheduler's default
     scheduler_args: tuple[str, ...] = ()
+    auth_tokens_file: str | None = None  # the scheduler's bearer tokens (None: no auth)
     run_dir: str = ".bros-run"           # log files (and embedded Redis data) go here
     worker_timeout_s: float = 300.0      # loading a model takes a while
     scheduler_timeout_s: float = 60.0
@@ -70,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="scheduling policy (default: the scheduler's)")
     p.add_argument("--scheduler-arg", action="append", default=[], metavar="ARGS",
                    help="extra scheduler arguments, shell-split (repeatable)")
+    p.add_argument("--auth-tokens-file", metavar="PATH",
+                   help="bearer tokens the scheduler accepts, one '<token> <class>[,<class>]' a line")
     p.add_argument("--run-dir", default=d.run_dir, help="where child logs go (default: %(default)s)")
     p.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s, metavar="S",
                    help="seconds to wait for the worker to load its model (default: %(default)s)")
@@ -79,7 +82,8 @@ def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
     return LaunchConfig(
         redis_url=ns.redis_url, backend=ns.backend, model=ns.model, worker_port=ns.worker_port,
         worker_args=_split_all(ns.worker_arg), port=ns.port, policy=ns.policy,
-        scheduler_args=_split_all(ns.scheduler_arg), run_dir=ns.run_dir, worker_timeout_s=ns.worker_timeout)
+        scheduler_args=_split_all(ns.scheduler_arg), auth_tokens_file=ns.auth_tokens_file, run_dir=ns.run_dir,
+        worker_timeout_s=ns.worker_timeout)
 
 
 def _split_all(values: list[str]) -> tuple[str, ...]:
@@ -276,6 +280,8 @@ def scheduler_argv(cfg: LaunchConfig, port: int, redis_url: str, worker_target: 
             "--workers", worker_target]
     if cfg.policy:
         argv += ["--policy", cfg.policy]
+    if cfg.auth_tokens_file:
+        argv += ["--auth-tokens-file", cfg.auth_tokens_file]
     return argv + list(cfg.scheduler_args)
 
 

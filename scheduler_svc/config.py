@@ -37,6 +37,14 @@ class SchedulerConfig:
     worker_requeue_after_ms: int = 5_000     # a lost worker's requests are requeued after this
     redis_retry_s: float = 30.0              # open streams wait this long for Redis to come back
     default_timeout_ms: int = 0              # a request's timeout when it sets none (0 = none)
+    # Overload (docs/reliability.md#overload): bounds on what waits in the queues, both
+    # classes together. BE is admitted only below be_queue_share of them, so a burst
+    # refuses BE first and keeps the rest for RT.
+    max_queued_requests: int = 100_000
+    max_queued_tokens: int = 20_000_000      # prompt tokens
+    be_queue_share: float = 0.8
+    rt_infeasible: str = "reject"            # an RT request whose TTFT target can't be met: reject|flag
+    retry_after_ms: int = 1000               # the hint sent with RESOURCE_EXHAUSTED
     key_prefix: str = "bros"
     # access (docs/reliability.md#access); every file is read once, at startup
     tls_cert_file: str = ""                  # clients' TLS: this server's certificate ("" = plaintext)
@@ -70,6 +78,11 @@ class SchedulerConfig:
             (self.max_stop_token_ids >= 0, "max_stop_token_ids", "must be >= 0"),
             (self.max_request_id_chars > 0, "max_request_id_chars", "must be > 0"),
             (self.step_timeout_ms >= 100, "step_timeout_ms", "must be >= 100"),
+            (self.max_queued_requests > 0, "max_queued_requests", "must be > 0"),
+            (self.max_queued_tokens > 0, "max_queued_tokens", "must be > 0"),
+            (0 < self.be_queue_share <= 1, "be_queue_share", "must be in (0, 1]"),
+            (self.rt_infeasible in ("reject", "flag"), "rt_infeasible", "must be reject or flag"),
+            (self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0"),
             (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
             *telemetry_checks(self),
         ]

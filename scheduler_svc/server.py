@@ -11,17 +11,22 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from opentelemetry.trace import Tracer
+
 from bros import tls
+from bros.telemetry import Telemetry
 from bros.decode_guard import DecodeGuard
 from bros.v1 import inference_pb2_grpc
 
 from .access import check_redis_credentials, load_access
 from .config import SchedulerConfig
+from .metrics import SchedulerMetrics
 from .placement import RoomBoard
 from .planner import PlannerConfig, make_policy
 from .service import SERVICE_NAME, InferenceService
 from .store import Store
 from .stream_hub import StreamHub
+from .tracing import LoopTracing, RpcTracing
 from .worker_loop import WorkerLoop
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,9 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     hub = StreamHub(client, store.keys, cfg.resolved_replica_id)
     hub.start()
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(cfg, store, loops, hub), server)
+    service = InferenceService(cfg, store, loops, hub)
+    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    telemetry = start_telemetry(cfg, store, loops, service)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -71,8 +78,30 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     for t in tasks + [watcher]:
         t.cancel()
     await server.stop(grace=5)
+    telemetry.close()  # after the server: spans of the last calls are exported too
     await hub.close()
     await client.aclose()
+
+
+def start_telemetry(cfg: SchedulerConfig, store: Store, loops: list[WorkerLoop],
+                    service: InferenceService) -> Telemetry:
+    """Tracing and /metrics as configured (both off by default)."""
+    metrics = SchedulerMetrics() if cfg.metrics_port else None
+    telemetry = Telemetry.start(cfg, metrics.registry if metrics is not None else None)
+    attach_observability(store, loops, service, telemetry.tracer("bros.scheduler"), metrics)
+    return telemetry
+
+
+def attach_observability(store: Store, loops: list[WorkerLoop], service: InferenceService,
+                         tracer: Tracer | None, metrics: SchedulerMetrics | None) -> None:
+    """Give the loops and the service their tracer and metrics (None: that one stays off)."""
+    if metrics is not None:
+        metrics.watch(asyncio.get_running_loop(), store, loops)
+    for loop in loops:
+        loop.metrics = metrics
+        loop.tracing = LoopTracing(tracer, loop.address) if tracer is not None else None
+    service.metrics = metrics
+    service.tracing = RpcTracing(tracer) if tracer is not None else None
 
 
 async def _watch_health(health_servicer, client, loops: list[WorkerLoop], ready: asyncio.Event | None) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 from redis.exceptions import RedisError
@@ -17,15 +18,20 @@ from bros.v1 import inference_pb2, inference_pb2_grpc, types_pb2, worker_pb2, wo
 
 from .auth import caller
 from .config import SchedulerConfig
-from .store import RequestRecord, Store
+from .store import AdmissionBounds, QueuesFull, RequestRecord, Store, TargetInfeasible
 from .stream_hub import StreamHub
 from .validation import InvalidArgument, check_generate, check_length, check_lookup
 from .worker_loop import WorkerLoop
 
+if TYPE_CHECKING:
+    from .metrics import SchedulerMetrics
+    from .tracing import Admission, RpcTracing
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-_FINISH = {"stop": types_pb2.STOP, "length": types_pb2.LENGTH, "abort": types_pb2.ABORT}
+_FINISH = {"stop": types_pb2.STOP, "length": types_pb2.LENGTH, "abort": types_pb2.ABORT,
+           "timeout": types_pb2.TIMEOUT}
 _STREAM_POLL_S = 1.0        # a waiting call re-reads this often even without a wake-up
 
 
@@ -37,17 +43,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.hub = hub
         self._channels = {loop.address: loop.channel() for loop in loops}
         self._background: set[asyncio.Task] = set()
+        # Observability, set by server.py when enabled (None: off, one test per call).
+        self.tracing: RpcTracing | None = None
+        self.metrics: SchedulerMetrics | None = None
 
     # ---- RPCs -------------------------------------------------------------------------------
 
     async def Generate(self, request, context):
-        rid, _ = await self._unavailable_on_redis(self._admit(request, context, submitted=False), context)
+        rpc = self.tracing.start_rpc("Generate", context) if self.tracing is not None else None
+        rid, _ = await self._admit_traced(request, context, False, rpc)
         completed = False
         try:
             async for msg in self._stream(rid, _resume_index(request), True, context):
                 yield msg
             completed = True
         finally:
+            if rpc is not None:  # the request's span ends with its stream
+                self.tracing.end(rpc, **{"bros.stream_completed": completed})
             # A cancelled call ends here as CancelledError (at an await) or GeneratorExit
             # (at a yield), and neither may await any more: the abort runs as its own task.
             if not completed:
@@ -56,7 +68,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 task.add_done_callback(self._background.discard)
 
     async def Submit(self, request, context):
-        rid, _ = await self._unavailable_on_redis(self._admit(request, context, submitted=True), context)
+        rpc = self.tracing.start_rpc("Submit", context) if self.tracing is not None else None
+        rid, _ = await self._admit_traced(request, context, True, rpc)
+        if rpc is not None:
+            self.tracing.end(rpc)
         return inference_pb2.SubmitResponse(request_id=rid)
 
     async def Watch(self, request, context):
@@ -67,6 +82,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Abort(self, request, context):
         await self._unavailable_on_redis(self._require_known(request, context), context)
         aborted = await self._unavailable_on_redis(self.store.request_abort(request.request_id), context)
+        if aborted and self.metrics is not None:
+            await self._count_queued_abort(request.request_id)
         return inference_pb2.AbortResponse(aborted=aborted)
 
     async def GetLoad(self, request, context):
@@ -89,7 +106,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     # ---- admission ---------------------------------------------------------------------------
 
-    async def _admit(self, request, context, submitted: bool) -> tuple[str, bool]:
+    async def _admit_traced(self, request, context, submitted: bool, rpc) -> tuple[str, bool]:
+        """_admit (UNAVAILABLE while Redis is away), inside a bros.admit span when traced."""
+        if rpc is None:
+            return await self._unavailable_on_redis(self._admit(request, context, submitted), context)
+        admission = self.tracing.start_admission(rpc)
+        try:
+            rid, created = await self._unavailable_on_redis(
+                self._admit(request, context, submitted, admission), context)
+        except BaseException as e:
+            admission.fail(e)
+            raise
+        admission.end(rid, created)
+        return rid, created
+
+    async def _admit(self, request, context, submitted: bool, admission: Admission | None = None
+                     ) -> tuple[str, bool]:
         info = self._any_worker_info()
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected yet")
@@ -106,8 +138,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rec = self._record(request, prompt, submitted, info.default_sampling)
+        rec.deadline_ms = self._deadline_ms(request, context, rec.arrival_ms, submitted)
         rec.owner = caller() or ""
-        rid, created = await self.store.admit(rec)
+        if admission is not None:  # stored with the record, in the same round trip
+            rec.trace_context = admission.describe(rec)
+        try:
+            rid, created = await self.store.admit(rec, self._bounds(rec))
+        except (QueuesFull, TargetInfeasible) as e:
+            await self._refuse(context, rec, e)
         if not created:  # the same id was admitted meanwhile: it must be this caller's too
             await self._require_owner(await self.store.get(rid), context)
         return rid, created
@@ -153,6 +191,38 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             arrival_ms=time.time() * 1e3, submitted=submitted, state="queued", worker_id="",
             num_output_tokens=0, first_scheduled_ms=None, first_token_ms=None, last_token_ms=None,
             finished_ms=None, finish_reason="", error="")
+
+    def _bounds(self, rec: RequestRecord) -> AdmissionBounds:
+        share = 1.0 if rec.service_class == types_pb2.REALTIME else self.cfg.be_queue_share
+        budget = None
+        if rec.service_class == types_pb2.REALTIME:
+            # RT prompt tokens the connected workers can prefill before this one's TTFT
+            # deadline, at their measured rates; unknown until a worker has prefilled.
+            rates = [loop.prefill_tokens_per_ms for loop in self.loops if loop.status.connected]
+            if rates and all(r > 0 for r in rates):
+                budget = rec.ttft_ms * sum(rates)
+        return AdmissionBounds(max_queued_requests=max(1, int(self.cfg.max_queued_requests * share)),
+                               max_queued_tokens=max(1, int(self.cfg.max_queued_tokens * share)),
+                               rt_token_budget=budget, flag_infeasible=self.cfg.rt_infeasible == "flag")
+
+    async def _refuse(self, context, rec: RequestRecord, why: Exception) -> None:
+        """RESOURCE_EXHAUSTED with a retry hint: in the message, as `retry-after-ms`, and as
+        gRPC's own `grpc-retry-pushback-ms`, which gRPC clients with a retry policy obey."""
+        hint = str(self.cfg.retry_after_ms)
+        context.set_trailing_metadata((("retry-after-ms", hint), ("grpc-retry-pushback-ms", hint)))
+        cls = "RT" if rec.service_class == types_pb2.REALTIME else "BE"
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"service_class: {cls} request refused, {why}; retry after {hint} ms")
+
+    def _deadline_ms(self, request, context, arrival_ms: float, submitted: bool) -> float | None:
+        """The request's own timeout, else the configured default; a Generate also ends with
+        its call's deadline (which outlives this replica: the sweep is in Redis)."""
+        timeout_ms = request.timeout_ms or self.cfg.default_timeout_ms
+        candidates = [arrival_ms + timeout_ms] if timeout_ms else []
+        remaining_s = None if submitted else context.time_remaining()
+        if remaining_s is not None:
+            candidates.append(arrival_ms + remaining_s * 1e3)
+        return min(candidates) if candidates else None
 
     def _any_worker_info(self) -> worker_pb2.WorkerInfo | None:
         infos = [loop.info for loop in self.loops if loop.info is not None]
@@ -229,12 +299,20 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             finish_reason=_FINISH.get(rec.finish_reason, types_pb2.FINISH_REASON_UNSPECIFIED),
             num_prompt_tokens=len(rec.prompt_token_ids), num_output_tokens=n, queue_ms=queue, ttft_ms=ttft,
             tpot_ms=tpot, ttft_met=rt and rec.first_token_ms is not None and ttft <= rec.ttft_ms,
-            tpot_met=rt and tpot <= rec.tpot_ms, error=rec.error)
+            tpot_met=rt and tpot <= rec.tpot_ms, error=rec.error, ttft_flagged=rec.ttft_flagged)
 
     async def _abort_if_unsubmitted(self, rid: str) -> None:
         rec = await self.store.get(rid)
         if rec is not None and not rec.submitted and rec.state != "finished":
-            await self.store.request_abort(rid)
+            if await self.store.request_abort(rid) and self.metrics is not None:
+                await self._count_queued_abort(rid)
+
+    async def _count_queued_abort(self, rid: str) -> None:
+        """An abort that finished a queued request at once is counted here (one running on
+        a worker is counted by its loop): finished and never claimed since (no worker)."""
+        rec = await self.store.get(rid)
+        if rec is not None and rec.state == "finished" and not rec.worker_id:
+            self.metrics.aborted_in_queue(rec.service_class)
 
     async def _require_known(self, request, context) -> None:
         rid = request.request_id

@@ -76,6 +76,7 @@ class RequestRecord:
     worker_id: str = ""                     # the worker it runs (or last ran) on
     num_output_tokens: int = 0              # tokens in the stream, i.e. delivered for good
     deadline_ms: float | None = None         # epoch ms after which it ends as "timeout"
+    ttft_flagged: bool = False               # admitted although its TTFT target looked infeasible
     first_scheduled_ms: float | None = None
     first_token_ms: float | None = None
     last_token_ms: float | None = None
@@ -196,6 +197,7 @@ def record_from_fields(raw: dict[bytes, bytes]) -> RequestRecord:
         finish_reason=text("finish_reason"),
         error=text("error"),
         abort_requested=f.get("abort_requested") == b"1",
+        ttft_flagged=f.get("ttft_flagged") == b"1",
         owner=text("owner"),
         trace_context=text("trace_context"),
         **{name: float(f[name]) if name in f else None for name in _OPTIONAL_TIMES},
@@ -273,12 +275,24 @@ end
 """ % {"recent_max": RECENT_MAX}
 
 # ARGV[A+1] id, [A+2] class, [A+3] queue score, [A+4] num prompt tokens, [A+5] deadline
-# (epoch ms, '' for none), [A+6..] field, value...
+# (epoch ms, '' for none), [A+6] max queued requests and [A+7] max queued tokens (both
+# classes together, this one included), [A+8] RT: the queued RT tokens its TTFT target
+# allows ('' = no check), [A+9] '1': admit past that and flag it, [A+10..] field, value...
+# Returns 1 admitted, 0 the id exists, -1 the queues are full, -2 RT target infeasible.
 _ADMIT = """
-local id, c = ARGV[A + 1], tonumber(ARGV[A + 2])
+local id, c, n = ARGV[A + 1], tonumber(ARGV[A + 2]), tonumber(ARGV[A + 4])
 local rec = REQ .. id
 if redis.call('EXISTS', rec) == 1 then return 0 end
-redis.call('HSET', rec, unpack(ARGV, A + 6))
+local queued = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+local tokens = (tonumber(redis.call('GET', KEYS[3])) or 0) + (tonumber(redis.call('GET', KEYS[4])) or 0)
+if queued + 1 > tonumber(ARGV[A + 6]) or tokens + n > tonumber(ARGV[A + 7]) then return -1 end
+local flagged = '0'
+if ARGV[A + 8] ~= '' and (tonumber(redis.call('GET', KEYS[2 + c])) or 0) + n > tonumber(ARGV[A + 8]) then
+  if ARGV[A + 9] ~= '1' then return -2 end
+  flagged = '1'
+end
+redis.call('HSET', rec, unpack(ARGV, A + 10))
+redis.call('HSET', rec, 'ttft_flagged', flagged)
 if ARGV[A + 5] ~= '' then redis.call('ZADD', KEYS[9], ARGV[A + 5], id) end
 redis.call('ZADD', KEYS[c], ARGV[A + 3], id)
 redis.call('INCRBY', KEYS[2 + c], ARGV[A + 4])
@@ -447,6 +461,29 @@ _REQUEST_SCRIPTS = {"admit": _ADMIT, "expire": _EXPIRE, "peek": _PEEK, "claim": 
 _LEASE_SCRIPTS = {"acquire": _LEASE_ACQUIRE, "renew": _LEASE_RENEW, "release": _LEASE_RELEASE}
 
 
+# --- admission bounds ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdmissionBounds:
+    """What admission may fill, checked atomically with the write (so replicas together
+    never overshoot). Defaults: unbounded."""
+    max_queued_requests: int = 2**62
+    max_queued_tokens: int = 2**62
+    rt_token_budget: float | None = None   # RT: queued RT prompt tokens its TTFT allows
+    flag_infeasible: bool = False          # past rt_token_budget: admit and flag, not refuse
+
+
+class QueuesFull(Exception):
+    def __init__(self, max_requests: int, max_tokens: int):
+        super().__init__(f"queues full for this class (bounds: {max_requests} requests, {max_tokens} tokens)")
+
+
+class TargetInfeasible(Exception):
+    def __init__(self, rt_token_budget: int):
+        super().__init__(f"its TTFT target allows {rt_token_budget} queued RT prompt tokens ahead of it, "
+                         "and more are queued")
+
+
 # --- the store ---------------------------------------------------------------------------
 
 class Store:
@@ -486,17 +523,26 @@ class Store:
 
     # --- admission and queues ----------------------------------------------------------
 
-    async def admit(self, rec: RequestRecord) -> tuple[str, bool]:
-        """Create and enqueue the request unless its id exists: (id, created)."""
+    async def admit(self, rec: RequestRecord, bounds: "AdmissionBounds | None" = None) -> tuple[str, bool]:
+        """Create and enqueue the request unless its id exists: (id, created). Raises
+        QueuesFull or TargetInfeasible (nothing written) when `bounds` refuse it."""
+        bounds = bounds or AdmissionBounds()
         if rec.state != "queued" or rec.worker_id:
             raise ValueError(f"admit takes a fresh queued record, got state={rec.state!r}")
         if rec.service_class not in SERVICE_CLASSES:
             raise ValueError(f"service_class must be 1 or 2, got {rec.service_class}")
         flat = [x for pair in record_to_fields(rec).items() for x in pair]
         deadline = "" if rec.deadline_ms is None else _num(rec.deadline_ms)
-        created = await self._run("admit", [rec.request_id, rec.service_class,
-                                            _num(rec.queue_score), rec.num_prompt_tokens, deadline, *flat])
-        return rec.request_id, bool(created)
+        rt_budget = "" if bounds.rt_token_budget is None else str(int(bounds.rt_token_budget))
+        status = await self._run("admit", [rec.request_id, rec.service_class, _num(rec.queue_score),
+                                           rec.num_prompt_tokens, deadline, bounds.max_queued_requests,
+                                           bounds.max_queued_tokens, rt_budget, "1" if bounds.flag_infeasible else "0",
+                                           *flat])
+        if status == -1:
+            raise QueuesFull(bounds.max_queued_requests, bounds.max_queued_tokens)
+        if status == -2:
+            raise TargetInfeasible(int(bounds.rt_token_budget))
+        return rec.request_id, status == 1
 
     async def get(self, request_id: str) -> RequestRecord | None:
         raw = await self.redis.hgetall(self.keys.req(request_id))

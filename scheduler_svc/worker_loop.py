@@ -16,6 +16,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from redis.exceptions import RedisError
@@ -27,8 +28,14 @@ from .placement import RoomBoard
 from .planner import PlanInput, PlannerConfig, Policy, SeqView
 from .store import RequestRecord, Store
 
+if TYPE_CHECKING:
+    from .metrics import SchedulerMetrics
+    from .tracing import LoopTracing
+
 log = logging.getLogger(__name__)
 
+MIN_PREFILL_SAMPLE = 64     # prefill tokens a step needs to count toward the rate
+PREFILL_RATE_ALPHA = 0.2
 _FINISH_NAMES = {types_pb2.STOP: "stop", types_pb2.LENGTH: "length", types_pb2.ABORT: "abort"}
 
 
@@ -93,6 +100,13 @@ class WorkerLoop:
         self.step_timeout_s = step_timeout_ms / 1e3
         self.requeue_after_s = requeue_after_ms / 1e3
         self._worker_lost_at: float | None = None   # monotonic s; None while the worker answers
+        # Prefill throughput seen in steps with enough prefill to measure it (EWMA): what
+        # admission uses to tell whether an RT request's TTFT target can still be met.
+        self.prefill_tokens_per_ms = 0.0
+        self._plan_prefill_tokens = 0
+        # Observability, set by server.py when enabled; None costs one test per hook.
+        self.metrics: SchedulerMetrics | None = None
+        self.tracing: LoopTracing | None = None
 
     # ---- outer loop: lease, connect, retry ------------------------------------------
 
@@ -233,6 +247,7 @@ class WorkerLoop:
                 view = self._view(rec, res.num_prompt_tokens + len(out))
                 view.num_computed_tokens = res.num_computed_tokens
                 self.seqs[rec.request_id] = Running(view, len(out))
+                self._observe_adopted(rec)
         lost = sorted(ours - {r.seq_id for r in report.resident})
         if lost:
             await self.store.requeue(self.address, lost)
@@ -244,6 +259,7 @@ class WorkerLoop:
     async def _next_plan(self, aborts: list[str], queued: list[RequestRecord]) -> worker_pb2.StepPlan:
         plan = worker_pb2.StepPlan(free=self._pending_free)
         self._pending_free = []
+        self._observe_plan_start(aborts)
         if aborts:
             async with self.store.batch() as b:
                 for rid in aborts:
@@ -272,6 +288,7 @@ class WorkerLoop:
                 plan.new_sequences.append(await self._new_sequence(rec))
                 self.seqs[rid] = Running(self._view(rec, rec.num_prompt_tokens + rec.num_output_tokens),
                                          rec.num_output_tokens)
+        self._observe_claimed(full, inp.now_ms)
         for rid in decision.recompute:
             plan.recompute.append(rid)
             self.seqs[rid].view.num_computed_tokens = 0
@@ -282,6 +299,7 @@ class WorkerLoop:
             plan.checkpoint.append(rid)
             self.seqs[rid].view.preempted = True
         self._resuming = set()
+        self._plan_prefill_tokens = sum(n for _, n in decision.scheduled if n > 1)
         for rid, num_tokens in decision.scheduled:
             if rid in self.seqs:
                 plan.scheduled.append(worker_pb2.ScheduledSequence(seq_id=rid, num_tokens=num_tokens))
@@ -290,6 +308,7 @@ class WorkerLoop:
                 self.seqs[rid].view.preempted = False  # scheduling resumes it on the worker
         if self._needs_resync:
             plan.list_resident = True
+        self._observe_plan(plan)
         return plan
 
     async def _new_sequence(self, rec: RequestRecord) -> worker_pb2.NewSequence:
@@ -300,7 +319,7 @@ class WorkerLoop:
             carried = [e.token_id for e in entries if not e.final]
         return worker_pb2.NewSequence(seq_id=rec.request_id, service_class=rec.service_class,
                                       prompt_token_ids=rec.prompt_token_ids, sampling=sampling,
-                                      output_token_ids=carried)
+                                      output_token_ids=carried, traceparent=rec.trace_context)
 
     @staticmethod
     def _view(rec: RequestRecord, num_tokens: int) -> SeqView:
@@ -318,6 +337,7 @@ class WorkerLoop:
         self.status.occupancy = {f.name: getattr(report.occupancy, f.name)
                                  for f in report.occupancy.DESCRIPTOR.fields}
         self.status.last_step_ms = report.timings.step_ms
+        self._measure_prefill(report.timings.step_ms)
         self.board.report(self.address, self.status.occupancy)
         self._resync(report)
         finished: list[str] = []
@@ -345,9 +365,48 @@ class WorkerLoop:
             b.set_worker_state(self.address, {
                 "leased_by": self.replica_id, "running": len(self.seqs) - len(finished),
                 "last_step_ms": report.timings.step_ms, **self.stats.summary(), **self.status.occupancy})
+        self._observe_report(report, finished, t)
         for rid in finished:
             self.seqs.pop(rid, None)
         self._pending_free += finished
+
+    # ---- observability hooks (metrics.py, tracing.py) ------------------------------------
+
+    def _observe_adopted(self, rec: RequestRecord) -> None:
+        if self.tracing is not None:
+            self.tracing.adopt(rec)
+
+    def _observe_plan_start(self, aborts: list[str]) -> None:
+        if self.metrics is not None:
+            self.metrics.plan_started(self, aborts)
+        if self.tracing is not None:
+            self.tracing.plan_started()
+
+    def _observe_claimed(self, records: dict[str, RequestRecord | None], since_ms: float) -> None:
+        if self.tracing is not None and records:
+            self.tracing.claimed([r for r in records.values() if r is not None], since_ms)
+
+    def _observe_plan(self, plan: worker_pb2.StepPlan) -> None:
+        if self.metrics is not None:
+            self.metrics.planned(self, plan)
+        if self.tracing is not None:
+            self.tracing.planned(plan, self.seqs)
+
+    def _observe_report(self, report: worker_pb2.StepReport, finished: list[str], t: float) -> None:
+        """After the report is in Redis, before the finished sequences leave self.seqs."""
+        if self.metrics is not None:
+            self.metrics.reported(self, report, finished, t)
+        if self.tracing is not None:
+            self.tracing.reported(finished)
+
+    def _measure_prefill(self, step_ms: float) -> None:
+        """The whole step's time is charged to its prefill tokens: decodes riding along make
+        the estimate lower than the real rate, which errs toward refusing."""
+        if self._plan_prefill_tokens < MIN_PREFILL_SAMPLE or step_ms <= 0:
+            return
+        rate = self._plan_prefill_tokens / step_ms
+        a = PREFILL_RATE_ALPHA
+        self.prefill_tokens_per_ms = rate if self.prefill_tokens_per_ms == 0 else (1 - a) * self.prefill_tokens_per_ms + a * rate
 
     def _resync(self, report: worker_pb2.StepReport) -> None:
         """The recompute fallback truncated some sequences' KV; their computed counts come

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass, field
 
 from bros.config_cli import add_config_flags
+from bros.telemetry import telemetry_checks
+from bros.tls import check_pair
 
 MB = 1024 * 1024
 
@@ -28,6 +30,20 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048     # tokens per step
     max_model_len: int | None = None       # default: the model's context
     warmup: bool = True                    # run one step before reporting SERVING
+    # Run the engine's and the pool's check_integrity() after every step and report a
+    # violation as a step error (field "integrity") and in Describe. Costs a pass over
+    # the pool per step: for tests and debugging, off in production.
+    check_integrity: bool = False
+    # TLS on the worker's port (docs/reliability.md#access); the files are read once, at startup
+    tls_cert_file: str = ""                # this worker's certificate ("" = plaintext)
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""           # require a client (scheduler) certificate signed by this CA
+    # observability (docs/scheduler.md#tracing-and-metrics)
+    metrics_port: int = 0                  # Prometheus /metrics on host:metrics_port (0 = off)
+    otlp_endpoint: str = ""                # OTLP trace collector URL ("" = tracing off)
+    otlp_protocol: str = "grpc"            # grpc, or http (http/protobuf, path /v1/traces)
+    trace_sample_ratio: float = 1.0        # share of root traces kept (the scheduler's decision wins)
+    service_name: str = "bros-worker"      # service.name of this process's spans
     # sim backend
     sim_clock: str = "real"                # "real" (sleeps) or "virtual"
     sim_cost: str = "opt13b_a100"          # cost-model preset
@@ -47,10 +63,12 @@ class WorkerConfig:
             (self.max_num_seqs > 0, "max_num_seqs", "must be > 0"),
             (self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0"),
             (self.sim_clock in ("real", "virtual"), "sim_clock", "must be 'real' or 'virtual'"),
+            *telemetry_checks(self),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+        check_pair(self.tls_cert_file, self.tls_key_file, "--tls-cert-file", "--tls-key-file")
 
     @property
     def resolved_worker_id(self) -> str:
@@ -70,4 +88,7 @@ class WorkerConfig:
                        help="override one cost-model coefficient (repeatable)")
         ns = vars(p.parse_args(argv))
         overrides = tuple((k, float(v)) for k, v in (kv.split("=", 1) for kv in ns.pop("sim_cost_set")))
-        return cls(**ns, sim_cost_overrides=overrides)
+        try:
+            return cls(**ns, sim_cost_overrides=overrides)
+        except ValueError as e:  # one line naming the flag, exit 2, instead of a traceback
+            p.error(str(e))

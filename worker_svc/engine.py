@@ -21,6 +21,8 @@ from .sequence import SeqState, Sequence
 
 log = logging.getLogger(__name__)
 
+_PREEMPTING_OPS = ("recompute", "checkpoint", "preempt")
+
 
 @dataclass
 class StepItem:
@@ -76,6 +78,10 @@ class Engine:
         self.limits = limits
         self.allocator = BlockAllocator(limits.num_blocks, limits.block_size, limits.max_num_host_slots)
         self.seqs: dict[str, Sequence] = {}
+        self.integrity_error = ""  # the first violation audit() found; "" while none
+        # Running totals for metrics (worker_svc/metrics.py reads them after each step).
+        self.num_preemptions = 0          # preempt, checkpoint and recompute items applied
+        self.num_checkpointed_slots = 0   # slots copied from the pool to host memory
 
     # ---- the step ----------------------------------------------------------------
 
@@ -86,11 +92,11 @@ class Engine:
         for new in plan.new_sequences:
             self._register(new, report.errors)
         items = self._place(plan.scheduled, report.errors)
-        copy_ms = self.runner.apply_copies(self.allocator.drain_copies())
+        copy_ms = self._apply_copies(self.allocator.drain_copies())
         report.recompute_needed = self._apply_truncations()
         result = self.runner.execute(items) if items else RunResult([], 0.0, 0.0)
         report.outputs = self._postprocess(items, result.token_ids)
-        self.runner.apply_copies(self.allocator.drain_copies())  # frees of finished seqs
+        self._apply_copies(self.allocator.drain_copies())  # frees of finished seqs
         report.occupancy = self.allocator.occupancy()
         report.timings = Timings(
             step_ms=(time.perf_counter() - t0) * 1e3, forward_ms=result.forward_ms,
@@ -105,6 +111,10 @@ class Engine:
     @staticmethod
     def _is_decode(item: StepItem) -> bool:
         return item.num_new_tokens == 1 and item.seq.num_computed_tokens >= len(item.seq.prompt_token_ids)
+
+    def _apply_copies(self, copies: list) -> float:
+        self.num_checkpointed_slots += sum(len(c.slots) for c in copies if c.kind == "to_host")
+        return self.runner.apply_copies(copies)
 
     # ---- lifecycle ops -----------------------------------------------------------
 
@@ -121,6 +131,8 @@ class Engine:
                 problem = op(seq)
                 if problem:
                     errors.append(ItemError(seq_id, field_name, problem))
+                elif field_name in _PREEMPTING_OPS:
+                    self.num_preemptions += 1
 
     def _free(self, seq: Sequence) -> str | None:
         if seq.seq_id in self.allocator.seqs:
@@ -335,6 +347,16 @@ class Engine:
         return [ResidentSeq(s.seq_id, s.seq_class, s.state.name.lower(), len(s.prompt_token_ids),
                             s.num_computed_tokens, list(s.output_token_ids), s.is_finished, s.finish_reason)
                 for s in self.seqs.values()]
+
+    def audit(self) -> str:
+        """check_integrity() as a value: the violation's message, "" if none. The first
+        violation is kept in integrity_error (a later step may hide the cause)."""
+        try:
+            self.check_integrity()
+        except AssertionError as e:
+            self.integrity_error = self.integrity_error or str(e)
+            return str(e)
+        return ""
 
     def check_integrity(self) -> None:
         self.allocator.check_integrity()

@@ -11,18 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bros.decode_guard import DecodeGuard
+from bros import tls
+from bros.telemetry import Telemetry
 from bros.v1 import worker_pb2, worker_pb2_grpc
 
 from .build import build_engine
 from .config import WorkerConfig
 from .engine import Engine
+from .metrics import WorkerMetrics
 from .plan import ItemError, Plan, Report
+from .tracing import StepTracing
 from .wire import plan_from_pb, report_to_pb, sampling_to_pb
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.engine: Engine | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._active_stream = 0
+        self._occupancy: dict[str, int] = {}  # after the last step, for Describe
+        # Observability, set by serve() when enabled (None: off, one test per step).
+        self.metrics: WorkerMetrics | None = None
+        self.tracing: StepTracing | None = None
 
     # ---- startup --------------------------------------------------------------------
 
@@ -47,6 +57,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.engine = await loop.run_in_executor(self._executor, build_engine, self.cfg, clock)
         if self.cfg.warmup:
             await loop.run_in_executor(self._executor, self._warmup)
+        self._occupancy = self.engine.allocator.occupancy()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("worker %s serving %s (%s)", self.cfg.resolved_worker_id, self.engine.runner.model_name,
@@ -77,7 +88,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             block_size=lim.block_size, max_num_host_slots=lim.max_num_host_slots,
             max_num_batched_tokens=lim.max_num_batched_tokens, max_num_seqs=lim.max_num_seqs,
             eos_token_ids=r.eos_token_ids, kv_bytes_per_slot=r.kv_bytes_per_slot,
-            default_sampling=sampling_to_pb(r.default_sampling))
+            default_sampling=sampling_to_pb(r.default_sampling),
+            occupancy=worker_pb2.PoolOccupancy(**self._occupancy), integrity_error=engine.integrity_error)
 
     async def Tokenize(self, request, context):
         engine = await self._ready_or_abort(context)
@@ -109,20 +121,34 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if my_stream != self._active_stream:
                 await context.abort(grpc.StatusCode.ABORTED, "another scheduler took over this worker")
             plan = plan_from_pb(plan_pb, engine.runner.default_sampling)
-            report = await loop.run_in_executor(self._executor, self._safe_step, engine, plan)
+            started_ns = time.time_ns()
+            report = await loop.run_in_executor(self._executor, self._safe_step, engine, plan,
+                                                self.cfg.check_integrity)
+            self._occupancy = report.occupancy
+            if self.metrics is not None or self.tracing is not None:
+                self._observe(engine, plan_pb, report, started_ns)
             yield report_to_pb(report)
 
     @staticmethod
-    def _safe_step(engine: Engine, plan: Plan) -> Report:
+    def _safe_step(engine: Engine, plan: Plan, check_integrity: bool = False) -> Report:
         """Input never crashes the worker: an unexpected failure fails this plan's items."""
         try:
-            return engine.step(plan)
+            report = engine.step(plan)
         except Exception as e:  # noqa: BLE001 — a bug must not take the worker down
             log.exception("step %d failed", plan.plan_id)
             report = Report(plan_id=plan.plan_id, occupancy=engine.allocator.occupancy())
             report.errors = [ItemError(seq_id, "scheduled", f"step failed: {type(e).__name__}: {e}")
                              for seq_id, _ in plan.scheduled]
-            return report
+        if check_integrity and (violation := engine.audit()):
+            log.error("step %d left the pool inconsistent: %s", plan.plan_id, violation)
+            report.errors.append(ItemError("", "integrity", violation))
+        return report
+
+    def _observe(self, engine: Engine, plan_pb: worker_pb2.StepPlan, report: Report, started_ns: int) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_step(engine, report)
+        if self.tracing is not None:
+            self.tracing.step(plan_pb, report, started_ns, time.time_ns())
 
     async def _ready_or_abort(self, context) -> Engine:
         if self.engine is None:
@@ -131,16 +157,24 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
 async def serve(cfg: WorkerConfig, clock=None, ready: asyncio.Event | None = None) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    try:  # before anything starts: a bad certificate flag is a one-line exit
+        credentials = tls.server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
+    except ValueError as e:
+        raise SystemExit(f"worker: {e}") from None
+    server = grpc.aio.server(interceptors=[DecodeGuard()],
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     health_servicer = health.aio.HealthServicer()
     service = WorkerService(cfg, health_servicer)
+    telemetry = start_telemetry(cfg, service)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = tls.bind(server, f"{cfg.host}:{cfg.port}", credentials)
+    if credentials is not None:
+        log.info("TLS on, client certificates %s", "required" if cfg.tls_client_ca_file else "not required")
     await server.start()
     log.info("worker listening on %s:%d (loading %s backend)", cfg.host, port, cfg.backend)
     stop = asyncio.Event()
@@ -151,9 +185,22 @@ async def serve(cfg: WorkerConfig, clock=None, ready: asyncio.Event | None = Non
         except (NotImplementedError, RuntimeError):
             pass
     await service.load(clock)
+    if service.metrics is not None:
+        service.metrics.observe_pool(service.engine.allocator.occupancy())
     if ready is not None:
         ready.set()
     await stop.wait()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)
+    telemetry.close()  # after the server: the last steps' spans are exported too
+
+
+def start_telemetry(cfg: WorkerConfig, service: WorkerService) -> Telemetry:
+    """Tracing and /metrics as configured (both off by default)."""
+    metrics = WorkerMetrics(cfg.resolved_worker_id) if cfg.metrics_port else None
+    telemetry = Telemetry.start(cfg, metrics.registry if metrics is not None else None)
+    tracer = telemetry.tracer("bros.worker")
+    service.metrics = metrics
+    service.tracing = StepTracing(tracer, cfg.resolved_worker_id) if tracer is not None else None
+    return telemetry

@@ -11,6 +11,7 @@ from .engine import RunResult, StepItem
 from .kv_cache import KVCache, kv_bytes_per_slot
 from .model.checkpoint import generation_defaults, load_state_dict
 from .model.config import ModelConfig
+from .model.cpu_decode import CpuDecode
 from .model.fast_decode import FastDecode
 from .model.llama import LlamaModel
 from .model.tokenizer import Tokenizer
@@ -38,6 +39,8 @@ class TorchRunner:
         self.cache: KVCache | None = None
         self.attn: TorchAttention | None = None
         self.fast_decode: FastDecode | None = None
+        self.cpu_decode: CpuDecode | None = None
+        self.last_forward = ""            # which stack ran the last step: cpp, script or eager
         self.keep_logits = False          # tests: keep the last step's logits
         self.last_logits: torch.Tensor | None = None
 
@@ -50,11 +53,13 @@ class TorchRunner:
                              self.cfg.head_dim, self.dtype, self.device)
         self.attn = TorchAttention(self.cache, block_size)
         self.fast_decode = FastDecode(self.model, self.cache.k, self.cache.v, block_size)
+        self.cpu_decode = CpuDecode.create(self.model, self.cache.k, self.cache.v, block_size)
 
     def set_attention(self, backend) -> None:
         """Swap the attention backend (the Triton kernels plug in here)."""
         self.attn = backend
-        self.fast_decode = None  # the scripted path inlines the torch attention
+        self.fast_decode = None  # the scripted and C++ paths inline the torch attention
+        self.cpu_decode = None
 
     def apply_copies(self, copies: list[SlotCopy]) -> float:
         if not copies:
@@ -83,14 +88,17 @@ class TorchRunner:
                                                   i.seq.seq_class == SeqClass.BE) for i in items])
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        if self.fast_decode is not None and meta.num_decode == len(items):
-            hidden = self.fast_decode.forward(ids, pos, meta)
+        decode_only = meta.num_decode == len(items)
+        if decode_only and self.cpu_decode is not None and self.cpu_decode.handles(len(items)):
+            hidden, self.last_forward = self.cpu_decode.forward(ids, pos, meta), "cpp"
+        elif decode_only and self.fast_decode is not None:
+            hidden, self.last_forward = self.fast_decode.forward(ids, pos, meta), "script"
         else:
-            hidden = self.model(ids, pos, self.attn, meta)
+            hidden, self.last_forward = self.model(ids, pos, self.attn, meta), "eager"
         token_ids: list[int] = []
         t1 = time.perf_counter()
         if last_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
+            logits = self._logits(hidden[torch.tensor(last_rows, device=self.device)])
             if self.keep_logits:
                 self.last_logits = logits.clone()
             t1 = time.perf_counter()
@@ -102,3 +110,8 @@ class TorchRunner:
                                             [i.seq.generator for i in sampling])
         t2 = time.perf_counter()
         return RunResult([int(t) for t in token_ids], (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.cpu_decode is not None and self.cpu_decode.handles(hidden.shape[0]):
+            return self.cpu_decode.logits(hidden)  # a GEMV streaming the LM head once
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,180 @@
+"""The C++ decode stack (csrc/decode.cpp) for small decode-only steps on a CPU.
+
+At batch 1 a step streams every weight once; the TorchScript stack (fast_decode.py) adds
+~40 small ops per layer on top, each with a dispatch and an OpenMP fork/join. The C++
+stack runs the 30 layers in one OpenMP region with its own GEMV and the small ops fused
+into it (see the file's header). Same math as LlamaModel + TorchAttention in fp32.
+
+Built once per (source, compile flags, torch, python) with torch.utils.cpp_extension and
+cached under the bros cache dir, so a later start only loads the .so. `make install`
+builds it (`python -m worker_svc.model.cpu_decode`); if a build fails the worker logs a
+warning and keeps the TorchScript path.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .llama import LlamaModel
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+# Rows (decode tokens) up to which the C++ stack beats the TorchScript one; above it the
+# weights are no longer the whole cost and MKL's GEMM wins (measured: docs/performance.md).
+MAX_NUM_ROWS = 8
+_EXT_MAX_ROWS = 64  # kMaxRows in decode.cpp
+
+# /proc/cpuinfo flag sets, best first, and the gcc flags each one allows. No -march=native:
+# the flags name exactly what this CPU reported, so the build runs on any CPU that has them.
+_ISA_LEVELS = [
+    ({"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma", "f16c"},
+     ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]),
+    ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
+]
+
+_loaded: dict[str, object] = {}
+
+
+def isa_flags(cpu_flags: set[str] | None = None) -> list[str]:
+    """Compiler flags for the best instruction set this CPU supports ([] = the x86-64 or
+    aarch64 baseline, which the vector code also compiles to)."""
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    for needed, gcc_flags in _ISA_LEVELS:
+        if needed <= flags:
+            return gcc_flags
+    return []
+
+
+def _cpu_flags() -> set[str]:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def extension_dir() -> Path:
+    """$BROS_CACHE_DIR/ext, else ~/.cache/bros/ext (converted models live beside it)."""
+    root = os.environ.get("BROS_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "bros") / "ext"
+
+
+def _build_args() -> tuple[str, list[str], list[str]]:
+    cflags = ["-O3", "-fopenmp", "-DNDEBUG", *isa_flags()]
+    # libgomp by soname: torch already loaded its own copy (same soname), so our parallel
+    # regions run on torch's OpenMP thread pool instead of starting a second one.
+    ldflags = ["-fopenmp"]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *cflags, *ldflags, torch.__version__,
+                                    sys.version, platform.machine()]).encode()).hexdigest()[:12]
+    return f"bros_cpu_decode_{key}", cflags, ldflags
+
+
+def load_extension(verbose: bool = False):
+    """The compiled module, building it on first use; None (with a warning) if it cannot
+    be built here. One result per process."""
+    if "module" in _loaded:
+        return _loaded["module"]
+    module = None
+    try:
+        module = _build_and_load(verbose)
+    except Exception as e:  # noqa: BLE001 - a compiler problem must never stop the worker
+        log.warning("C++ decode stack unavailable, using the TorchScript path: %s", _first_lines(e))
+        _loaded["error"] = e
+    _loaded["module"] = module
+    return module
+
+
+def _build_and_load(verbose: bool):
+    from torch.utils import cpp_extension
+
+    name, cflags, ldflags = _build_args()
+    build_dir = extension_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # cpp_extension's own lock is a file that a killed build leaves behind, after which
+    # every later load waits forever. An flock dies with its holder: take it, and any
+    # `lock` file found while holding it is such a leftover.
+    with open(build_dir / "bros.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                                  build_directory=str(build_dir), verbose=verbose)
+
+
+def _first_lines(e: Exception, n: int = 6) -> str:
+    return " | ".join(str(e).strip().splitlines()[:n])
+
+
+class CpuDecode:
+    """Binds a model's fp32 weights and the KV pool to the C++ stack; decode-only steps of
+    at most MAX_NUM_ROWS rows go through `forward`, and their logits through `logits`."""
+
+    def __init__(self, ext, model: LlamaModel, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
+        cfg, layers = model.cfg, model.layers
+        rope = torch.view_as_real(model.rope.freqs).contiguous()          # [P, D/2, (cos, sin)]
+        self.model = model
+        self.stack = ext.DecodeStack(
+            model.embed_tokens.weight, rope, model.norm,
+            [l.input_norm for l in layers], [l.qkv_proj.weight for l in layers], [l.o_proj.weight for l in layers],
+            [l.post_attn_norm for l in layers], [l.gate_up_proj.weight for l in layers],
+            [l.down_proj.weight for l in layers], k_cache, v_cache,
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, cfg.rms_norm_eps)
+        self._rope = rope  # the stack holds a reference too; kept for clarity of ownership
+        self._linear_small = ext.linear_small
+        self._lm_head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+
+    @classmethod
+    def create(cls, model: LlamaModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               block_size: int) -> "CpuDecode | None":
+        """The C++ path for this model and pool, or None where it does not apply (not fp32
+        on CPU) or the extension is unavailable."""
+        if not (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32
+                and model.embed_tokens.weight.dtype == torch.float32):
+            return None
+        ext = load_extension()
+        if ext is None:
+            return None
+        return cls(ext, model, k_cache, v_cache, block_size)
+
+    def handles(self, num_rows: int) -> bool:
+        return 0 < num_rows <= MAX_NUM_ROWS
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        """Same contract as LlamaModel.forward for a decode-only step: [S] ids and positions
+        -> final hidden states [S, hidden]."""
+        return self.stack.forward(input_ids, positions, meta.slot_mapping, meta.decode_blocks,
+                                  None if meta.decode_mask is None else meta.decode_mask.view(-1))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab], as LlamaModel.compute_logits."""
+        return self._linear_small(hidden.contiguous(), self._lm_head)
+
+
+def main() -> None:
+    """`make install`: build (or find) the extension and say how long it took."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    ext = load_extension(verbose="-v" in sys.argv)
+    took = time.perf_counter() - t0
+    if ext is None:
+        print(f"cpu_decode: build failed after {took:.1f} s; the worker will use the TorchScript path:\n"
+              f"{_loaded.get('error')}", file=sys.stderr)
+        return
+    print(f"cpu_decode: {ext.isa()} build ready in {extension_dir() / _build_args()[0]} ({took:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
