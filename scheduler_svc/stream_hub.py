@@ -38,7 +38,8 @@ class _Watched:
 
 
 class StreamHub:
-    def __init__(self, redis_client, keys, replica_id: str, block_ms: int = 5_000):
+    def __init__(self, redis_client, keys, replica_id: str, block_ms: int = 2_000):
+        # block_ms stays under redis-py's default 5 s socket timeout, which a longer block trips.
         # A connection of our own: a blocked XREAD must not occupy the shared pool.
         pool = redis_client.connection_pool
         self._redis = type(redis_client)(connection_pool=type(pool)(

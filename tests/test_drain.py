@@ -1,0 +1,91 @@
+"""Graceful drain on SIGTERM: health goes NOT_SERVING, nothing new is admitted, in-flight RT
+finishes, BE goes back to the queue for someone else, and the process exits within its
+grace time; the clients' requests all complete, every token exactly once."""
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bros.client import Client, RetryPolicy
+from bros.redis_server import EmbeddedRedis
+from hybrid import HybridRun
+from stack import Scheduler, Worker
+
+RETRY = RetryPolicy(max_attempts=60, initial_backoff_s=0.1, max_backoff_s=0.5)
+SIM = ("--backend", "sim", "--sim-clock", "real", "--num-blocks", "1024")
+GRACE_S = 8
+
+
+def health(address: str, service: str = "") -> str:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        except grpc.RpcError as e:
+            return e.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def terminate_and_watch(proc, address: str) -> tuple[float, list[str]]:
+    """SIGTERM; seconds until the process exits, and the health it reported meanwhile."""
+    t0 = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    seen = []
+    while proc.proc.poll() is None and time.monotonic() - t0 < GRACE_S + 10:
+        seen.append(health(address))
+        time.sleep(0.1)
+    return time.monotonic() - t0, seen
+
+
+def test_scheduler_drain_finishes_rt_and_hands_over(tmp_path):
+    with EmbeddedRedis() as redis_server:
+        worker = Worker(tmp_path, *SIM).start()
+        args = ("--lease-ttl-ms", "1500", "--drain-grace-s", str(GRACE_S))
+        s1 = Scheduler(tmp_path, redis_server.url, [worker.address], *args, "--replica-id", "s1").start()
+        time.sleep(0.5)  # s1 takes the worker's lease first
+        s2 = Scheduler(tmp_path, redis_server.url, [worker.address], *args, "--replica-id", "s2").start()
+        client = Client(f"ipv4:127.0.0.1:{s1.port},127.0.0.1:{s2.port}", retry=RETRY)
+        try:
+            assert health(s1.address, "liveness") == "SERVING"
+            run = HybridRun(client, 40, 120).start()
+            run.wait_progress(20)
+            took_s, seen = terminate_and_watch(s1, s1.address)
+            exit_code = s1.proc.returncode
+            run.join(timeout=90)
+        finally:
+            client.close()
+            s1.kill()
+            s2.stop()
+            worker.stop()
+    assert exit_code == 0 and took_s < GRACE_S + 3, (exit_code, took_s)
+    assert seen and "SERVING" not in seen, seen  # NOT_SERVING (or gone) from the first check
+    run.check()
+
+
+def test_worker_drain_moves_be_and_finishes_rt(tmp_path):
+    with EmbeddedRedis() as redis_server:
+        w1 = Worker(tmp_path, *SIM, "--drain-grace-s", str(GRACE_S), name="w1").start()
+        w2 = Worker(tmp_path, *SIM, name="w2").start()
+        sched = Scheduler(tmp_path, redis_server.url, [w1.address, w2.address]).start()
+        client = Client(sched.address, retry=RETRY)
+        try:
+            run = HybridRun(client, 60, 120).start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                w = {x["worker_id"]: x for x in client.load()["workers"]}[w1.address]
+                if int(w["running_sequences"]) >= 6:
+                    break
+                time.sleep(0.05)
+            took_s, seen = terminate_and_watch(w1, w1.address)
+            exit_code = w1.proc.returncode
+            run.join(timeout=90)
+            finished_without_w1 = len(run.done)
+        finally:
+            client.close()
+            sched.stop()
+            w1.kill()
+            w2.stop()
+    assert exit_code == 0 and took_s < GRACE_S + 3, (exit_code, took_s)
+    assert "SERVING" not in seen, seen
+    assert finished_without_w1 == 60
+    run.check()
