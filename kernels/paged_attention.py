@@ -87,9 +87,9 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    num_kv_tiles = tl.cdiv(num_blocks * BLOCK_SIZE, TILE_N)
+    num_kv_tiles = (num_blocks * BLOCK_SIZE + TILE_N - 1) // TILE_N
     if NUM_SPLITS > 1:
-        per_split = tl.cdiv(num_kv_tiles, NUM_SPLITS)
+        per_split = (num_kv_tiles + NUM_SPLITS - 1) // NUM_SPLITS
         kv_lo = split * per_split
         kv_hi = tl.minimum(kv_lo + per_split, num_kv_tiles)
     else:
@@ -113,7 +113,7 @@ def _paged_attention_kernel(
         k = tl.load(k_pool_ptr + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None],
                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)            # [BLOCK_D, TILE_N]
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale            # [BLOCK_M, TILE_N]
-        visible = kv_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        visible = kv_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])

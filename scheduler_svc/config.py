@@ -45,6 +45,7 @@ class SchedulerConfig:
     be_queue_share: float = 0.8
     rt_infeasible: str = "reject"            # an RT request whose TTFT target can't be met: reject|flag
     retry_after_ms: int = 1000               # the hint sent with RESOURCE_EXHAUSTED
+    drain_grace_s: float = 30.0              # SIGTERM: time to finish in-flight RT, then exit
     key_prefix: str = "bros"
     # access (docs/reliability.md#access); every file is read once, at startup
     tls_cert_file: str = ""                  # clients' TLS: this server's certificate ("" = plaintext)

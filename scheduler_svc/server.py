@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 import redis.asyncio as aioredis
@@ -30,6 +31,7 @@ from .tracing import LoopTracing, RpcTracing
 from .worker_loop import WorkerLoop
 
 log = logging.getLogger(__name__)
+LIVENESS = "liveness"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -59,6 +61,9 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await _set_health(health_servicer, False)
+    # Liveness (k8s): SERVING while the process runs, whatever Redis or the workers do, so
+    # an outage elsewhere never gets schedulers restarted.
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     port = tls.bind(server, f"{cfg.host}:{cfg.port}", access.server_credentials)
     await server.start()
     log.info("scheduler %s on %s:%d, workers %s, policy %s", cfg.resolved_replica_id, cfg.host, port,
@@ -72,12 +77,13 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
             pass
     watcher = asyncio.create_task(_watch_health(health_servicer, client, loops, ready))
     await stop.wait()
-    await _set_health(health_servicer, False)
+    watcher.cancel()
+    await _drain(cfg, service, health_servicer, loops)
     for loop in loops:
         await loop.stop()
-    for t in tasks + [watcher]:
+    for t in tasks:
         t.cancel()
-    await server.stop(grace=5)
+    await server.stop(grace=1)
     telemetry.close()  # after the server: spans of the last calls are exported too
     await hub.close()
     await client.aclose()
@@ -102,6 +108,22 @@ def attach_observability(store: Store, loops: list[WorkerLoop], service: Inferen
         loop.tracing = LoopTracing(tracer, loop.address) if tracer is not None else None
     service.metrics = metrics
     service.tracing = RpcTracing(tracer) if tracer is not None else None
+
+
+async def _drain(cfg: SchedulerConfig, service: InferenceService, health_servicer, loops: list[WorkerLoop]) -> None:
+    """SIGTERM: NOT_SERVING and no admissions (clients retry another replica), BE handed
+    back to the queues, in-flight RT finished, all within drain_grace_s; whatever is left
+    then is recovered by the replica that takes the leases."""
+    service.draining = True
+    await _set_health(health_servicer, False)
+    t0 = time.monotonic()
+    for loop in loops:
+        loop.begin_drain()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(loop.drained.wait() for loop in loops)), cfg.drain_grace_s)
+    except TimeoutError:
+        log.warning("drain: grace time %.0f s up with work left", cfg.drain_grace_s)
+    log.info("drained in %.1f s", time.monotonic() - t0)
 
 
 async def _watch_health(health_servicer, client, loops: list[WorkerLoop], ready: asyncio.Event | None) -> None:

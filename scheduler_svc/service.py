@@ -41,6 +41,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.store = store
         self.loops = loops
         self.hub = hub
+        self.draining = False   # SIGTERM: refuse new requests, keep serving streams
         self._channels = {loop.address: loop.channel() for loop in loops}
         self._background: set[asyncio.Task] = set()
         # Observability, set by server.py when enabled (None: off, one test per call).
@@ -122,6 +123,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _admit(self, request, context, submitted: bool, admission: Admission | None = None
                      ) -> tuple[str, bool]:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this scheduler replica is shutting down; retry")
         info = self._any_worker_info()
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is connected yet")
@@ -194,16 +197,21 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _bounds(self, rec: RequestRecord) -> AdmissionBounds:
         share = 1.0 if rec.service_class == types_pb2.REALTIME else self.cfg.be_queue_share
-        budget = None
+        tokens = requests = None
         if rec.service_class == types_pb2.REALTIME:
-            # RT prompt tokens the connected workers can prefill before this one's TTFT
-            # deadline, at their measured rates; unknown until a worker has prefilled.
-            rates = [loop.prefill_tokens_per_ms for loop in self.loops if loop.status.connected]
-            if rates and all(r > 0 for r in rates):
-                budget = rec.ttft_ms * sum(rates)
+            # What the connected workers get through before this one's TTFT deadline, at
+            # their measured rates: RT prompt tokens prefilled (the limit when prompts are
+            # long) and RT requests started while RT waited (the limit when seats are).
+            # Unknown (no check) until measured.
+            loops = [loop for loop in self.loops if loop.status.connected]
+            if loops and all(loop.prefill_tokens_per_ms > 0 for loop in loops):
+                tokens = rec.ttft_ms * sum(loop.prefill_tokens_per_ms for loop in loops)
+            if loops and all(loop.rt_backlog_starts_per_s > 0 for loop in loops):
+                requests = rec.ttft_ms / 1e3 * sum(loop.rt_backlog_starts_per_s for loop in loops)
         return AdmissionBounds(max_queued_requests=max(1, int(self.cfg.max_queued_requests * share)),
                                max_queued_tokens=max(1, int(self.cfg.max_queued_tokens * share)),
-                               rt_token_budget=budget, flag_infeasible=self.cfg.rt_infeasible == "flag")
+                               rt_token_budget=tokens, rt_request_budget=requests,
+                               flag_infeasible=self.cfg.rt_infeasible == "flag")
 
     async def _refuse(self, context, rec: RequestRecord, why: Exception) -> None:
         """RESOURCE_EXHAUSTED with a retry hint: in the message, as `retry-after-ms`, and as

@@ -277,7 +277,8 @@ end
 # ARGV[A+1] id, [A+2] class, [A+3] queue score, [A+4] num prompt tokens, [A+5] deadline
 # (epoch ms, '' for none), [A+6] max queued requests and [A+7] max queued tokens (both
 # classes together, this one included), [A+8] RT: the queued RT tokens its TTFT target
-# allows ('' = no check), [A+9] '1': admit past that and flag it, [A+10..] field, value...
+# allows ('' = no check), [A+9] '1': admit past a budget and flag it, [A+10] RT: the
+# queued RT requests its TTFT target allows ('' = no check), [A+11..] field, value...
 # Returns 1 admitted, 0 the id exists, -1 the queues are full, -2 RT target infeasible.
 _ADMIT = """
 local id, c, n = ARGV[A + 1], tonumber(ARGV[A + 2]), tonumber(ARGV[A + 4])
@@ -287,11 +288,13 @@ local queued = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 local tokens = (tonumber(redis.call('GET', KEYS[3])) or 0) + (tonumber(redis.call('GET', KEYS[4])) or 0)
 if queued + 1 > tonumber(ARGV[A + 6]) or tokens + n > tonumber(ARGV[A + 7]) then return -1 end
 local flagged = '0'
-if ARGV[A + 8] ~= '' and (tonumber(redis.call('GET', KEYS[2 + c])) or 0) + n > tonumber(ARGV[A + 8]) then
+local over = (ARGV[A + 8] ~= '' and (tonumber(redis.call('GET', KEYS[2 + c])) or 0) + n > tonumber(ARGV[A + 8]))
+  or (ARGV[A + 10] ~= '' and redis.call('ZCARD', KEYS[c]) > tonumber(ARGV[A + 10]))
+if over then
   if ARGV[A + 9] ~= '1' then return -2 end
   flagged = '1'
 end
-redis.call('HSET', rec, unpack(ARGV, A + 10))
+redis.call('HSET', rec, unpack(ARGV, A + 11))
 redis.call('HSET', rec, 'ttft_flagged', flagged)
 if ARGV[A + 5] ~= '' then redis.call('ZADD', KEYS[9], ARGV[A + 5], id) end
 redis.call('ZADD', KEYS[c], ARGV[A + 3], id)
@@ -470,6 +473,7 @@ class AdmissionBounds:
     max_queued_requests: int = 2**62
     max_queued_tokens: int = 2**62
     rt_token_budget: float | None = None   # RT: queued RT prompt tokens its TTFT allows
+    rt_request_budget: float | None = None # RT: queued RT requests its TTFT allows
     flag_infeasible: bool = False          # past rt_token_budget: admit and flag, not refuse
 
 
@@ -479,9 +483,14 @@ class QueuesFull(Exception):
 
 
 class TargetInfeasible(Exception):
-    def __init__(self, rt_token_budget: int):
-        super().__init__(f"its TTFT target allows {rt_token_budget} queued RT prompt tokens ahead of it, "
-                         "and more are queued")
+    def __init__(self, bounds: AdmissionBounds):
+        super().__init__(f"its TTFT target cannot be met at the measured rates (it allows about "
+                         f"{_fmt(bounds.rt_token_budget)} queued RT prompt tokens and {_fmt(bounds.rt_request_budget)} "
+                         "queued RT requests ahead of it, and more are queued)")
+
+
+def _fmt(budget: float | None) -> str:
+    return "any number of" if budget is None else str(int(budget))
 
 
 # --- the store ---------------------------------------------------------------------------
@@ -534,14 +543,15 @@ class Store:
         flat = [x for pair in record_to_fields(rec).items() for x in pair]
         deadline = "" if rec.deadline_ms is None else _num(rec.deadline_ms)
         rt_budget = "" if bounds.rt_token_budget is None else str(int(bounds.rt_token_budget))
+        rt_requests = "" if bounds.rt_request_budget is None else str(int(bounds.rt_request_budget))
         status = await self._run("admit", [rec.request_id, rec.service_class, _num(rec.queue_score),
                                            rec.num_prompt_tokens, deadline, bounds.max_queued_requests,
                                            bounds.max_queued_tokens, rt_budget, "1" if bounds.flag_infeasible else "0",
-                                           *flat])
+                                           rt_requests, *flat])
         if status == -1:
             raise QueuesFull(bounds.max_queued_requests, bounds.max_queued_tokens)
         if status == -2:
-            raise TargetInfeasible(int(bounds.rt_token_budget))
+            raise TargetInfeasible(bounds)
         return rec.request_id, status == 1
 
     async def get(self, request_id: str) -> RequestRecord | None:

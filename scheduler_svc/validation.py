@@ -1,5 +1,8 @@
 """Client input checks, pure: each failure names the field, and nothing is enqueued.
 
+max_model_len is the smallest any worker reports: the model's context, or its KV pool
+if that is smaller (a longer sequence could never finish there).
+
 Every size a client controls has a limit here (the SchedulerConfig fields named max_*);
 what only the transport can see is bounded by gRPC itself: a message over the server's
 max receive size, or metadata over 16 KiB, ends with RESOURCE_EXHAUSTED before any of
@@ -82,8 +85,8 @@ def _check_token_ids(ids, vocab_size: int, max_model_len: int) -> None:
     if not ids:
         raise InvalidArgument("token_ids.ids", "must not be empty")
     if len(ids) >= max_model_len:
-        raise InvalidArgument("token_ids.ids", f"{len(ids)} tokens leave no room for output in the "
-                                               f"model's context of {max_model_len}")
+        raise InvalidArgument("token_ids.ids", f"{len(ids)} tokens leave no room for output in "
+                                               f"max_model_len {max_model_len}")
     bad = next((t for t in ids if t >= vocab_size), None)
     if bad is not None:
         raise InvalidArgument("token_ids.ids", f"token id {bad} outside the vocabulary [0, {vocab_size})")
@@ -109,8 +112,8 @@ def _check_sampling(s: types_pb2.SamplingParams, limits: Limits, vocab_size: int
     if s.max_tokens <= 0:
         raise InvalidArgument("sampling.max_tokens", "must be > 0")
     if s.max_tokens >= max_model_len:
-        raise InvalidArgument("sampling.max_tokens", f"{s.max_tokens} leaves no room for a prompt in the "
-                                                     f"model's context of {max_model_len}")
+        raise InvalidArgument("sampling.max_tokens", f"{s.max_tokens} leaves no room for a prompt in "
+                                                     f"max_model_len {max_model_len}")
     if s.HasField("temperature") and not (math.isfinite(s.temperature) and s.temperature >= 0):
         raise InvalidArgument("sampling.temperature", f"must be finite and >= 0, got {s.temperature}")
     if s.HasField("top_p") and not (0 < s.top_p <= 1):
@@ -136,7 +139,7 @@ def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int, pr
     """After tokenizing: the prompt and all requested tokens must fit the context."""
     if num_prompt_tokens >= max_model_len:
         raise InvalidArgument(prompt_field, f"the prompt's {num_prompt_tokens} tokens leave no room for output in "
-                                            f"the model's context of {max_model_len}")
+                                            f"max_model_len {max_model_len}")
     if num_prompt_tokens + max_tokens > max_model_len:
         raise InvalidArgument("sampling.max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens "
-                                                     f"({max_tokens}) exceed the model's context of {max_model_len}")
+                                                     f"({max_tokens}) exceed max_model_len {max_model_len}")

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from bros import tls
 from bros.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
+from .keys import BEST_EFFORT
 from .placement import RoomBoard
 from .planner import PlanInput, PlannerConfig, Policy, SeqView
 from .store import RequestRecord, Store
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MIN_PREFILL_SAMPLE = 64     # prefill tokens a step needs to count toward the rate
 PREFILL_RATE_ALPHA = 0.2
+RT_BACKLOG_WINDOW_S = 5.0   # RT start rate: measured over this much backlogged time
+RT_BACKLOG_MIN_S = 1.0      # ...and trusted once it covers this much
 _FINISH_NAMES = {types_pb2.STOP: "stop", types_pb2.LENGTH: "length", types_pb2.ABORT: "abort"}
 
 
@@ -103,7 +106,18 @@ class WorkerLoop:
         # Prefill throughput seen in steps with enough prefill to measure it (EWMA): what
         # admission uses to tell whether an RT request's TTFT target can still be met.
         self.prefill_tokens_per_ms = 0.0
+        # Draining (this replica on SIGTERM, or the worker said so in its report): admit
+        # nothing, hand BE back to the queue, let RT finish. `drained` is set once this
+        # loop holds nothing more (replica drain only).
+        self.draining = False
+        self.worker_draining = False
+        self.drained = asyncio.Event()
         self._plan_prefill_tokens = 0
+        # RT requests started per second while RT was left waiting, over the last
+        # RT_BACKLOG_WINDOW_S of such iterations: how fast an RT backlog drains when seats,
+        # not prefill, are the limit. 0 until seen.
+        self._rt_backlog: deque[tuple[float, int]] = deque()   # (iteration s, RT started)
+        self._last_plan_t: float | None = None
         # Observability, set by server.py when enabled; None costs one test per hook.
         self.metrics: SchedulerMetrics | None = None
         self.tracing: LoopTracing | None = None
@@ -113,6 +127,9 @@ class WorkerLoop:
     async def run(self) -> None:
         backoff = 0.1
         while not self._stopping.is_set():
+            if self.draining:
+                self.drained.set()
+                return
             try:
                 if await self.store.acquire_lease(self.address, self.replica_id, self.lease_ttl_ms):
                     await self._session()
@@ -197,6 +214,13 @@ class WorkerLoop:
                 plan = await self._next_plan(aborts, waiting_rt + waiting_be)
                 report = await self._exchange(stream, plan)
                 await self._absorb(report)
+                self.worker_draining = report.draining
+                if self.draining and not self.seqs:
+                    if self._pending_free:  # leave the worker empty for whoever comes next
+                        await self._exchange(stream, worker_pb2.StepPlan(free=self._pending_free))
+                        self._pending_free = []
+                    self.drained.set()
+                    return
                 if not plan.scheduled and not self.seqs:
                     await asyncio.sleep(self.idle_sleep_s)
 
@@ -266,6 +290,9 @@ class WorkerLoop:
                     b.finish(rid, "abort", now_ms())
                     if self.seqs.pop(rid, None) is not None:
                         plan.free.append(rid)
+        if self.draining or self.worker_draining:
+            queued = []
+            await self._hand_back_be(plan)
         idle = not self.seqs
         waiting = {r.request_id: r for r in queued if r.request_id not in self.seqs
                    and self.board.takes(self.address, r.service_class, idle)}
@@ -281,6 +308,7 @@ class WorkerLoop:
         claimed = set(await self.store.claim(self.address, decision.admit, now_ms())) if decision.admit else set()
         self.stats.round_trips += 2 if decision.admit else 0  # the claim, then the records (concurrent)
         admitted = [rid for rid in decision.admit if rid in claimed]
+        self._measure_rt_starts(admitted, waiting)
         full = dict(zip(admitted, await asyncio.gather(*(self.store.get(rid) for rid in admitted))))
         for rid in decision.admit:
             if rid in claimed and full[rid] is not None:
@@ -310,6 +338,23 @@ class WorkerLoop:
             plan.list_resident = True
         self._observe_plan(plan)
         return plan
+
+    async def _hand_back_be(self, plan: worker_pb2.StepPlan) -> None:
+        """BE goes back to its queue (output so far kept, KV recomputed wherever it lands
+        next) and is freed here; RT stays to finish."""
+        be = sorted(rid for rid, run in self.seqs.items() if run.view.service_class == BEST_EFFORT)
+        if not be:
+            return
+        await self.store.requeue(self.address, be)
+        for rid in be:
+            del self.seqs[rid]
+            plan.free.append(rid)
+        log.info("worker %s draining: %d BE requests back to the queue", self.address, len(be))
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        if not self.status.connected:
+            self.drained.set()   # nothing driven from here
 
     async def _new_sequence(self, rec: RequestRecord) -> worker_pb2.NewSequence:
         sampling = types_pb2.SamplingParams.FromString(rec.sampling)
@@ -398,6 +443,22 @@ class WorkerLoop:
             self.metrics.reported(self, report, finished, t)
         if self.tracing is not None:
             self.tracing.reported(finished)
+
+    def _measure_rt_starts(self, admitted: list[str], waiting: dict) -> None:
+        now = time.monotonic()
+        last, self._last_plan_t = self._last_plan_t, now
+        rt_waiting = {rid for rid, r in waiting.items() if r.service_class != BEST_EFFORT}
+        started = sum(1 for rid in admitted if rid in rt_waiting)
+        if last is None or len(rt_waiting) <= started:
+            return  # no RT left behind: this iteration says nothing about capacity
+        self._rt_backlog.append((now - last, started))
+        while sum(dt for dt, _ in self._rt_backlog) > RT_BACKLOG_WINDOW_S and len(self._rt_backlog) > 1:
+            self._rt_backlog.popleft()
+
+    @property
+    def rt_backlog_starts_per_s(self) -> float:
+        span = sum(dt for dt, _ in self._rt_backlog)
+        return sum(n for _, n in self._rt_backlog) / span if span >= RT_BACKLOG_MIN_S else 0.0
 
     def _measure_prefill(self, step_ms: float) -> None:
         """The whole step's time is charged to its prefill tokens: decodes riding along make

@@ -22,14 +22,16 @@ I64_MIN, I64_MAX = -2**63, 2**63 - 1
 
 # Ids shared by every case, so requests and sequences meet again: attach, duplicate, free twice.
 REQUEST_IDS = ["fz-a", "fz-b", "fz-c", "fz.d:1", "fz_e-2"]
-SEQ_IDS = ["s0", "s1", "s2", "s3", "s4", "s5"]
+SEQ_IDS = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"]
 
 
-def mostly(good: st.SearchStrategy, bad: st.SearchStrategy, odds: int = 7) -> st.SearchStrategy:
+@st.composite
+def mostly(draw, good: st.SearchStrategy, bad: st.SearchStrategy, odds: int = 7):
     """good about odds times in odds + 1, else bad: each field is hostile now and then, so
     a fair share of whole messages gets past validation to the code behind it."""
-    # (st.one_of would not do: it draws among distinct branches, so repeats add no weight.)
-    return st.sampled_from(range(odds + 1)).flatmap(lambda i: bad if i == 0 else good)
+    # (st.one_of would not do: it draws among distinct branches, so repeats add no weight;
+    # flatmap would, but revalidates the strategy on every draw.)
+    return draw(bad if draw(st.sampled_from(range(odds + 1))) == 0 else good)
 
 
 u32 = st.one_of(st.integers(0, 64), st.integers(0, U32))
@@ -84,11 +86,17 @@ request_id = mostly(st.one_of(st.just(""), st.sampled_from(REQUEST_IDS)),
 resume_index = mostly(st.one_of(st.none(), st.integers(-1, 8)), st.integers(I64_MIN, I64_MAX), 4)
 
 
+# Which prompt a GenerateRequest carries, by weight (sampled_from draws an index, so a
+# repeated entry counts again). The sim backend has no tokenizer: mostly token ids there.
+PROMPT_KINDS = ("token_ids",) * 5 + ("text", "chat", None)
+TEXT_PROMPT_KINDS = ("text", "text", "chat", "chat", "token_ids", None)
+
+
 @st.composite
-def generate_request(draw, vocab_size: int) -> ipb.GenerateRequest:
+def generate_request(draw, vocab_size: int, prompt_kinds=PROMPT_KINDS) -> ipb.GenerateRequest:
     req = ipb.GenerateRequest(service_class=draw(service_class), ttft_ms=draw(u32), tpot_ms=draw(u32),
-                              request_id=draw(request_id))
-    which = draw(mostly(st.just("token_ids"), st.sampled_from(["text", "chat", None]), 5))
+                              request_id=draw(request_id), timeout_ms=draw(mostly(st.just(0), u32, 3)))
+    which = draw(st.sampled_from(prompt_kinds))
     if which == "token_ids":
         req.token_ids.ids.extend(draw(token_ids(vocab_size)))
     elif which == "text":
@@ -119,7 +127,7 @@ abort_request = st.builds(ipb.AbortRequest, request_id=request_id)
 # Metadata a client may send: nothing, a few ordinary entries, or one too big for gRPC.
 metadata = mostly(st.just(()), st.one_of(
     st.lists(st.tuples(st.sampled_from(["x-fuzz", "authorization", "x-request-id", "user-agent-x"]),
-                       st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=64)),
+                       st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=32)),
              max_size=3).map(tuple),
     st.integers(17_000, 40_000).map(lambda n: (("x-big", "a" * n),))), 5)
 
@@ -150,7 +158,7 @@ scheduled = st.builds(wpb.ScheduledSequence, seq_id=seq_id,
 def step_plan(draw, vocab_size: int) -> wpb.StepPlan:
     return wpb.StepPlan(plan_id=draw(st.integers(0, U64)),
                         new_sequences=draw(st.lists(new_sequence(vocab_size), max_size=2)),
-                        scheduled=draw(st.lists(scheduled, max_size=5)),
+                        scheduled=draw(st.lists(scheduled, max_size=3)),
                         preempt=draw(seq_ids), checkpoint=draw(seq_ids), restore=draw(seq_ids),
                         recompute=draw(seq_ids), free=draw(seq_ids),
                         list_resident=draw(st.booleans()))
@@ -161,10 +169,10 @@ def tokenize_request(draw) -> wpb.TokenizeRequest:
     req = wpb.TokenizeRequest()
     which = draw(st.sampled_from(["text", "chat", None]))
     if which == "text":
-        req.text = draw(st.text(max_size=200))
+        req.text = draw(st.text(max_size=60))
     elif which == "chat":
         for role, content in draw(st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "tool", ""]),
-                                                     st.text(max_size=80)), max_size=4)):
+                                                     st.text(max_size=40)), max_size=4)):
             req.chat.messages.add(role=role, content=content)
     return req
 

@@ -125,9 +125,11 @@ def test_matches_reference_in_both_directions_with_shared_blocks(dtype, G, kind)
     i = CASES.index((dtype, G, kind))
     D, B = (64, 128)[i % 2], (16, 32)[(i // 2) % 2]     # every pairing of head and block size occurs
     seqs, num_blocks = random_batch(seed=100 + i, block_size=B, kind=kind)
-    # prefill_block_m=16 makes chunks span several query tiles at these small sizes.
-    meta = run_and_compare(seqs, num_blocks * B, B, G, D, dtype, prefill_block_m=16)
+    # Small prefill tiles (16 or 32 rows: 16, 10 or 8 tokens) so chunks span several.
+    meta = run_and_compare(seqs, num_blocks * B, B, G, D, dtype, prefill_block_m=16 * min(G, 2))
     assert (meta.decode is None) == (kind == "prefill") and (meta.prefill is None) == (kind == "decode")
+    if meta.prefill is not None:
+        assert meta.prefill.num_tiles > sum(s.num_new_tokens > 1 for s in seqs), "no chunk spans two tiles"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])

@@ -1,6 +1,6 @@
 """The worker with its attention forced to the Triton kernels (run by Triton's interpreter
 off-GPU) against transformers and against the torch path: same greedy tokens, same
-logits. Short prompts and few tokens: the interpreter runs 30 layers of kernels a step."""
+logits. Short prompts and three steps: the interpreter runs 30 layers of kernels a step."""
 import pytest
 import torch
 
@@ -12,7 +12,6 @@ from worker_svc.plan import NewSeq, Plan
 from worker_svc.sampler import SamplingConfig
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
-NUM_NEW = 4
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +24,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def generate(runner, prompts: list[list[int]]):
-    """Greedy tokens and logits per prompt. An RT and a BE sequence; the BE prompt is
-    prefilled in two chunks, the second beside the RT decode (a mixed step)."""
+def generate(runner, rt: list[int], be: list[int]):
+    """Three greedy steps over an RT and a BE sequence: both prefill (BE only its first
+    chunk), then the RT decode beside the BE's last chunk (a mixed step), then two
+    decodes. Returns the tokens and logits of each (RT gets 3 tokens, BE 2)."""
     engine = Engine(runner, EngineLimits(num_blocks=64, block_size=16, max_num_host_slots=0,
                                          max_num_seqs=8, max_num_batched_tokens=256))
     poison(runner.cache)
-    greedy = SamplingConfig(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
-    rt, be = prompts
+    greedy = SamplingConfig(max_tokens=8, temperature=0.0, ignore_eos=True)
     plans = [Plan(new_sequences=[NewSeq("rt", SeqClass.RT, rt, greedy), NewSeq("be", SeqClass.BE, be, greedy)],
                   scheduled=[("rt", len(rt)), ("be", len(be) - 3)]),
-             Plan(scheduled=[("rt", 1), ("be", 3)])]
+             Plan(scheduled=[("rt", 1), ("be", 3)]),
+             Plan(scheduled=[("rt", 1), ("be", 1)])]
     tokens, logits = {"rt": [], "be": []}, {"rt": [], "be": []}
     runner.keep_logits = True
     try:
-        while min(len(t) for t in tokens.values()) < NUM_NEW:
-            plan = plans.pop(0) if plans else Plan(scheduled=[(s, 1) for s in tokens if len(tokens[s]) < NUM_NEW])
+        for plan in plans:
             report = engine.step(plan)
             assert not report.errors, report.errors
             engine.check_integrity()
@@ -54,16 +53,17 @@ def generate(runner, prompts: list[list[int]]):
 
 def test_triton_attention_matches_transformers_and_the_torch_path(torch_runner, hf_model):
     prompts = [torch_runner.tokenizer.encode(p) for p in PROMPTS]
-    want_tokens, want_logits = generate(torch_runner, prompts)
+    want_tokens, want_logits = generate(torch_runner, *prompts)
     saved = torch_runner.attn, torch_runner.fast_decode
     torch_runner.set_attention(TritonAttention(torch_runner.cache, 16, torch_runner.cfg.num_heads))
     try:
-        got_tokens, got_logits = generate(torch_runner, prompts)
+        got_tokens, got_logits = generate(torch_runner, *prompts)
     finally:
         torch_runner.attn, torch_runner.fast_decode = saved
+    assert [len(t) for t in got_tokens] == [3, 2]
     for i, ids in enumerate(prompts):
         with torch.inference_mode():
-            hf = hf_model.generate(torch.tensor([ids]), max_new_tokens=NUM_NEW, do_sample=False,
+            hf = hf_model.generate(torch.tensor([ids]), max_new_tokens=len(got_tokens[i]), do_sample=False,
                                    pad_token_id=2, eos_token_id=None)
         assert got_tokens[i] == hf[0, len(ids):].tolist() == want_tokens[i], f"prompt {i}"
         worst = max(rel_err(a, b) for a, b in zip(got_logits[i], want_logits[i]))

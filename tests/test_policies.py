@@ -34,6 +34,16 @@ def test_priority_keeps_vllms_gap_when_the_sequence_cap_is_full():
     assert "rt" not in d.admit  # memory is plentiful; the cap, not memory, blocks RT
 
 
+def test_bros_pauses_be_for_a_seat_when_the_sequence_cap_is_full():
+    # The gap priority keeps open: memory is plentiful, every seat is held by BE.
+    running = [seq(f"be{i}", i, 8, BE, computed=8, produced=1) for i in range(4)]
+    d = make_policy("bros").plan(inp(running=running, waiting=[seq("rt", 9, 8, RT, deadline=100)]),
+                                 PlannerConfig(max_num_seqs=4))
+    assert "rt" in d.admit and ("rt", 8) in d.scheduled
+    assert d.preempt == ["be3"]                       # the newest BE gives its seat up
+    assert sum(1 for rid, _ in d.scheduled if rid.startswith("be")) == 3
+
+
 def test_partition_keeps_each_class_in_its_share():
     waiting = [seq(f"be{i}", i, 64, BE) for i in range(8)] + [seq("rt", 50, 64, RT)]
     d = make_policy("partition").plan(inp(waiting=waiting), PlannerConfig(max_num_batched_tokens=128))

@@ -18,6 +18,9 @@ def build_engine(cfg: WorkerConfig, clock=None) -> Engine:
     num_blocks = cfg.num_blocks or num_blocks_for_budget(budget_mb * MB, cfg.block_size, runner.kv_bytes_per_slot)
     if cfg.backend == "torch":
         runner.allocate_cache(num_blocks, cfg.block_size)
+        if cfg.resolved_attention == "triton":
+            from kernels.backend import TritonAttention
+            runner.set_attention(TritonAttention(runner.cache, cfg.block_size, runner.cfg.num_heads))
     limits = EngineLimits(num_blocks=num_blocks, block_size=cfg.block_size,
                           max_num_host_slots=cfg.host_cache_mb * MB // runner.kv_bytes_per_slot,
                           max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
@@ -32,12 +35,25 @@ def _torch_runner(cfg: WorkerConfig):
     from .model.checkpoint import resolve_model
     from .torch_runner import TorchRunner
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    runner = TorchRunner(str(resolve_model(cfg.model)), cfg.dtype, cfg.device, cfg.max_model_len)
     if cfg.resolved_attention == "triton":
-        # The seam is TorchRunner.set_attention; the Triton kernels are not in kernels/ yet.
-        raise ValueError("attention 'triton' is not available in this build; use --attention torch")
-    return runner
+        _check_triton_can_run(cfg.device)   # before the weights load: fail fast
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return TorchRunner(str(resolve_model(cfg.model)), cfg.dtype, cfg.device, cfg.max_model_len)
+
+
+def _check_triton_can_run(device: str) -> None:
+    """The Triton kernels (kernels/) run on CUDA, or on CPU in Triton's interpreter, which
+    must be switched on (TRITON_INTERPRET=1) before any kernel is defined."""
+    import os
+
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"attention 'triton' on device {device!r}: torch sees no CUDA device")
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention 'triton' needs a CUDA device, got device {device!r}; use --attention torch, "
+                         "or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter")
 
 
 def _sim_runner(cfg: WorkerConfig, clock):

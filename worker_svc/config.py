@@ -34,6 +34,7 @@ class WorkerConfig:
     # violation as a step error (field "integrity") and in Describe. Costs a pass over
     # the pool per step: for tests and debugging, off in production.
     check_integrity: bool = False
+    drain_grace_s: float = 30.0            # SIGTERM: time to finish RT and hand back BE, then exit
     # TLS on the worker's port (docs/reliability.md#access); the files are read once, at startup
     tls_cert_file: str = ""                # this worker's certificate ("" = plaintext)
     tls_key_file: str = ""

@@ -83,6 +83,13 @@ class Engine:
         self.num_preemptions = 0          # preempt, checkpoint and recompute items applied
         self.num_checkpointed_slots = 0   # slots copied from the pool to host memory
 
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence this worker can run: the model's context, or the pool if that
+        is smaller (one sequence alone can fill every slot, never more). What Describe
+        reports, so the scheduler refuses at admission what could never finish here."""
+        return min(self.runner.max_model_len, self.limits.num_blocks * self.limits.block_size)
+
     # ---- the step ----------------------------------------------------------------
 
     def step(self, plan: Plan) -> Report:
@@ -222,12 +229,13 @@ class Engine:
         pool = self.limits.num_blocks * self.limits.block_size
         if n >= pool:
             return f"{f}.prompt_token_ids", f"{n} tokens exceed the KV pool's {pool} slots"
-        if len(new.output_token_ids) >= new.sampling.max_tokens:
-            return f"{f}.output_token_ids", f"{len(new.output_token_ids)} carried tokens reach max_tokens"
         try:
             new.sampling.validate()
         except ValueError as e:
             return f"{f}.sampling", str(e)
+        # After the sampling checks: with max_tokens 0 the fault is max_tokens, not the carried tokens.
+        if len(new.output_token_ids) >= new.sampling.max_tokens:
+            return f"{f}.output_token_ids", f"{len(new.output_token_ids)} carried tokens reach max_tokens"
         return None
 
     # ---- placement ---------------------------------------------------------------
@@ -320,7 +328,7 @@ class Engine:
         decision = seq.stop_checker.check(token, seq.text, len(seq.output_token_ids))
         if decision.truncate_text_at is not None:
             seq.text = seq.text[:decision.truncate_text_at]
-        if not decision.finished and seq.num_tokens >= self.runner.max_model_len:
+        if not decision.finished and seq.num_tokens >= self.max_model_len:
             decision = decision._replace(finished=True, reason="length")
         if decision.finished:
             self._finish(seq, decision.reason)

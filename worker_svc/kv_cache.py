@@ -39,17 +39,37 @@ class KVCache:
                 self.host.pop(c.handle, None)
                 continue
             idx = torch.tensor(c.slots, dtype=torch.long, device=self.device)
-            if c.kind == "to_host":
-                pin = self.device.type == "cuda"
+            if self.device.type == "cuda":
+                self._apply_cuda(c, idx)
+            elif c.kind == "to_host":
                 k = self.k.index_select(1, idx).to("cpu", copy=True)
                 v = self.v.index_select(1, idx).to("cpu", copy=True)
-                self.host[c.handle] = (k.pin_memory(), v.pin_memory()) if pin else (k, v)
+                self.host[c.handle] = (k, v)
             elif c.kind == "from_host":
                 k, v = self.host.pop(c.handle)
                 self.k.index_copy_(1, idx, k.to(self.device, non_blocking=True))
                 self.v.index_copy_(1, idx, v.to(self.device, non_blocking=True))
             else:
                 raise ValueError(f"unknown copy kind {c.kind!r}")
+
+    def _apply_cuda(self, c: SlotCopy, idx: torch.Tensor) -> None:
+        """One gather kernel into a contiguous device buffer, then one async DMA into
+        pinned host memory (and the reverse on restore). Everything is ordered on the
+        current stream, so the forward pass that overwrites the slots runs after the copy."""
+        from kernels.slot_copy import gather_slots, scatter_slots
+
+        if c.kind == "to_host":
+            bufs = gather_slots(self.k, self.v, idx)
+            host = tuple(torch.empty(b.shape, dtype=b.dtype, pin_memory=True) for b in bufs)
+            for h, b in zip(host, bufs):
+                h.copy_(b, non_blocking=True)
+            self.host[c.handle] = host
+        elif c.kind == "from_host":
+            k, v = self.host.pop(c.handle)
+            scatter_slots(self.k, self.v, idx, k.to(self.device, non_blocking=True),
+                          v.to(self.device, non_blocking=True))
+        else:
+            raise ValueError(f"unknown copy kind {c.kind!r}")
 
     @property
     def host_bytes(self) -> int:

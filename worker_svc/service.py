@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DRAIN_WAIT_FOR_SCHEDULER_S = 2.0
+LIVENESS = "liveness"   # health entry that is SERVING while the process runs (k8s liveness)
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -44,6 +46,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.engine: Engine | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._active_stream = 0
+        self._num_open_streams = 0
+        self.draining = False   # SIGTERM: every report says so; the scheduler moves work off
         self._occupancy: dict[str, int] = {}  # after the last step, for Describe
         # Observability, set by serve() when enabled (None: off, one test per step).
         self.metrics: WorkerMetrics | None = None
@@ -84,7 +88,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             worker_id=self.cfg.resolved_worker_id, model_name=r.model_name, backend=r.name,
             device=str(r.device), dtype=r.dtype_name,
             attention_backend=getattr(getattr(r, "attn", None), "name", "none"),
-            vocab_size=r.vocab_size, max_model_len=r.max_model_len, num_blocks=lim.num_blocks,
+            vocab_size=r.vocab_size, max_model_len=engine.max_model_len, num_blocks=lim.num_blocks,
             block_size=lim.block_size, max_num_host_slots=lim.max_num_host_slots,
             max_num_batched_tokens=lim.max_num_batched_tokens, max_num_seqs=lim.max_num_seqs,
             eos_token_ids=r.eos_token_ids, kv_bytes_per_slot=r.kv_bytes_per_slot,
@@ -117,6 +121,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._active_stream += 1
         my_stream = self._active_stream
         loop = asyncio.get_running_loop()
+        self._num_open_streams += 1
+        try:
+            async for report_pb in self._steps(engine, request_iterator, context, my_stream, loop):
+                yield report_pb
+        finally:
+            self._num_open_streams -= 1
+
+    async def _steps(self, engine: Engine, request_iterator, context, my_stream: int, loop):
         async for plan_pb in request_iterator:
             if my_stream != self._active_stream:
                 await context.abort(grpc.StatusCode.ABORTED, "another scheduler took over this worker")
@@ -127,7 +139,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._occupancy = report.occupancy
             if self.metrics is not None or self.tracing is not None:
                 self._observe(engine, plan_pb, report, started_ns)
-            yield report_to_pb(report)
+            report_pb = report_to_pb(report)
+            report_pb.draining = self.draining
+            yield report_pb
+
+    async def drain(self, grace_s: float) -> None:
+        """Until the scheduler has moved every sequence off (RT finished, BE requeued) or
+        the grace time is up; without a scheduler attached, nobody will, so not long."""
+        self.draining = True
+        t0 = time.monotonic()
+        while self.engine is not None and self.engine.seqs and time.monotonic() - t0 < grace_s:
+            if not self._num_open_streams and time.monotonic() - t0 > DRAIN_WAIT_FOR_SCHEDULER_S:
+                break
+            await asyncio.sleep(0.05)
+        left = len(self.engine.seqs) if self.engine is not None else 0
+        log.info("drained in %.1f s, %d sequences left to the scheduler's recovery", time.monotonic() - t0, left)
 
     @staticmethod
     def _safe_step(engine: Engine, plan: Plan, check_integrity: bool = False) -> Report:
@@ -172,6 +198,7 @@ async def serve(cfg: WorkerConfig, clock=None, ready: asyncio.Event | None = Non
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     port = tls.bind(server, f"{cfg.host}:{cfg.port}", credentials)
     if credentials is not None:
         log.info("TLS on, client certificates %s", "required" if cfg.tls_client_ca_file else "not required")
@@ -192,7 +219,8 @@ async def serve(cfg: WorkerConfig, clock=None, ready: asyncio.Event | None = Non
     await stop.wait()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=5)
+    await service.drain(cfg.drain_grace_s)
+    await server.stop(grace=1)
     telemetry.close()  # after the server: the last steps' spans are exported too
 
 

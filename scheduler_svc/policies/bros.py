@@ -139,7 +139,9 @@ class Bros:
         if n == 0 or step.seqs == 0 or (waiting and resident >= cfg.max_num_seqs and not pausable):
             return evictable, resident
         need = self._blocks_short(seq, n, step)
-        while need > evictable and pausable:  # make room: pause (or recompute) the newest BE
+        # Make room, in memory or in seats (the running-sequence cap, which vLLM's priority
+        # policy cannot preempt for): pause (or recompute) the newest BE.
+        while (need > evictable or (waiting and resident >= cfg.max_num_seqs)) and pausable:
             victim = pausable.pop(0)
             evictable += self._displace(victim, step)
             resident -= 1

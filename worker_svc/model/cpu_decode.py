@@ -41,7 +41,8 @@ _ISA_LEVELS = [
     ({"avx2", "fma", "f16c"}, ["-mavx2", "-mfma", "-mf16c"]),
 ]
 
-_loaded: dict[str, object] = {}
+_loaded: dict[tuple[Path, Path | None], object] = {}   # (source, root) -> module or None
+_errors: dict[tuple[Path, Path | None], Exception] = {}
 
 
 def isa_flags(cpu_flags: set[str] | None = None) -> list[str]:
@@ -73,44 +74,45 @@ def extension_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "bros") / "ext"
 
 
-def _build_args() -> tuple[str, list[str], list[str]]:
+def _build_args(source: Path) -> tuple[str, list[str], list[str]]:
     cflags = ["-O3", "-fopenmp", "-DNDEBUG", *isa_flags()]
     # libgomp by soname: torch already loaded its own copy (same soname), so our parallel
     # regions run on torch's OpenMP thread pool instead of starting a second one.
     ldflags = ["-fopenmp"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *cflags, *ldflags, torch.__version__,
+    key = hashlib.sha256("\n".join([source.read_text(), *cflags, *ldflags, torch.__version__,
                                     sys.version, platform.machine()]).encode()).hexdigest()[:12]
     return f"bros_cpu_decode_{key}", cflags, ldflags
 
 
-def load_extension(verbose: bool = False):
-    """The compiled module, building it on first use; None (with a warning) if it cannot
-    be built here. One result per process."""
-    if "module" in _loaded:
-        return _loaded["module"]
-    module = None
-    try:
-        module = _build_and_load(verbose)
-    except Exception as e:  # noqa: BLE001 - a compiler problem must never stop the worker
-        log.warning("C++ decode stack unavailable, using the TorchScript path: %s", _first_lines(e))
-        _loaded["error"] = e
-    _loaded["module"] = module
-    return module
+def load_extension(source: Path = SOURCE, root: Path | None = None, verbose: bool = False):
+    """The compiled module, building it under root (default extension_dir()) on first use;
+    None, with a warning, if it cannot be built here. One attempt per process."""
+    key = (source, root)
+    if key not in _loaded:
+        try:
+            _loaded[key] = _build_and_load(source, root or extension_dir(), verbose)
+        except Exception as e:  # noqa: BLE001 - a compiler problem must never stop the worker
+            log.warning("C++ decode stack unavailable, using the TorchScript path: %s", _first_lines(e))
+            _loaded[key] = None
+            _errors[key] = e
+    return _loaded[key]
 
 
-def _build_and_load(verbose: bool):
+def _build_and_load(source: Path, root: Path, verbose: bool):
     from torch.utils import cpp_extension
 
-    name, cflags, ldflags = _build_args()
-    build_dir = extension_dir() / name
+    name, cflags, ldflags = _build_args(source)
+    build_dir = root / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        log.info("building the C++ decode stack in %s (once; about a minute)", build_dir)
     # cpp_extension's own lock is a file that a killed build leaves behind, after which
     # every later load waits forever. An flock dies with its holder: take it, and any
     # `lock` file found while holding it is such a leftover.
     with open(build_dir / "bros.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
                                   build_directory=str(build_dir), verbose=verbose)
 
 
@@ -171,9 +173,9 @@ def main() -> None:
     took = time.perf_counter() - t0
     if ext is None:
         print(f"cpu_decode: build failed after {took:.1f} s; the worker will use the TorchScript path:\n"
-              f"{_loaded.get('error')}", file=sys.stderr)
+              f"{_errors.get((SOURCE, None))}", file=sys.stderr)
         return
-    print(f"cpu_decode: {ext.isa()} build ready in {extension_dir() / _build_args()[0]} ({took:.1f} s)")
+    print(f"cpu_decode: {ext.isa()} build ready in {extension_dir() / _build_args(SOURCE)[0]} ({took:.1f} s)")
 
 
 if __name__ == "__main__":

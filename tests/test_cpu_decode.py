@@ -1,0 +1,183 @@
+"""The C++ decode stack (worker_svc/model/csrc/decode.cpp) equals the eager model.
+
+Decode-only steps over random RT/BE placements from the real allocator (blocks shared by
+an RT and a BE owner, paused BE sequences whose slots sit beside the running rows), on a
+pool whose every unwritten slot is poisoned: reading one slot that is not the row's own
+wrecks the result. A small model with odd sizes exercises every tile tail; the default
+model runs the same check on its real shapes. tests/test_model_parity.py then runs its
+batched decodes through this path (test_engine_picks_the_stack_by_batch says so).
+"""
+import random
+
+import pytest
+import torch
+
+from conftest import POISON, poison
+from worker_svc.attention import BatchSeq, TorchAttention
+from worker_svc.block_allocator import BlockAllocator, SeqClass
+from worker_svc.kv_cache import KVCache
+from worker_svc.model.config import ModelConfig
+from worker_svc.model.cpu_decode import MAX_NUM_ROWS, CpuDecode, load_extension
+from worker_svc.model.llama import LlamaModel
+from worker_svc.plan import NewSeq, Plan
+from worker_svc.sampler import SamplingConfig
+
+# Sizes that are not multiples of the vector width (16) or of the 8-row tile: hidden 72,
+# head_dim 14 (q|k|v = 140 rows), intermediate 102 (a tail tile of 2 gate + 2 up rows).
+ODD = ModelConfig(name="odd", vocab_size=97, hidden_size=72, intermediate_size=102, num_layers=3, num_heads=6,
+                  num_kv_heads=2, head_dim=14, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  max_position_embeddings=128, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = load_extension()
+    assert module is not None, "the C++ decode stack did not build on this machine (see the warning)"
+    return module
+
+
+def random_model(cfg: ModelConfig, seed: int) -> LlamaModel:
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, scale=0.15):
+        return torch.randn(*shape, generator=g) * scale
+
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    state = {"model.embed_tokens.weight": w(cfg.vocab_size, cfg.hidden_size, scale=1.0),
+             "model.norm.weight": 1 + w(cfg.hidden_size)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        state |= {p + "input_layernorm.weight": 1 + w(cfg.hidden_size),
+                  p + "post_attention_layernorm.weight": 1 + w(cfg.hidden_size),
+                  p + "self_attn.q_proj.weight": w(q, cfg.hidden_size), p + "self_attn.k_proj.weight": w(kv, cfg.hidden_size),
+                  p + "self_attn.v_proj.weight": w(kv, cfg.hidden_size), p + "self_attn.o_proj.weight": w(cfg.hidden_size, q),
+                  p + "mlp.gate_proj.weight": w(cfg.intermediate_size, cfg.hidden_size),
+                  p + "mlp.up_proj.weight": w(cfg.intermediate_size, cfg.hidden_size),
+                  p + "mlp.down_proj.weight": w(cfg.hidden_size, cfg.intermediate_size)}
+    return LlamaModel.from_state_dict(cfg, state)
+
+
+def decode_step(alloc: BlockAllocator, rng: random.Random, max_rows: int) -> list[str]:
+    """Sequences of both classes with random contexts; some BE ones paused so RT shares their
+    blocks; then every running one allocates the slot of its next token."""
+    for i in range(3 * max_rows):
+        seq_id = f"s{i}"
+        alloc.add_sequence(seq_id, rng.choice([SeqClass.RT, SeqClass.BE]))
+        n = rng.randint(1, 3 * alloc.block_size)
+        if alloc.capacity(seq_id) <= n:
+            alloc.free(seq_id)
+            continue
+        alloc.allocate(seq_id, n)
+        if alloc.seqs[seq_id].seq_class == SeqClass.BE and rng.random() < 0.4:
+            alloc.pause(seq_id)
+    running = [s for s, a in alloc.seqs.items() if not a.paused][:max_rows]
+    rows = []
+    for s in running:
+        if alloc.capacity(s) >= 1:
+            alloc.allocate(s, 1)
+            rows.append(s)
+    alloc.check_integrity()
+    return rows
+
+
+def run_case(ext, model: LlamaModel, cache: KVCache, block_size: int, seed: int, max_rows: int) -> int:
+    """One random decode step through the eager model and the C++ stack; returns how many
+    blocks an RT and a BE sequence shared."""
+    rng = random.Random(seed)
+    alloc = BlockAllocator(num_blocks=cache.k.shape[1] // block_size, block_size=block_size)
+    rows = decode_step(alloc, rng, max_rows)
+    assert rows
+    cfg = model.cfg
+    poison(cache)
+    g = torch.Generator().manual_seed(seed)
+    for s in rows:  # every token before the new one has K/V in the pool (all layers)
+        old = torch.tensor(alloc.slots(s)[:-1], dtype=torch.long)
+        cache.k[:, old] = torch.randn(cfg.num_layers, len(old), cfg.num_kv_heads, cfg.head_dim, generator=g)
+        cache.v[:, old] = torch.randn(cfg.num_layers, len(old), cfg.num_kv_heads, cfg.head_dim, generator=g)
+    attn = TorchAttention(cache, block_size)
+    meta = attn.build_metadata([BatchSeq(alloc.slots(s), 1, [(r.block_id, r.num_tokens) for r in alloc.seqs[s].runs],
+                                         alloc.seqs[s].seq_class == SeqClass.BE) for s in rows])
+    ids = torch.tensor([rng.randrange(cfg.vocab_size) for _ in rows])
+    positions = torch.tensor([len(alloc.slots(s)) - 1 for s in rows])
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    with torch.inference_mode():
+        ref = model(ids, positions, attn, meta)
+        ref_k, ref_v = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(before_k)
+        cache.v.copy_(before_v)
+        cpp = CpuDecode(ext, model, cache.k, cache.v, block_size)
+        out = cpp.forward(ids, positions, meta)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cpp.logits(out), model.compute_logits(ref), rtol=1e-4, atol=1e-3)
+    # The new tokens' K/V landed in their slots; nothing else in the pool changed.
+    torch.testing.assert_close(cache.k, ref_k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.v, ref_v, rtol=1e-5, atol=1e-5)
+    untouched = torch.ones(cache.k.shape[1], dtype=torch.bool)
+    untouched[meta.slot_mapping] = False
+    assert torch.equal(cache.k[:, untouched], before_k[:, untouched])
+    assert (cache.k == POISON).any()  # the check above compared poison, not only data
+    return alloc.occupancy()["shared_blocks"]
+
+
+def test_small_odd_model_matches_eager_on_mixed_placements(ext):
+    model = random_model(ODD, seed=1)
+    cache = KVCache(ODD.num_layers, 24 * 4, ODD.num_kv_heads, ODD.head_dim, torch.float32)
+    shared = [run_case(ext, model, cache, 4, seed, max_rows=1 + seed % MAX_NUM_ROWS) for seed in range(16)]
+    assert sum(1 for n in shared if n) >= 3, shared  # RT and BE really shared blocks
+
+
+def test_default_model_matches_eager_on_mixed_placements(ext, torch_runner):
+    cache = torch_runner.cache
+    shared = [run_case(ext, torch_runner.model, cache, 16, seed, max_rows=rows)
+              for seed, rows in [(0, 1), (1, 5), (2, MAX_NUM_ROWS)]]
+    assert any(shared), shared
+
+
+def test_bad_indices_are_rejected_before_any_write(ext):
+    model = random_model(ODD, seed=2)
+    cache = KVCache(ODD.num_layers, 8 * 4, ODD.num_kv_heads, ODD.head_dim, torch.float32)
+    poison(cache)
+    cpp = CpuDecode(ext, model, cache.k, cache.v, 4)
+    attn = TorchAttention(cache, 4)
+    meta = attn.build_metadata([BatchSeq([0, 1, 2], 1, [(0, 3)], False)])
+    one = torch.tensor([1])
+    meta.slot_mapping = torch.tensor([8 * 4])  # one past the pool
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[0\] = 32 is outside \[0, 32\)"):
+        cpp.forward(one, torch.tensor([2]), meta)
+    meta.slot_mapping = torch.tensor([2])
+    with pytest.raises(RuntimeError, match=r"input_ids\[0\] = 97"):
+        cpp.forward(torch.tensor([97]), torch.tensor([2]), meta)
+    assert (cache.k == POISON).all()
+
+
+def test_a_failed_build_falls_back_with_a_warning(tmp_path, caplog):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#include <no/such/header_bros.h>\n")
+    assert load_extension(broken, tmp_path / "ext") is None
+    assert "C++ decode stack unavailable" in caplog.text
+
+
+def test_engine_picks_the_stack_by_batch(torch_engine, torch_runner):
+    """Decode-only steps of up to MAX_NUM_ROWS rows run in C++, larger ones in TorchScript,
+    prefills in eager PyTorch; both decode stacks pick the same greedy tokens."""
+    assert torch_runner.cpu_decode is not None
+    greedy = SamplingConfig(max_tokens=8, temperature=0.0, ignore_eos=True)
+    tok = torch_runner.tokenizer
+    prompts = [tok.encode(f"Count from {i} to ten:") for i in range(MAX_NUM_ROWS + 1)]
+    tokens = {}
+    for group, num_rows, stack in [("big", MAX_NUM_ROWS + 1, "script"), ("small", MAX_NUM_ROWS, "cpp")]:
+        ids = [f"{group}{i}" for i in range(num_rows)]
+        report = torch_engine.step(Plan(
+            new_sequences=[NewSeq(s, SeqClass.RT if i % 2 else SeqClass.BE, prompts[i], greedy)
+                           for i, s in enumerate(ids)],
+            scheduled=[(s, len(prompts[i])) for i, s in enumerate(ids)]))
+        assert torch_runner.last_forward == "eager"
+        for _ in range(3):
+            report = torch_engine.step(Plan(scheduled=[(s, 1) for s in ids]))
+            assert not report.errors and torch_runner.last_forward == stack
+            for o in report.outputs:
+                tokens.setdefault(int(o.seq_id[len(group):]), {}).setdefault(group, []).extend(o.token_ids)
+        torch_engine.step(Plan(free=ids))
+    for i in range(MAX_NUM_ROWS):
+        assert tokens[i]["small"] == tokens[i]["big"], i
+    torch_engine.check_integrity()
