@@ -33,6 +33,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @dataclass(frozen=True)
 class LaunchConfig:
     redis_url: str | None = None         # None: start an embedded Redis
+    redis_appendfsync: str = "everysec"  # embedded Redis AOF: always | everysec | no
     backend: str = "torch"               # worker backend: "torch" or "sim"
     model: str | None = None             # None: the worker's bundled default model
     worker_port: int = 50061             # 0: any free port
@@ -53,6 +54,8 @@ class LaunchConfig:
             (0 <= self.port < 65536, "port", "must be in [0, 65536)"),
             (self.worker_timeout_s > 0 and self.scheduler_timeout_s > 0, "worker_timeout_s", "must be > 0"),
             (self.grace_s >= 0, "grace_s", "must be >= 0"),
+            (self.redis_appendfsync in ("always", "everysec", "no"), "redis_appendfsync",
+             "must be always, everysec or no"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -62,6 +65,9 @@ class LaunchConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = LaunchConfig()
     p.add_argument("--redis-url", help="use this Redis instead of starting an embedded one")
+    p.add_argument("--redis-appendfsync", choices=("always", "everysec", "no"), default=d.redis_appendfsync,
+                   help="embedded Redis persistence (AOF in the run dir): 'always' loses no acknowledged "
+                        "write in a crash, 'everysec' up to a second (default: %(default)s)")
     p.add_argument("--backend", choices=("torch", "sim"), default=d.backend, help="worker backend")
     p.add_argument("--model", help="HF checkpoint dir or .gguf for the worker (default: bundled model)")
     p.add_argument("--worker-port", type=int, default=d.worker_port, help="0 picks a free port")
@@ -80,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> LaunchConfig:
     return LaunchConfig(
-        redis_url=ns.redis_url, backend=ns.backend, model=ns.model, worker_port=ns.worker_port,
+        redis_url=ns.redis_url, redis_appendfsync=ns.redis_appendfsync, backend=ns.backend, model=ns.model, worker_port=ns.worker_port,
         worker_args=_split_all(ns.worker_arg), port=ns.port, policy=ns.policy,
         scheduler_args=_split_all(ns.scheduler_arg), auth_tokens_file=ns.auth_tokens_file, run_dir=ns.run_dir,
         worker_timeout_s=ns.worker_timeout)
@@ -243,7 +249,7 @@ def serve(cfg: LaunchConfig) -> int:
 
 def run_stack(cfg: LaunchConfig, stack: ExitStack, run_dir: Path, worker_port: int, port: int) -> None:
     """Start everything, registering each stop on `stack` (unwound in reverse), then supervise."""
-    redis_url = cfg.redis_url or start_redis(stack, run_dir)
+    redis_url = cfg.redis_url or start_redis(stack, run_dir, cfg.redis_appendfsync)
     worker_target = f"{HOST}:{worker_port}"
     worker = start_child(stack, "worker", worker_argv(cfg, worker_port), run_dir, cfg.grace_s)
     wait_serving(worker, worker_target, WORKER_SERVICE, cfg.worker_timeout_s)
@@ -254,11 +260,12 @@ def run_stack(cfg: LaunchConfig, stack: ExitStack, run_dir: Path, worker_port: i
     supervise([scheduler, worker])
 
 
-def start_redis(stack: ExitStack, run_dir: Path) -> str:
+def start_redis(stack: ExitStack, run_dir: Path, appendfsync: str = "everysec") -> str:
     from bros.redis_server import EmbeddedRedis  # only needed without --redis-url
     data_dir = run_dir / "redis"
     data_dir.mkdir(exist_ok=True)
-    redis = EmbeddedRedis(data_dir=str(data_dir))
+    # AOF on: queued requests and finished results survive a restart of `bros serve`.
+    redis = EmbeddedRedis(data_dir=str(data_dir), appendonly=True, appendfsync=appendfsync)
     try:
         stack.enter_context(redis)
     except RuntimeError as e:  # its message carries the server's log
@@ -269,7 +276,8 @@ def start_redis(stack: ExitStack, run_dir: Path) -> str:
 
 
 def worker_argv(cfg: LaunchConfig, port: int) -> list[str]:
-    argv = [sys.executable, "-m", "worker_svc", "--backend", cfg.backend, "--port", str(port)]
+    argv = [sys.executable, "-m", "worker_svc", "--backend", cfg.backend, "--port", str(port),
+            "--drain-grace-s", _drain_grace(cfg)]
     if cfg.model:
         argv += ["--model", cfg.model]
     return argv + list(cfg.worker_args)
@@ -277,12 +285,17 @@ def worker_argv(cfg: LaunchConfig, port: int) -> list[str]:
 
 def scheduler_argv(cfg: LaunchConfig, port: int, redis_url: str, worker_target: str) -> list[str]:
     argv = [sys.executable, "-m", "scheduler_svc", "--port", str(port), "--redis-url", redis_url,
-            "--workers", worker_target]
+            "--workers", worker_target, "--drain-grace-s", _drain_grace(cfg)]
     if cfg.policy:
         argv += ["--policy", cfg.policy]
     if cfg.auth_tokens_file:
         argv += ["--auth-tokens-file", cfg.auth_tokens_file]
     return argv + list(cfg.scheduler_args)
+
+
+def _drain_grace(cfg: LaunchConfig) -> str:
+    """Children drain within the launcher's SIGTERM-to-SIGKILL grace, with a margin."""
+    return str(max(0.5, cfg.grace_s - 2.0))
 
 
 def ready_message(port: int) -> str:

@@ -397,11 +397,12 @@ def test_print_events_without_final_says_still_running(capsys):
 def test_child_commands():
     cfg = launcher.LaunchConfig(backend="sim", model="/m", worker_args=("--dtype", "float16"), policy="bros",
                                 scheduler_args=("--lease-ttl-ms", "900"))
+    # Children drain within the launcher's grace (15 s) less a margin.
     assert launcher.worker_argv(cfg, 50061)[1:] == ["-m", "worker_svc", "--backend", "sim", "--port", "50061",
-                                                    "--model", "/m", "--dtype", "float16"]
+                                                    "--drain-grace-s", "13.0", "--model", "/m", "--dtype", "float16"]
     assert launcher.scheduler_argv(cfg, 50051, "redis://h:1/0", "127.0.0.1:50061")[1:] == [
         "-m", "scheduler_svc", "--port", "50051", "--redis-url", "redis://h:1/0", "--workers", "127.0.0.1:50061",
-        "--policy", "bros", "--lease-ttl-ms", "900"]
+        "--drain-grace-s", "13.0", "--policy", "bros", "--lease-ttl-ms", "900"]
     assert "--target" not in launcher.ready_message(50051)
     assert "--target 127.0.0.1:6000" in launcher.ready_message(6000)
 
