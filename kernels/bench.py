@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print("make bench-kernels needs a CUDA device and torch sees none: nothing to measure.")
         return 0
     device = "cpu" if args.smoke else "cuda"
-    shape, cases, copies = (SMOKE_SHAPE, SMOKE_CASES, SMOKE_COPIES) if args.smoke else (GPU_SHAPE, GPU_CASES, GPU_COPIES)
+    if args.smoke:
+        shape, cases, copies = SMOKE_SHAPE, SMOKE_CASES, SMOKE_COPIES
+    else:
+        shape, cases, copies = GPU_SHAPE, GPU_CASES, GPU_COPIES
     copy_gbs = copy_bandwidth_gbs(device, 1 << 20 if args.smoke else 1 << 30)
     rows = [attention_row(name, spec, shape, device) for name, spec in cases]
     rows += copy_rows(shape, device, copies)
@@ -225,7 +228,8 @@ def _copy_row(kernel, case, num_bytes, fn, baseline, baseline_fn, device) -> dic
 
 def print_table(rows: list[dict], copy_gbs: float) -> None:
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
-    head = f"{'kernel':<20}{'case':<32}{'triton ms':>10}{'GB/s':>9}{'% copy':>8}{'splits':>7}   {'baseline':<12}{'ms':>9}{'GB/s':>9}"
+    head = (f"{'kernel':<20}{'case':<32}{'triton ms':>10}{'GB/s':>9}{'% copy':>8}{'splits':>7}   "
+            f"{'baseline':<12}{'ms':>9}{'GB/s':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:

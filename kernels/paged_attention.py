@@ -113,7 +113,7 @@ def _paged_attention_kernel(
         k = tl.load(k_pool_ptr + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None],
                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)            # [BLOCK_D, TILE_N]
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale            # [BLOCK_M, TILE_N]
-        visible = kv_ok[None, :]
+        visible = kv_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -172,7 +172,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     T, H, D = q.shape
     num_slots, Hkv, Dk = k_pool.shape
     assert T == meta.num_tokens, f"q has {T} tokens, the metadata {meta.num_tokens}"
-    assert v_pool.shape == k_pool.shape and Dk == D, f"pool {tuple(k_pool.shape)} / {tuple(v_pool.shape)}, q {tuple(q.shape)}"
+    assert v_pool.shape == k_pool.shape and Dk == D, \
+        f"pool {tuple(k_pool.shape)} / {tuple(v_pool.shape)}, q {tuple(q.shape)}"
     assert H == Hkv * meta.num_queries_per_kv, f"{H} query heads, {Hkv} KV heads, metadata G={meta.num_queries_per_kv}"
     assert q.dtype in DTYPES and q.dtype == k_pool.dtype == v_pool.dtype, (q.dtype, k_pool.dtype, v_pool.dtype)
     assert q.stride(-1) == k_pool.stride(-1) == v_pool.stride(-1) == 1, "head_dim must be contiguous"

@@ -81,6 +81,7 @@ def sampling(draw, vocab_size: int) -> tpb.SamplingParams:
     return s
 
 
+chat_role = mostly(st.sampled_from(["user", "system", "assistant"]), st.sampled_from(["", "bot", "tool", "USER"]))
 request_id = mostly(st.one_of(st.just(""), st.sampled_from(REQUEST_IDS)),
                     st.one_of(any_text, st.just("fz-a\n"), st.integers(129, 140).map(lambda n: "a" * n)), 4)
 resume_index = mostly(st.one_of(st.none(), st.integers(-1, 8)), st.integers(I64_MIN, I64_MAX), 4)
@@ -102,8 +103,7 @@ def generate_request(draw, vocab_size: int, prompt_kinds=PROMPT_KINDS) -> ipb.Ge
     elif which == "text":
         req.text = draw(any_text)
     elif which == "chat":
-        for role, content in draw(st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "", "bot"]),
-                                                     any_text), max_size=4)):
+        for role, content in draw(st.lists(st.tuples(chat_role, any_text), max_size=4)):
             req.chat.messages.add(role=role, content=content)
     if draw(st.integers(0, 19)):  # unset sampling (max_tokens 0) one time in twenty
         req.sampling.CopyFrom(draw(sampling(vocab_size)))
@@ -171,8 +171,7 @@ def tokenize_request(draw) -> wpb.TokenizeRequest:
     if which == "text":
         req.text = draw(st.text(max_size=60))
     elif which == "chat":
-        for role, content in draw(st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "tool", ""]),
-                                                     st.text(max_size=40)), max_size=4)):
+        for role, content in draw(st.lists(st.tuples(chat_role, st.text(max_size=40)), max_size=4)):
             req.chat.messages.add(role=role, content=content)
     return req
 

@@ -57,47 +57,71 @@ def random_model(cfg: ModelConfig, seed: int) -> LlamaModel:
     return LlamaModel.from_state_dict(cfg, state)
 
 
-def decode_step(alloc: BlockAllocator, rng: random.Random, max_rows: int) -> list[str]:
-    """Sequences of both classes with random contexts; some BE ones paused so RT shares their
-    blocks; then every running one allocates the slot of its next token."""
-    for i in range(3 * max_rows):
+def shared_block_step(B: int) -> tuple[BlockAllocator, list[str]]:
+    """A step whose rows read a shared block from both ends, with a padded row:
+
+        block 0: [ r1 r1 | b b ]   RT r1 opened here while BE b was paused (no free block)
+        block 2: [ .. .. .. b ]    b's next token, after r2 freed the block
+        block 4: [ r4 r4 r4 .. ]   r4 has one block, padded to two in the block table
+    """
+    alloc = BlockAllocator(5, B)
+    for seq_id, cls, n in [("b", SeqClass.BE, B // 2), ("r1", SeqClass.RT, B), ("r2", SeqClass.RT, B),
+                           ("r3", SeqClass.RT, B), ("r4", SeqClass.RT, B // 2)]:
+        alloc.add_sequence(seq_id, cls)
+        alloc.allocate(seq_id, n)
+    alloc.pause("b")
+    alloc.allocate("r1", 1)
+    alloc.free("r2")
+    alloc.resume("b")
+    rows = ["r1", "b", "r4"]
+    for seq_id in rows:
+        alloc.allocate(seq_id, 1)
+    assert alloc.rt_owner[0] == "r1" and alloc.be_owner[0] == "b"
+    return alloc, rows
+
+
+def random_step(B: int, num_blocks: int, seed: int, max_rows: int) -> tuple[BlockAllocator, list[str]]:
+    """Sequences of both classes and random lengths filling the pool, half the BE ones
+    paused (their slots stay poisoned); up to max_rows others decode one token."""
+    rng = random.Random(seed)
+    alloc = BlockAllocator(num_blocks, B)
+    for i in range(4 * max_rows):
         seq_id = f"s{i}"
         alloc.add_sequence(seq_id, rng.choice([SeqClass.RT, SeqClass.BE]))
-        n = rng.randint(1, 3 * alloc.block_size)
+        n = rng.randint(1, 3 * B)
         if alloc.capacity(seq_id) <= n:
             alloc.free(seq_id)
             continue
         alloc.allocate(seq_id, n)
-        if alloc.seqs[seq_id].seq_class == SeqClass.BE and rng.random() < 0.4:
+        if alloc.seqs[seq_id].seq_class == SeqClass.BE and rng.random() < 0.5:
             alloc.pause(seq_id)
-    running = [s for s, a in alloc.seqs.items() if not a.paused][:max_rows]
-    rows = []
-    for s in running:
-        if alloc.capacity(s) >= 1:
-            alloc.allocate(s, 1)
-            rows.append(s)
+    rows = [s for s, a in alloc.seqs.items() if not a.paused and alloc.capacity(s) > 0][:max_rows]
+    for seq_id in rows:
+        alloc.allocate(seq_id, 1)
+    return alloc, rows
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def check_step(ext, model: LlamaModel, cache: KVCache, alloc: BlockAllocator, rows: list[str], seed: int,
+               tol: float) -> None:
+    """One decode step through the eager model and through the C++ stack, from the same
+    poisoned pool: the same hidden states, logits and K/V writes up to fp32 summation order
+    (tol: relative to the largest value), and not one other pool value changed."""
     alloc.check_integrity()
-    return rows
-
-
-def run_case(ext, model: LlamaModel, cache: KVCache, block_size: int, seed: int, max_rows: int) -> int:
-    """One random decode step through the eager model and the C++ stack; returns how many
-    blocks an RT and a BE sequence shared."""
-    rng = random.Random(seed)
-    alloc = BlockAllocator(num_blocks=cache.k.shape[1] // block_size, block_size=block_size)
-    rows = decode_step(alloc, rng, max_rows)
-    assert rows
-    cfg = model.cfg
+    cfg, B = model.cfg, alloc.block_size
     poison(cache)
     g = torch.Generator().manual_seed(seed)
-    for s in rows:  # every token before the new one has K/V in the pool (all layers)
+    for s in rows:  # the tokens before the new one have K/V in the pool, in every layer
         old = torch.tensor(alloc.slots(s)[:-1], dtype=torch.long)
         cache.k[:, old] = torch.randn(cfg.num_layers, len(old), cfg.num_kv_heads, cfg.head_dim, generator=g)
         cache.v[:, old] = torch.randn(cfg.num_layers, len(old), cfg.num_kv_heads, cfg.head_dim, generator=g)
-    attn = TorchAttention(cache, block_size)
+    attn = TorchAttention(cache, B)
     meta = attn.build_metadata([BatchSeq(alloc.slots(s), 1, [(r.block_id, r.num_tokens) for r in alloc.seqs[s].runs],
                                          alloc.seqs[s].seq_class == SeqClass.BE) for s in rows])
-    ids = torch.tensor([rng.randrange(cfg.vocab_size) for _ in rows])
+    ids = torch.randint(cfg.vocab_size, (len(rows),), generator=g)
     positions = torch.tensor([len(alloc.slots(s)) - 1 for s in rows])
     before_k, before_v = cache.k.clone(), cache.v.clone()
     with torch.inference_mode():
@@ -105,32 +129,37 @@ def run_case(ext, model: LlamaModel, cache: KVCache, block_size: int, seed: int,
         ref_k, ref_v = cache.k.clone(), cache.v.clone()
         cache.k.copy_(before_k)
         cache.v.copy_(before_v)
-        cpp = CpuDecode(ext, model, cache.k, cache.v, block_size)
+        cpp = CpuDecode(ext, model, cache.k, cache.v, B)
         out = cpp.forward(ids, positions, meta)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(cpp.logits(out), model.compute_logits(ref), rtol=1e-4, atol=1e-3)
-    # The new tokens' K/V landed in their slots; nothing else in the pool changed.
-    torch.testing.assert_close(cache.k, ref_k, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache.v, ref_v, rtol=1e-5, atol=1e-5)
+        assert rel_err(out, ref) < tol
+        assert rel_err(cpp.logits(out), model.compute_logits(ref)) < tol
+    new = meta.slot_mapping
+    for layer in range(cfg.num_layers):
+        assert rel_err(cache.k[layer, new], ref_k[layer, new]) < tol, layer
+        assert rel_err(cache.v[layer, new], ref_v[layer, new]) < tol, layer
     untouched = torch.ones(cache.k.shape[1], dtype=torch.bool)
-    untouched[meta.slot_mapping] = False
+    untouched[new] = False
     assert torch.equal(cache.k[:, untouched], before_k[:, untouched])
-    assert (cache.k == POISON).any()  # the check above compared poison, not only data
-    return alloc.occupancy()["shared_blocks"]
+    assert torch.equal(cache.v[:, untouched], before_v[:, untouched])
 
 
-def test_small_odd_model_matches_eager_on_mixed_placements(ext):
+def test_small_odd_model_matches_eager(ext):
     model = random_model(ODD, seed=1)
     cache = KVCache(ODD.num_layers, 24 * 4, ODD.num_kv_heads, ODD.head_dim, torch.float32)
-    shared = [run_case(ext, model, cache, 4, seed, max_rows=1 + seed % MAX_NUM_ROWS) for seed in range(16)]
-    assert sum(1 for n in shared if n) >= 3, shared  # RT and BE really shared blocks
+    check_step(ext, model, cache, *shared_block_step(4), seed=0, tol=1e-5)
+    for seed in range(12):
+        check_step(ext, model, cache, *random_step(4, 24, seed, max_rows=1 + seed % MAX_NUM_ROWS), seed=seed,
+                   tol=1e-5)
 
 
-def test_default_model_matches_eager_on_mixed_placements(ext, torch_runner):
-    cache = torch_runner.cache
-    shared = [run_case(ext, torch_runner.model, cache, 16, seed, max_rows=rows)
-              for seed, rows in [(0, 1), (1, 5), (2, MAX_NUM_ROWS)]]
-    assert any(shared), shared
+def test_default_model_matches_eager(ext, torch_runner):
+    """30 layers of real weights amplify fp32 rounding: on these steps both fp32 paths sit
+    up to ~1e-4 (relative) from a float64 run of the eager model, in either direction; the
+    tolerance is the parity test's."""
+    model, cache = torch_runner.model, torch_runner.cache
+    check_step(ext, model, cache, *shared_block_step(16), seed=0, tol=1e-3)
+    for seed, rows in [(1, 1), (2, 5), (3, MAX_NUM_ROWS)]:
+        check_step(ext, model, cache, *random_step(16, 64, seed, max_rows=rows), seed=seed, tol=1e-3)
 
 
 def test_bad_indices_are_rejected_before_any_write(ext):

@@ -104,7 +104,8 @@ def test_probes_are_grpc_health_checks_on_the_grpc_port(rendered, kind, name, re
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == port, probe
     assert c["readinessProbe"]["grpc"]["service"] == readiness_service
-    assert c["livenessProbe"]["grpc"]["service"] == ""
+    # SERVING while the process runs: a Redis or worker outage must not restart it.
+    assert c["livenessProbe"]["grpc"]["service"] == "liveness"
 
 
 def test_tls_servers_get_tcp_probes_because_kubelet_grpc_probes_are_plaintext(rendered):

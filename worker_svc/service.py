@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from jinja2.exceptions import TemplateError
 
 from bros.decode_guard import DecodeGuard
 from bros import tls
@@ -101,19 +102,24 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if tok is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the sim backend has no tokenizer")
         which = request.WhichOneof("input")
+        # Messages start with the field at fault, like every other refusal.
         if which == "text":
-            ids = tok.encode(request.text)
+            # Off the event loop: a long prompt must not stall health checks and Step reports.
+            ids = await asyncio.to_thread(tok.encode, request.text)
         elif which == "chat":
             msgs = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             if not msgs:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages must not be empty")
-            bad = next((m["role"] for m in msgs if m["role"] not in ("system", "user", "assistant")), None)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages: must not be empty")
+            bad = next((i for i, m in enumerate(msgs) if m["role"] not in ("system", "user", "assistant")), None)
             if bad is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"chat.messages.role must be system, user or assistant, got {bad!r}")
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chat.messages[{bad}].role: must be "
+                                    f"system, user or assistant, got {msgs[bad]['role'][:32]!r}")
+            try:
+                ids = await asyncio.to_thread(tok.apply_chat_template, msgs, add_generation_prompt=True)
+            except (ValueError, TemplateError) as e:  # no template, or it refuses these messages
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chat.messages: {e}")
         else:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one of text or chat must be set")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input: one of text or chat must be set")
         return worker_pb2.TokenizeResponse(token_ids=ids)
 
     async def Step(self, request_iterator, context):
