@@ -197,20 +197,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _bounds(self, rec: RequestRecord) -> AdmissionBounds:
         share = 1.0 if rec.service_class == types_pb2.REALTIME else self.cfg.be_queue_share
-        tokens = requests = None
+        tokens = late_after = None
         if rec.service_class == types_pb2.REALTIME:
-            # What the connected workers get through before this one's TTFT deadline, at
-            # their measured rates: RT prompt tokens prefilled (the limit when prompts are
-            # long) and RT requests started while RT waited (the limit when seats are).
-            # Unknown (no check) until measured.
+            # Infeasible: more RT prompt tokens queued than the connected workers prefill
+            # before this one's deadline at their measured rates (no check until measured),
+            # or RT already queued past its own TTFT deadline (RT is behind, whatever the
+            # limit: seats, memory or prefill).
             loops = [loop for loop in self.loops if loop.status.connected]
             if loops and all(loop.prefill_tokens_per_ms > 0 for loop in loops):
                 tokens = rec.ttft_ms * sum(loop.prefill_tokens_per_ms for loop in loops)
-            if loops and all(loop.rt_backlog_starts_per_s > 0 for loop in loops):
-                requests = rec.ttft_ms / 1e3 * sum(loop.rt_backlog_starts_per_s for loop in loops)
+            late_after = rec.arrival_ms
         return AdmissionBounds(max_queued_requests=max(1, int(self.cfg.max_queued_requests * share)),
                                max_queued_tokens=max(1, int(self.cfg.max_queued_tokens * share)),
-                               rt_token_budget=tokens, rt_request_budget=requests,
+                               rt_token_budget=tokens, rt_late_after_ms=late_after,
                                flag_infeasible=self.cfg.rt_infeasible == "flag")
 
     async def _refuse(self, context, rec: RequestRecord, why: Exception) -> None:

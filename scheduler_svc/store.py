@@ -277,8 +277,9 @@ end
 # ARGV[A+1] id, [A+2] class, [A+3] queue score, [A+4] num prompt tokens, [A+5] deadline
 # (epoch ms, '' for none), [A+6] max queued requests and [A+7] max queued tokens (both
 # classes together, this one included), [A+8] RT: the queued RT tokens its TTFT target
-# allows ('' = no check), [A+9] '1': admit past a budget and flag it, [A+10] RT: the
-# queued RT requests its TTFT target allows ('' = no check), [A+11..] field, value...
+# allows ('' = no check), [A+9] '1': admit past a budget and flag it, [A+10] RT: "now"
+# (epoch ms): infeasible while a queued RT request's deadline (its score) is already
+# past ('' = no check), [A+11..] field, value...
 # Returns 1 admitted, 0 the id exists, -1 the queues are full, -2 RT target infeasible.
 _ADMIT = """
 local id, c, n = ARGV[A + 1], tonumber(ARGV[A + 2]), tonumber(ARGV[A + 4])
@@ -289,7 +290,7 @@ local tokens = (tonumber(redis.call('GET', KEYS[3])) or 0) + (tonumber(redis.cal
 if queued + 1 > tonumber(ARGV[A + 6]) or tokens + n > tonumber(ARGV[A + 7]) then return -1 end
 local flagged = '0'
 local over = (ARGV[A + 8] ~= '' and (tonumber(redis.call('GET', KEYS[2 + c])) or 0) + n > tonumber(ARGV[A + 8]))
-  or (ARGV[A + 10] ~= '' and redis.call('ZCARD', KEYS[c]) > tonumber(ARGV[A + 10]))
+  or (ARGV[A + 10] ~= '' and redis.call('ZCOUNT', KEYS[c], '-inf', ARGV[A + 10]) > 0)
 if over then
   if ARGV[A + 9] ~= '1' then return -2 end
   flagged = '1'
@@ -473,7 +474,7 @@ class AdmissionBounds:
     max_queued_requests: int = 2**62
     max_queued_tokens: int = 2**62
     rt_token_budget: float | None = None   # RT: queued RT prompt tokens its TTFT allows
-    rt_request_budget: float | None = None # RT: queued RT requests its TTFT allows
+    rt_late_after_ms: float | None = None  # RT: infeasible if RT queued with a deadline before this
     flag_infeasible: bool = False          # past rt_token_budget: admit and flag, not refuse
 
 
@@ -484,13 +485,9 @@ class QueuesFull(Exception):
 
 class TargetInfeasible(Exception):
     def __init__(self, bounds: AdmissionBounds):
-        super().__init__(f"its TTFT target cannot be met at the measured rates (it allows about "
-                         f"{_fmt(bounds.rt_token_budget)} queued RT prompt tokens and {_fmt(bounds.rt_request_budget)} "
-                         "queued RT requests ahead of it, and more are queued)")
-
-
-def _fmt(budget: float | None) -> str:
-    return "any number of" if budget is None else str(int(budget))
+        budget = "" if bounds.rt_token_budget is None else f" (about {int(bounds.rt_token_budget)} queued RT prompt tokens fit)"
+        super().__init__(f"its TTFT target cannot be met: RT queued ahead is past its own deadline or exceeds "
+                         f"what prefills in time{budget}")
 
 
 # --- the store ---------------------------------------------------------------------------
@@ -543,11 +540,11 @@ class Store:
         flat = [x for pair in record_to_fields(rec).items() for x in pair]
         deadline = "" if rec.deadline_ms is None else _num(rec.deadline_ms)
         rt_budget = "" if bounds.rt_token_budget is None else str(int(bounds.rt_token_budget))
-        rt_requests = "" if bounds.rt_request_budget is None else str(int(bounds.rt_request_budget))
+        rt_late = "" if bounds.rt_late_after_ms is None else _num(bounds.rt_late_after_ms)
         status = await self._run("admit", [rec.request_id, rec.service_class, _num(rec.queue_score),
                                            rec.num_prompt_tokens, deadline, bounds.max_queued_requests,
                                            bounds.max_queued_tokens, rt_budget, "1" if bounds.flag_infeasible else "0",
-                                           rt_requests, *flat])
+                                           rt_late, *flat])
         if status == -1:
             raise QueuesFull(bounds.max_queued_requests, bounds.max_queued_tokens)
         if status == -2:

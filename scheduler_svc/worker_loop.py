@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 MIN_PREFILL_SAMPLE = 64     # prefill tokens a step needs to count toward the rate
 PREFILL_RATE_ALPHA = 0.2
-RT_BACKLOG_WINDOW_S = 5.0   # RT start rate: measured over this much backlogged time
-RT_BACKLOG_MIN_S = 1.0      # ...and trusted once it covers this much
 _FINISH_NAMES = {types_pb2.STOP: "stop", types_pb2.LENGTH: "length", types_pb2.ABORT: "abort"}
 
 
@@ -113,11 +111,6 @@ class WorkerLoop:
         self.worker_draining = False
         self.drained = asyncio.Event()
         self._plan_prefill_tokens = 0
-        # RT requests started per second while RT was left waiting, over the last
-        # RT_BACKLOG_WINDOW_S of such iterations: how fast an RT backlog drains when seats,
-        # not prefill, are the limit. 0 until seen.
-        self._rt_backlog: deque[tuple[float, int]] = deque()   # (iteration s, RT started)
-        self._last_plan_t: float | None = None
         # Observability, set by server.py when enabled; None costs one test per hook.
         self.metrics: SchedulerMetrics | None = None
         self.tracing: LoopTracing | None = None
@@ -308,7 +301,6 @@ class WorkerLoop:
         claimed = set(await self.store.claim(self.address, decision.admit, now_ms())) if decision.admit else set()
         self.stats.round_trips += 2 if decision.admit else 0  # the claim, then the records (concurrent)
         admitted = [rid for rid in decision.admit if rid in claimed]
-        self._measure_rt_starts(admitted, waiting)
         full = dict(zip(admitted, await asyncio.gather(*(self.store.get(rid) for rid in admitted))))
         for rid in decision.admit:
             if rid in claimed and full[rid] is not None:
@@ -443,22 +435,6 @@ class WorkerLoop:
             self.metrics.reported(self, report, finished, t)
         if self.tracing is not None:
             self.tracing.reported(finished)
-
-    def _measure_rt_starts(self, admitted: list[str], waiting: dict) -> None:
-        now = time.monotonic()
-        last, self._last_plan_t = self._last_plan_t, now
-        rt_waiting = {rid for rid, r in waiting.items() if r.service_class != BEST_EFFORT}
-        started = sum(1 for rid in admitted if rid in rt_waiting)
-        if last is None or len(rt_waiting) <= started:
-            return  # no RT left behind: this iteration says nothing about capacity
-        self._rt_backlog.append((now - last, started))
-        while sum(dt for dt, _ in self._rt_backlog) > RT_BACKLOG_WINDOW_S and len(self._rt_backlog) > 1:
-            self._rt_backlog.popleft()
-
-    @property
-    def rt_backlog_starts_per_s(self) -> float:
-        span = sum(dt for dt, _ in self._rt_backlog)
-        return sum(n for _, n in self._rt_backlog) / span if span >= RT_BACKLOG_MIN_S else 0.0
 
     def _measure_prefill(self, step_ms: float) -> None:
         """The whole step's time is charged to its prefill tokens: decodes riding along make

@@ -26,8 +26,8 @@ class HybridRun:
         for i in range(self.num_requests):
             prompt = [100 + i % 500] * self.prompt_len(i)
             opts = dict(max_tokens=self.max_tokens, temperature=0.0, request_id=self.request_id(i))
-            if i % 2:  # RT: a live stream
-                events = self.client.generate(prompt, service_class="rt", **opts)
+            if i % 2:  # RT: a live stream; targets loose enough that admission never refuses it
+                events = self.client.generate(prompt, service_class="rt", ttft_ms=120_000, tpot_ms=60_000, **opts)
             else:      # BE: submitted, then watched
                 events = self.client.watch(self.client.submit(prompt, service_class="be", **opts))
             t = threading.Thread(target=self._consume, args=(i, events), daemon=True)
