@@ -31,10 +31,12 @@ def queued(client: Client) -> dict:
 
 
 def start_blocker(client: Client) -> str:
-    """One long request in the only seat (--max-num-seqs 1): everything after it queues."""
-    rid = client.submit([1] * 80, service_class="be", max_tokens=4000, timeout_ms=60_000)
+    """One long RT request in the only seat (--max-num-seqs 1): everything after it queues
+    (bros would pause a BE blocker to seat RT; a running RT gives way to no one)."""
+    rid = client.submit([1] * 80, service_class="rt", max_tokens=4000, timeout_ms=60_000, ttft_ms=60_000,
+                        tpot_ms=60_000)
     deadline = time.monotonic() + 10
-    while queued(client)["be"][0] and time.monotonic() < deadline:
+    while queued(client)["rt"][0] and time.monotonic() < deadline:
         time.sleep(0.02)
     return rid
 
