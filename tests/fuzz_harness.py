@@ -203,6 +203,9 @@ class InferenceFuzz:
         elif e.code() == C.DEADLINE_EXCEEDED:
             # Only a stream that waits for tokens may run into the fuzzer's deadline.
             assert rpc == "Generate" or (rpc == "Watch" and req.wait), e
+        elif e.code() == C.RESOURCE_EXHAUSTED:
+            # Overload: a full queue, or an RT target no longer reachable (a 1 ms TTFT, say).
+            assert rpc in ("Generate", "Submit") and e.details().startswith("service_class: "), e
         else:
             assert e.code() in (C.NOT_FOUND, C.CANCELLED) and rpc in ("Watch", "Abort", "Generate"), e
 
