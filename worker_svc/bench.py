@@ -66,6 +66,36 @@ def ours_decode(engine, batch: int) -> tuple[float, float]:
     return batch * len(steps) / sum(steps), statistics.median(steps) * 1e3
 
 
+def stacks_decode(engine, batch: int, steps: int) -> dict[str, float]:
+    """Median step ms of the C++ and the TorchScript decode stacks, their steps interleaved
+    (A B A B ...) over the same sequences in one process, so that a noisy neighbour slows
+    both alike: on a shared machine the ratio is the number to read."""
+    runner = engine.runner
+    cpp = runner.cpu_decode
+    if cpp is None or not cpp.handles(batch):
+        return {}
+    greedy = SamplingConfig(max_tokens=2 * steps + 8, temperature=0.0, ignore_eos=True)
+    ids = [f"ab{batch}-{i}" for i in range(batch)]
+    vocab = runner.vocab_size
+    engine.step(Plan(new_sequences=[NewSeq(s, SeqClass.RT, _prompt(i, CONTEXT, vocab), greedy)
+                                    for i, s in enumerate(ids)]))
+    for chunk in range(0, batch, 8):
+        engine.step(Plan(scheduled=[(s, CONTEXT) for s in ids[chunk:chunk + 8]]))
+    times: dict[str, list[float]] = {"cpp": [], "script": []}
+    try:
+        for i in range(steps + 2):
+            for name, stack in (("cpp", cpp), ("script", None)):
+                runner.cpu_decode = stack
+                t0 = time.perf_counter()
+                engine.step(Plan(scheduled=[(s, 1) for s in ids]))
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        runner.cpu_decode = cpp
+    engine.step(Plan(free=ids))
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def ours_prefill(engine, repeats: int = 3) -> float:
     greedy = SamplingConfig(max_tokens=1, temperature=0.0, ignore_eos=True)
     times = []
@@ -110,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/out/worker.json")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--skip-hf", action="store_true", help="only measure our engine")
+    p.add_argument("--compare-stacks", type=int, default=0, metavar="STEPS",
+                   help="also interleave STEPS decode steps of the C++ and TorchScript stacks (batch 1 and 32)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -126,7 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     ours_decode(engine, 1)  # warm every path once
     res["ours_decode_tok_s_b1"], res["ours_step_ms_b1"] = ours_decode(engine, 1)
+    res["decode_stack_b1"] = runner.last_forward
     res["ours_decode_tok_s_b32"], res["ours_step_ms_b32"] = ours_decode(engine, 32)
+    res["decode_stack_b32"] = runner.last_forward
+    for batch in (1, 32) if args.compare_stacks else ():
+        for name, ms in stacks_decode(engine, batch, args.compare_stacks).items():
+            res[f"{name}_step_ms_b{batch}"] = ms
     res["ours_prefill_tok_s"] = ours_prefill(engine)
     engine.check_integrity()
     if not args.skip_hf:
@@ -161,6 +198,12 @@ def print_table(r: dict) -> None:
     print(f"\nbatch-1 step {r['ours_step_ms_b1']:.1f} ms; bandwidth floor {r['bandwidth_floor_ms_b1']:.1f} ms "
           f"({r['weight_bytes'] / 1e6:.0f} MB at {r['read_bandwidth_gb_s']:.1f} GB/s read) "
           f"-> {r['step_over_floor_b1']:.2f}x the floor")
+    print(f"decode stacks: batch 1 {r['decode_stack_b1']}, batch 32 {r['decode_stack_b32']}")
+    for batch in (1, 32):
+        cpp, script = r.get(f"cpp_step_ms_b{batch}"), r.get(f"script_step_ms_b{batch}")
+        if cpp and script:
+            print(f"interleaved, batch {batch}: C++ {cpp:.1f} ms, TorchScript {script:.1f} ms per step "
+                  f"-> {script / cpp:.2f}x")
 
 
 if __name__ == "__main__":

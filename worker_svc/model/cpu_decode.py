@@ -28,10 +28,10 @@ from .llama import LlamaModel
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
-# Rows (decode tokens) up to which the C++ stack beats the TorchScript one; above it the
-# weights are no longer the whole cost and MKL's GEMM wins (measured: docs/performance.md).
-MAX_NUM_ROWS = 8
-_EXT_MAX_ROWS = 64  # kMaxRows in decode.cpp
+# Decode rows per step up to which the C++ stack runs: kMaxRows in decode.cpp, and the
+# default --max-num-seqs. It measured faster than the TorchScript stack (MKL GEMMs) at
+# every batch from 1 to 64 (docs/performance.md); larger steps take TorchScript.
+MAX_NUM_ROWS = 64
 
 # /proc/cpuinfo flag sets, best first, and the gcc flags each one allows. No -march=native:
 # the flags name exactly what this CPU reported, so the build runs on any CPU that has them.
@@ -122,7 +122,8 @@ def _first_lines(e: Exception, n: int = 6) -> str:
 
 class CpuDecode:
     """Binds a model's fp32 weights and the KV pool to the C++ stack; decode-only steps of
-    at most MAX_NUM_ROWS rows go through `forward`, and their logits through `logits`."""
+    at most MAX_NUM_ROWS rows go through `forward`, and logits of that many rows through
+    `logits`."""
 
     def __init__(self, ext, model: LlamaModel, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
         cfg, layers = model.cfg, model.layers
@@ -134,7 +135,6 @@ class CpuDecode:
             [l.post_attn_norm for l in layers], [l.gate_up_proj.weight for l in layers],
             [l.down_proj.weight for l in layers], k_cache, v_cache,
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, cfg.rms_norm_eps)
-        self._rope = rope  # the stack holds a reference too; kept for clarity of ownership
         self._linear_small = ext.linear_small
         self._lm_head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
 

@@ -4,45 +4,51 @@
 // fp32), so its floor is that read; what keeps an op-by-op framework above it are the ~40
 // small ops per layer, each paying a dispatch, an OpenMP fork/join and cold caches. Here
 // the whole 30-layer stack runs inside ONE OpenMP parallel region: each matmul is a GEMV
-// whose rows are split across the threads and whose small ops ride in its epilogue while
-// the outputs are still in L1 (RoPE and the K/V pool write after q|k|v; SiLU(gate) * up
-// after gate|up; the residual add after o and down), and the threads meet at a barrier
-// only where the next phase needs every thread's output: five per layer.
+// whose small ops ride in its epilogue while the outputs are still in L1 (RoPE and the K/V
+// pool write after q|k|v; SiLU(gate) * up after gate|up; the residual add after o and down).
 //
-// Per layer, for S rows (one decode token each):
+// Per layer, five phases for S rows (one decode token each):
 //
-//   h    = rmsnorm(x) * input_norm            each thread, privately (x is [S, hidden])
-//   qkv  = h @ Wqkv^T   -> q [S, H*D] rotated, k rotated and v written to the pool slots
-//   ---- barrier
-//   attn = softmax(q k^T / sqrt(D)) v         per (row, query head), over the row's blocks,
-//                                             slots the row does not own skipped (mask)
-//   ---- barrier
-//   x   += attn @ Wo^T
-//   ---- barrier
-//   h    = rmsnorm(x) * post_norm             each thread, privately
-//   act  = silu(h @ Wgate^T) * (h @ Wup^T)    gate row n and up row n in the same tile
-//   ---- barrier
-//   x   += act @ Wdown^T
-//   ---- barrier
+//   qkv   h = rmsnorm(x) * input_norm (per thread); q|k|v = h @ Wqkv^T;
+//         q rotated -> q buffer, k rotated and v -> the pool slots
+//   attn  per (row, KV head) and its query heads: softmax(q k^T / sqrt(D)) v over the
+//         row's blocks, the slots the row does not own (mask) skipped
+//   o     x += attn @ Wo^T
+//   mlp   h = rmsnorm(x) * post_norm (per thread); act = silu(h Wgate^T) * (h Wup^T), gate
+//         row n and up row n in the same tile
+//   down  x += act @ Wdown^T
+//
+// and a last one, the final norm. Threads share a phase's chunks (a few weight tiles
+// each) through a PhaseBoard instead of meeting at barriers; see there why.
 //
 // Same math and op order as worker_svc/model/llama.py (interleaved RoPE pairs, keys stored
 // rotated, the pool layout k[layer, slot, kv_head, head_dim]); only float summation order
 // differs. fp32 only. Written with GCC vector extensions, so the same source compiles to
 // AVX-512, AVX2 or SSE2 depending on the -m flags the build chose for this CPU.
 
-#include <torch/extension.h>
+// Only the headers this file uses: <torch/extension.h> would triple the compile time.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
+
+using at::Tensor;
 
 namespace {
 
@@ -58,7 +64,17 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  // unaligne
 
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf splat(float a) { return vf{} + a; }
+// Not `vf{} + a`: 0 + a is not a no-op for a = -0, so that costs an add before the
+// broadcast and keeps the broadcast out of the FMA's memory operand.
+inline vf splat(float a) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(a);
+#elif defined(__AVX__)
+  return _mm256_set1_ps(a);
+#else
+  return vf{a, a, a, a};
+#endif
+}
 
 inline float hsum(vf v) {
 #if defined(__AVX512F__)
@@ -85,13 +101,24 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 // ---------------------------------------------------------------- GEMV tiles
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 constexpr int kTileRows = 8;    // weight rows per tile: read once from DRAM, used by every x row
 constexpr int kMaxTileX = 4;    // x rows per register tile; more rows re-run the tile (weights in L1)
 constexpr int kMaxRows = 64;    // x rows per call (the tile output buffers are sized for it)
 
+// Software prefetch distance, in weight rows: each load also asks for the same line of the
+// row kPrefetchRows further on (two tiles ahead) into L2. A core has ~16 line-fill buffers;
+// with the FMAs of 2-4 x rows between its loads, the out-of-order window no longer keeps
+// them busy on its own, and the hardware prefetcher handles these short (one row) streams
+// poorly. Measured on one core, GB/s streamed for 1 / 2 / 4 x rows: 11.5 / 8.5 / 6.9
+// without, 12.7 / 11.5 / 11.5 with. Past the end of a matrix it is a hint: it cannot fault.
+constexpr int kPrefetchRows = 16;
+constexpr int kFloatsPerLine = 16;
+
 // y[s * R + r] = dot(x[s], rows[r]) for s < S, r < R; rows[r] holds K floats.
 // S * R accumulators stay in registers for the whole K loop (at most 16 + R + 1 <= 32).
-template <int S, int R>
+template <int S, int R, bool kPrefetch>
 inline void tile(const float* const* rows, int64_t K, const float* x, int64_t ldx, float* y) {
   vf acc[S][R];
   for (int s = 0; s < S; ++s)
@@ -100,6 +127,8 @@ inline void tile(const float* const* rows, int64_t K, const float* x, int64_t ld
   for (; k + VW <= K; k += VW) {
     vf w[R];
     for (int r = 0; r < R; ++r) w[r] = load(rows[r] + k);
+    if (kPrefetch && (VW >= kFloatsPerLine || k % kFloatsPerLine == 0))
+      for (int r = 0; r < R; ++r) __builtin_prefetch(rows[r] + kPrefetchRows * K + k, 0, 2);
     for (int s = 0; s < S; ++s) {
       const vf xv = load(x + s * ldx + k);
       for (int r = 0; r < R; ++r) acc[s][r] += w[r] * xv;
@@ -113,17 +142,34 @@ inline void tile(const float* const* rows, int64_t K, const float* x, int64_t ld
     }
 }
 
-template <int S>
+// R <= kMaxR: the tile sizes that fit the registers for S x rows.
+template <int S, int kMaxR, bool kPrefetch>
 inline void tile_s(const float* const* rows, int R, int64_t K, const float* x, int64_t ldx, float* y) {
   switch (R) {
-    case 1: return tile<S, 1>(rows, K, x, ldx, y);
-    case 2: return tile<S, 2>(rows, K, x, ldx, y);
-    case 3: return tile<S, 3>(rows, K, x, ldx, y);
-    case 4: return tile<S, 4>(rows, K, x, ldx, y);
-    case 5: return tile<S, 5>(rows, K, x, ldx, y);
-    case 6: return tile<S, 6>(rows, K, x, ldx, y);
-    case 7: return tile<S, 7>(rows, K, x, ldx, y);
-    default: return tile<S, 8>(rows, K, x, ldx, y);
+    case 1: return tile<S, 1, kPrefetch>(rows, K, x, ldx, y);
+    case 2: return tile<S, 2, kPrefetch>(rows, K, x, ldx, y);
+    case 3: return tile<S, 3, kPrefetch>(rows, K, x, ldx, y);
+    case 4: return tile<S, 4, kPrefetch>(rows, K, x, ldx, y);
+  }
+  if constexpr (kMaxR > 4) {
+    switch (R) {
+      case 5: return tile<S, 5, kPrefetch>(rows, K, x, ldx, y);
+      case 6: return tile<S, 6, kPrefetch>(rows, K, x, ldx, y);
+      case 7: return tile<S, 7, kPrefetch>(rows, K, x, ldx, y);
+      case 8: return tile<S, 8, kPrefetch>(rows, K, x, ldx, y);
+    }
+  }
+}
+
+// part[s * R + r] for sg <= kMaxTileX rows of x against R weight rows (R <= 4 when sg > 2).
+template <bool kPrefetch>
+inline void group_dot(int sg, const float* const* rows, int R, int64_t K, const float* x, int64_t ldx,
+                      float* part) {
+  switch (sg) {
+    case 1: return tile_s<1, 8, kPrefetch>(rows, R, K, x, ldx, part);
+    case 2: return tile_s<2, 8, kPrefetch>(rows, R, K, x, ldx, part);
+    case 3: return tile_s<3, 4, kPrefetch>(rows, R, K, x, ldx, part);
+    default: return tile_s<4, 4, kPrefetch>(rows, R, K, x, ldx, part);
   }
 }
 
@@ -137,47 +183,257 @@ void block_dot(const float* const* rows, int R, int64_t K, const float* x, int64
     const int halves = (sg <= 2 || R <= 4) ? 1 : 2;
     for (int h = 0; h < halves; ++h) {
       const int r0 = h * 4, rn = halves == 1 ? R : (h == 0 ? 4 : R - 4);
-      switch (sg) {
-        case 1: tile_s<1>(rows + r0, rn, K, xs, ldx, part); break;
-        case 2: tile_s<2>(rows + r0, rn, K, xs, ldx, part); break;
-        case 3: tile_s<3>(rows + r0, std::min(rn, 4), K, xs, ldx, part); break;
-        default: tile_s<4>(rows + r0, std::min(rn, 4), K, xs, ldx, part); break;
-      }
+      // Only the first group of x rows prefetches: the others find the tile in L1.
+      if (s0 == 0)
+        group_dot<true>(sg, rows + r0, rn, K, xs, ldx, part);
+      else
+        group_dot<false>(sg, rows + r0, rn, K, xs, ldx, part);
       for (int s = 0; s < sg; ++s)
         for (int r = 0; r < rn; ++r) y[(s0 + s) * R + r0 + r] = part[s * rn + r];
     }
   }
 }
 
-// This thread's share [begin, end) of num_units units, in contiguous runs so that each
-// thread streams one stretch of every weight matrix.
-inline void share(int64_t num_units, int tid, int nt, int64_t* begin, int64_t* end) {
-  *begin = num_units * tid / nt;
-  *end = num_units * (tid + 1) / nt;
+// With many x rows the dot-product tiles above run out of registers to reuse loads
+// (4 x 4 accumulators per 8 loads, plus a horizontal sum per output), so from kBcastRows
+// rows on x is kept by column and a tile broadcasts one weight at a time against 16 x
+// rows in a vector: 2 x 8 accumulators per 2 loads and 8 broadcasts, no horizontal sums.
+// Only with 16-lane vectors (AVX-512): with 8 lanes the accumulators do not fit.
+constexpr int kBcastRows = VW == 16 ? 16 : kMaxRows + 1;
+
+// y[r * ldy + s] = dot(x[s], rows[r]) for s < NV * VW, r < R; x by column, xT[k * ldx + s].
+template <int NV, int R, bool kPrefetch>
+inline void tile_bc(const float* const* rows, int64_t K, const float* xT, int64_t ldx, float* y, int64_t ldy) {
+  vf acc[NV][R];
+  for (int v = 0; v < NV; ++v)
+    for (int r = 0; r < R; ++r) acc[v][r] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = load(xT + k * ldx + v * VW);
+    for (int r = 0; r < R; ++r) {
+      const vf w = splat(rows[r][k]);
+      for (int v = 0; v < NV; ++v) acc[v][r] += w * xv[v];
+    }
+    if (kPrefetch && k % kFloatsPerLine == 0)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(rows[r] + kPrefetchRows * K + k, 0, 2);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(y + r * ldy + v * VW, acc[v][r]);
 }
 
-// One thread's part of y = x @ W^T for W [N, K]: tiles of kTileRows rows, then
-// epi(n0, R, y[S][R]) while the tile's outputs are in L1.
+template <int NV, bool kPrefetch>
+inline void tile_bc_r(const float* const* rows, int R, int64_t K, const float* xT, int64_t ldx, float* y,
+                      int64_t ldy) {
+  switch (R) {
+    case 1: return tile_bc<NV, 1, kPrefetch>(rows, K, xT, ldx, y, ldy);
+    case 2: return tile_bc<NV, 2, kPrefetch>(rows, K, xT, ldx, y, ldy);
+    case 3: return tile_bc<NV, 3, kPrefetch>(rows, K, xT, ldx, y, ldy);
+    case 4: return tile_bc<NV, 4, kPrefetch>(rows, K, xT, ldx, y, ldy);
+    case 5: return tile_bc<NV, 5, kPrefetch>(rows, K, xT, ldx, y, ldy);
+    case 6: return tile_bc<NV, 6, kPrefetch>(rows, K, xT, ldx, y, ldy);
+    case 7: return tile_bc<NV, 7, kPrefetch>(rows, K, xT, ldx, y, ldy);
+    default: return tile_bc<NV, 8, kPrefetch>(rows, K, xT, ldx, y, ldy);
+  }
+}
+
+// y[r * ld + s] for every x row (x by column, ld = the padded row count) against R weight
+// rows: 32 x rows per pass, the weights of passes after the first from L1.
+void block_bc(const float* const* rows, int R, int64_t K, const float* xT, int64_t ld, float* y) {
+  for (int64_t s0 = 0; s0 < ld; s0 += 2 * VW) {
+    const bool two = ld - s0 > VW;
+    if (s0 == 0)
+      two ? tile_bc_r<2, true>(rows, R, K, xT, ld, y, ld) : tile_bc_r<1, true>(rows, R, K, xT, ld, y, ld);
+    else
+      two ? tile_bc_r<2, false>(rows, R, K, xT + s0, ld, y + s0, ld)
+          : tile_bc_r<1, false>(rows, R, K, xT + s0, ld, y + s0, ld);
+  }
+}
+
+// A GEMV's input x[s, k] (s < S rows, k < K), by row p[s * ld + k] (dot tiles) or, from
+// kBcastRows rows on, by column p[k * ld + s] (broadcast tiles; ld = S rounded up to VW,
+// the padding rows zero).
+struct Operand {
+  float* p;
+  int64_t ld;
+  bool by_col;
+
+  static Operand make(float* p, int64_t K, int S) {
+    const bool by_col = S >= kBcastRows;
+    return {p, by_col ? ceil_div(S, VW) * VW : K, by_col};
+  }
+  float& at(int64_t s, int64_t k) const { return by_col ? p[k * ld + s] : p[s * ld + k]; }
+};
+
+// A tile's outputs y(s, r), laid out by the kind of tile that computed them.
+struct TileOut {
+  const float* y;
+  int64_t ys, yr;
+  float operator()(int s, int r) const { return y[s * ys + r * yr]; }
+};
+
+// The R weight rows' dot products with every row of x, by whichever tile x's layout
+// calls for; y has room for kMaxRows * kTileRows outputs.
+inline TileOut tile_dot(const float* const* rows, int R, int64_t K, const Operand& x, int S, float* y) {
+  if (x.by_col) {
+    block_bc(rows, R, K, x.p, x.ld, y);
+    return {y, 1, x.ld};
+  }
+  block_dot(rows, R, K, x.p, x.ld, S, y);
+  return {y, R, 1};
+}
+
+// y = x @ W^T for W [N, K], tiles [t0, t1) of kTileRows rows each; epi(n0, R, TileOut)
+// runs while the tile's outputs are in L1.
 template <typename Epi>
-void gemv(const float* W, int64_t N, int64_t K, const float* x, int64_t ldx, int S, int tid, int nt,
-          Epi&& epi) {
-  const int64_t num_tiles = (N + kTileRows - 1) / kTileRows;
-  int64_t t0, t1;
-  share(num_tiles, tid, nt, &t0, &t1);
+void gemv_tiles(const float* W, int64_t N, int64_t K, const Operand& x, int S, int64_t t0, int64_t t1,
+                Epi&& epi) {
   float y[kMaxRows * kTileRows];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * kTileRows;
     const int R = static_cast<int>(std::min<int64_t>(kTileRows, N - n0));
     const float* rows[kTileRows];
     for (int r = 0; r < R; ++r) rows[r] = W + (n0 + r) * K;
-    block_dot(rows, R, K, x, ldx, S, y);
-    epi(n0, R, y);
+    epi(n0, R, tile_dot(rows, R, K, x, S, y));
+  }
+}
+
+// A chunk: the tiles one claim takes, about kChunkBytes of weights. Small enough that a
+// thread left without work waits little; large enough that the claim is free.
+constexpr int64_t kChunkBytes = 48 * 1024;
+
+inline int64_t tiles_per_chunk(int64_t K) {
+  return std::max<int64_t>(1, kChunkBytes / (kTileRows * K * static_cast<int64_t>(sizeof(float))));
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// How the threads of the parallel region share the work of a sequence of phases.
+//
+// Each phase has num_chunks chunks, cut into one contiguous range per thread. A thread
+// claims the chunks of its own range front to back, then those left in the others'
+// ranges, and a chunk may run only once every chunk of the phase before it is done.
+// With equal threads this is a static split (each streams its own stretch of every
+// weight matrix) at the cost of two uncontended atomics per chunk. With a thread the OS
+// has descheduled, which on a small shared machine is routine, the others take its
+// unclaimed chunks instead of waiting at a barrier for it: the step waits at most for
+// the one chunk it holds.
+class PhaseBoard {
+ public:
+  PhaseBoard(int num_phases, int num_ranges)
+      : ranges_(num_ranges), claimed_(new Counter[num_phases * num_ranges]),
+        done_(new Counter[num_phases * num_ranges]) {}
+
+  // The next chunk of phase p for thread tid, or -1 when all are claimed. *range is the
+  // range it came from (finish() needs it).
+  int64_t claim(int p, int64_t num_chunks, int tid, int* range) {
+    for (int k = 0; k < ranges_; ++k) {
+      const int r = (tid + k) % ranges_;
+      const int64_t lo = num_chunks * r / ranges_, len = num_chunks * (r + 1) / ranges_ - lo;
+      std::atomic<int64_t>& next = claimed_[p * ranges_ + r].n;
+      if (next.load(std::memory_order_relaxed) >= len) continue;  // dry: don't write its line
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i < len) {
+        *range = r;
+        return lo + i;
+      }
+    }
+    return -1;
+  }
+
+  // The chunk's writes become visible to whoever waits for phase p.
+  void finish(int p, int range) { done_[p * ranges_ + range].n.fetch_add(1, std::memory_order_release); }
+
+  void wait(int p, int64_t num_chunks) const {
+    for (int spins = 0;; ++spins) {
+      int64_t n = 0;
+      for (int r = 0; r < ranges_; ++r) n += done_[p * ranges_ + r].n.load(std::memory_order_acquire);
+      if (n == num_chunks) return;
+      // The chunk we wait for is a few microseconds of work, unless its thread was
+      // descheduled: then give our core to it.
+      if (spins < 2000)
+        cpu_relax();
+      else
+        std::this_thread::yield();
+    }
+  }
+
+ private:
+  struct alignas(64) Counter {  // one cache line each: threads write their own
+    std::atomic<int64_t> n{0};
+  };
+  int ranges_;
+  std::unique_ptr<Counter[]> claimed_, done_;
+};
+
+// Runs every chunk of every phase that this thread claims: run_chunk(p, chunk) after
+// enter(p), which runs once per phase and thread, after the phase before p is done.
+template <typename NumChunks, typename Enter, typename RunChunk>
+void work_phases(PhaseBoard& board, int num_phases, int tid, NumChunks&& num_chunks, Enter&& enter,
+                 RunChunk&& run_chunk) {
+  for (int p = 0; p < num_phases; ++p) {
+    const int64_t n = num_chunks(p);
+    bool entered = false;
+    int range = 0;
+    for (int64_t c; (c = board.claim(p, n, tid, &range)) >= 0;) {
+      if (!entered) {
+        if (p > 0) board.wait(p - 1, num_chunks(p - 1));
+        enter(p);
+        entered = true;
+      }
+      run_chunk(p, c);
+      board.finish(p, range);
+    }
   }
 }
 
 inline float silu(float a) { return a / (1.f + std::exp(-a)); }
 
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+// exp(x), lanewise, within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in
+// two so that n ln2 is exact), exp(r) by its Taylor series to r^7 (truncation < 1e-8
+// relative), times 2^n built in the exponent bits. x is clamped to [-87, 88], where 2^n
+// stays a normal float.
+inline vf vexp(vf x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  x = x > splat(88.f) ? splat(88.f) : x;
+  const vf round_bias = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf nf = (x * splat(1.44269504088896341f) + round_bias) - round_bias;
+  const vf r = (x - nf * splat(0.693359375f)) + nf * splat(2.12194440e-4f);
+  static constexpr float kTaylor[] = {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f};
+  vf e = splat(1.f / 5040.f);
+  for (float c : kTaylor) e = e * r + splat(c);
+  const vi pow2 = (__builtin_convertvector(nf, vi) + 127) << 23;
+  return e * (vf)pow2;  // a GCC vector cast: the same bits, read as floats
+}
+
+// p[i] = exp(p[i] - m) for i < n; returns their sum (the softmax denominator).
+inline float exp_minus_max(float* p, int64_t n, float m) {
+  vf sum{};
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) {
+    const vf e = vexp(load(p + i) - splat(m));
+    store(p + i, e);
+    sum += e;
+  }
+  float total = hsum(sum);
+  for (; i < n; ++i) total += (p[i] = std::exp(p[i] - m));
+  return total;
+}
+
 // ---------------------------------------------------------------- row ops
+
+// Attention reads K/V rows slot by slot through the block table, a pattern no hardware
+// prefetcher follows across blocks: ask for the row kSlotsAhead slots on.
+constexpr int64_t kSlotsAhead = 8;
+
+inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += kFloatsPerLine) __builtin_prefetch(p + i, 0, 3);
+}
 
 // out = (x * rsqrt(mean(x^2) + eps)) * w, as llama.py's rms_norm.
 void rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) {
@@ -185,6 +441,13 @@ void rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) 
   int64_t k = 0;
   for (; k + VW <= n; k += VW) store(out + k, load(x + k) * splat(r) * load(w + k));
   for (; k < n; ++k) out[k] = x[k] * r * w[k];
+}
+
+// Row s of operand out = rms_norm(x) * w.
+void rms_norm_into(const float* x, const float* w, int64_t n, float eps, const Operand& out, int64_t s) {
+  if (!out.by_col) return rms_norm(x, w, n, eps, out.p + s * out.ld);
+  const float r = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+  for (int64_t k = 0; k < n; ++k) out.p[k * out.ld + s] = x[k] * r * w[k];
 }
 
 // (a, b) *= (cos, sin) as one complex multiply: interleaved pairs, as llama.py's apply_rope.
@@ -209,12 +472,14 @@ struct Step {
 
 class DecodeStack {
  public:
-  DecodeStack(torch::Tensor embed, torch::Tensor rope, torch::Tensor final_norm,
-              std::vector<torch::Tensor> input_norms, std::vector<torch::Tensor> qkv,
-              std::vector<torch::Tensor> o, std::vector<torch::Tensor> post_norms,
-              std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down, torch::Tensor k_cache,
-              torch::Tensor v_cache, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-              int64_t block_size, double eps)
+  // embed [V, hidden]; rope [P, D/2, (cos, sin)]; per layer: norms [hidden], qkv
+  // [(H + 2 Hkv) D, hidden] (q and k rows in interleaved RoPE pairs), o [hidden, H D],
+  // gate_up [2 I, hidden], down [hidden, I]; k_cache, v_cache [L, slots, Hkv, D]. All
+  // fp32, all referenced, not copied.
+  DecodeStack(Tensor embed, Tensor rope, Tensor final_norm, std::vector<Tensor> input_norms,
+              std::vector<Tensor> qkv, std::vector<Tensor> o, std::vector<Tensor> post_norms,
+              std::vector<Tensor> gate_up, std::vector<Tensor> down, Tensor k_cache, Tensor v_cache,
+              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, double eps)
       : embed_(embed), rope_(rope), final_norm_(final_norm), input_norms_(input_norms), qkv_(qkv), o_(o),
         post_norms_(post_norms), gate_up_(gate_up), down_(down), k_cache_(k_cache), v_cache_(v_cache),
         L_(static_cast<int64_t>(qkv.size())), H_(num_heads), Hkv_(num_kv_heads), D_(head_dim),
@@ -249,20 +514,20 @@ class DecodeStack {
 
   // input_ids, positions, slot_mapping [S] int64; blocks [S, nb] int64; mask [S, nb * B]
   // bool or None -> final hidden states [S, hidden] (after the last norm).
-  torch::Tensor forward(torch::Tensor input_ids, torch::Tensor positions, torch::Tensor slot_mapping,
-                        torch::Tensor blocks, c10::optional<torch::Tensor> mask) {
+  Tensor forward(Tensor input_ids, Tensor positions, Tensor slot_mapping, Tensor blocks,
+                 c10::optional<Tensor> mask) {
     const int64_t S = input_ids.size(0);
     TORCH_CHECK(S >= 1 && S <= kMaxRows, "input_ids must hold 1 to ", kMaxRows, " rows, got ", S);
     check_i64(input_ids, S, "input_ids");
     check_i64(positions, S, "positions");
     check_i64(slot_mapping, S, "slot_mapping");
     TORCH_CHECK(blocks.dim() == 2 && blocks.size(0) == S && blocks.size(1) > 0 &&
-                    blocks.scalar_type() == torch::kLong && blocks.is_contiguous(),
+                    blocks.scalar_type() == at::kLong && blocks.is_contiguous(),
                 "blocks must be a contiguous int64 [S, nb] tensor");
     const int64_t nb = blocks.size(1);
     const bool* mask_ptr = nullptr;
     if (mask.has_value() && mask->defined()) {
-      TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->is_contiguous() && mask->numel() == S * nb * B_,
+      TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == S * nb * B_,
                   "mask must be a contiguous bool tensor of S * nb * block_size elements");
       mask_ptr = mask->data_ptr<bool>();
     }
@@ -274,13 +539,12 @@ class DecodeStack {
     check_range(slot_mapping, num_slots, "slot_mapping");
     check_range(blocks, num_blocks, "blocks");
 
-    torch::NoGradGuard no_grad;
-    auto x = torch::empty({S, hidden_}, embed_.options());
+    auto x = at::empty({S, hidden_}, embed_.options());
     const int64_t* ids = input_ids.data_ptr<int64_t>();
     for (int64_t s = 0; s < S; ++s)
       std::memcpy(x.data_ptr<float>() + s * hidden_, embed_.data_ptr<float>() + ids[s] * hidden_,
                   hidden_ * sizeof(float));
-    auto out = torch::empty_like(x);
+    auto out = at::empty_like(x);
     Step step{static_cast<int>(S), positions.data_ptr<int64_t>(), slot_mapping.data_ptr<int64_t>(),
               blocks.data_ptr<int64_t>(), mask_ptr, nb};
     {
@@ -291,145 +555,190 @@ class DecodeStack {
   }
 
  private:
+  enum Phase { kQkv, kAttn, kO, kMlp, kDown, kPhasesPerLayer };
+
   void run(const Step& st, float* x, float* out) {
     const int S = st.S;
     const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
-    const int64_t q_size = H_ * D_, kv_size = Hkv_ * D_;
-    std::vector<float> q(S * q_size), attn(S * q_size), act(S * I_);
-    std::vector<float> h(static_cast<size_t>(nt) * S * hidden_);
-    std::vector<float> scores(static_cast<size_t>(nt) * st.nb * B_);
+    const int64_t q_size = H_ * D_, kv_size = Hkv_ * D_, nqkv = q_size + 2 * kv_size;
+    constexpr int kHalf = kTileRows / 2;  // an mlp tile: kHalf gate rows, then the kHalf up rows
+    // GEMV inputs (h, attn, act) by row or by column (Operand), zero-filled so that the
+    // padding rows of the column layout are zero.
+    const int64_t rows_pad = ceil_div(S, VW) * VW;
+    std::vector<float> q(S * q_size), attn(rows_pad * q_size), act(rows_pad * I_);
+    std::vector<float> h(static_cast<size_t>(nt) * rows_pad * hidden_);
+    std::vector<float> scores(static_cast<size_t>(nt) * st.nb * B_), head_out(static_cast<size_t>(nt) * D_);
     std::vector<int64_t> slots(static_cast<size_t>(nt) * st.nb * B_);
+    const Operand attn_in = Operand::make(attn.data(), q_size, S), act_in = Operand::make(act.data(), I_, S);
+
+    // Chunks per phase; a GEMV chunk is `tpc` tiles.
+    const int64_t tpc_h = tiles_per_chunk(hidden_), tpc_q = tiles_per_chunk(q_size), tpc_i = tiles_per_chunk(I_);
+    const int64_t chunks[kPhasesPerLayer] = {
+        ceil_div(ceil_div(nqkv, kTileRows), tpc_h), S * Hkv_, ceil_div(ceil_div(hidden_, kTileRows), tpc_q),
+        ceil_div(ceil_div(I_, kHalf), tpc_h), ceil_div(ceil_div(hidden_, kTileRows), tpc_i)};
+    const int num_phases = static_cast<int>(L_ * kPhasesPerLayer + 1);  // + the final norm
+    auto num_chunks = [&](int p) { return p == num_phases - 1 ? int64_t{S} : chunks[p % kPhasesPerLayer]; };
+    PhaseBoard board(num_phases, nt);
 
 #pragma omp parallel num_threads(nt)
     {
-      const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-      float* my_h = h.data() + static_cast<size_t>(tid) * S * hidden_;
+      const int tid = omp_get_thread_num();
+      const Operand h_in = Operand::make(h.data() + static_cast<size_t>(tid) * rows_pad * hidden_, hidden_, S);
       float* my_scores = scores.data() + static_cast<size_t>(tid) * st.nb * B_;
+      float* my_head_out = head_out.data() + static_cast<size_t>(tid) * D_;
       int64_t* my_slots = slots.data() + static_cast<size_t>(tid) * st.nb * B_;
       const float* rope = rope_.data_ptr<float>();
-      for (int64_t l = 0; l < L_; ++l) {
+
+      auto enter = [&](int p) {
+        if (p == num_phases - 1) return;
+        const LayerWeights& w = layers_[p / kPhasesPerLayer];
+        const int phase = p % kPhasesPerLayer;
+        if (phase == kQkv || phase == kMlp)
+          for (int s = 0; s < S; ++s)
+            rms_norm_into(x + s * hidden_, phase == kQkv ? w.input_norm : w.post_norm, hidden_, eps_, h_in, s);
+      };
+
+      auto run_chunk = [&](int p, int64_t c) {
+        if (p == num_phases - 1) {
+          rms_norm(x + c * hidden_, final_norm_.data_ptr<float>(), hidden_, eps_, out + c * hidden_);
+          return;
+        }
+        const int64_t l = p / kPhasesPerLayer;
         const LayerWeights& w = layers_[l];
         float* kc = k_cache_.data_ptr<float>() + l * k_cache_.stride(0);
         float* vc = v_cache_.data_ptr<float>() + l * v_cache_.stride(0);
-
-        // ---- q|k|v, RoPE, K/V into the pool
-        for (int s = 0; s < S; ++s)
-          rms_norm(x + s * hidden_, w.input_norm, hidden_, eps_, my_h + s * hidden_);
-        gemv(w.qkv, q_size + 2 * kv_size, hidden_, my_h, hidden_, S, tid, team,
-             [&](int64_t n0, int R, const float* y) {
-               for (int s = 0; s < S; ++s) {
-                 const float* cs = rope + st.positions[s] * D_;  // [D/2, 2]
-                 const int64_t slot = st.slot_mapping[s];
-                 for (int r = 0; r < R; r += 2) {
-                   const int64_t n = n0 + r;
-                   // A tile starts on an even row and segments on multiples of D, so a
-                   // RoPE pair (2i, 2i+1) never straddles two tiles or two segments.
-                   float pair[2] = {y[s * R + r], R > r + 1 ? y[s * R + r + 1] : 0.f};
-                   const int npair = R > r + 1 ? 2 : 1;
-                   if (n < q_size + kv_size) rotate(pair, cs + (n % D_));
-                   float* dst = n < q_size             ? q.data() + s * q_size + n
-                                : n < q_size + kv_size ? kc + slot * kv_size + (n - q_size)
-                                                       : vc + slot * kv_size + (n - q_size - kv_size);
-                   for (int j = 0; j < npair; ++j) dst[j] = pair[j];
-                 }
-               }
-             });
-#pragma omp barrier
-
-        // ---- attention, one (row, query head) per unit
-        {
-          int64_t u0, u1;
-          share(S * H_, tid, team, &u0, &u1);
-          for (int64_t u = u0; u < u1; ++u)
-            attend(st, u / H_, u % H_, q.data(), kc, vc, attn.data(), my_scores, my_slots);
+        switch (p % kPhasesPerLayer) {
+          case kQkv:
+            gemv_tiles(w.qkv, nqkv, hidden_, h_in, S, c * tpc_h, std::min(ceil_div(nqkv, kTileRows), (c + 1) * tpc_h),
+                       [&](int64_t n0, int R, const TileOut& y) {
+                         for (int s = 0; s < S; ++s) {
+                           const float* cs = rope + st.positions[s] * D_;  // [D/2, 2]
+                           const int64_t slot = st.slot_mapping[s];
+                           for (int r = 0; r < R; r += 2) {
+                             const int64_t n = n0 + r;
+                             // A tile starts on an even row and segments on multiples of D,
+                             // so a RoPE pair (2i, 2i+1) never straddles tiles or segments.
+                             float pair[2] = {y(s, r), R > r + 1 ? y(s, r + 1) : 0.f};
+                             const int npair = R > r + 1 ? 2 : 1;
+                             if (n < q_size + kv_size) rotate(pair, cs + (n % D_));
+                             float* dst = n < q_size             ? q.data() + s * q_size + n
+                                          : n < q_size + kv_size ? kc + slot * kv_size + (n - q_size)
+                                                                 : vc + slot * kv_size + (n - q_size - kv_size);
+                             for (int j = 0; j < npair; ++j) dst[j] = pair[j];
+                           }
+                         }
+                       });
+            return;
+          case kAttn:
+            attend(st, c / Hkv_, c % Hkv_, q.data(), kc, vc, attn_in, my_scores, my_slots, my_head_out);
+            return;
+          case kO:
+            gemv_tiles(w.o, hidden_, q_size, attn_in, S, c * tpc_q,
+                       std::min(ceil_div(hidden_, kTileRows), (c + 1) * tpc_q),
+                       [&](int64_t n0, int R, const TileOut& y) {
+                         for (int s = 0; s < S; ++s)
+                           for (int r = 0; r < R; ++r) x[s * hidden_ + n0 + r] += y(s, r);
+                       });
+            return;
+          case kMlp:
+            mlp_tiles(w.gate_up, h_in, S, c * tpc_h, std::min(ceil_div(I_, kHalf), (c + 1) * tpc_h), act_in);
+            return;
+          case kDown:
+            gemv_tiles(w.down, hidden_, I_, act_in, S, c * tpc_i, std::min(ceil_div(hidden_, kTileRows), (c + 1) * tpc_i),
+                       [&](int64_t n0, int R, const TileOut& y) {
+                         for (int s = 0; s < S; ++s)
+                           for (int r = 0; r < R; ++r) x[s * hidden_ + n0 + r] += y(s, r);
+                       });
+            return;
         }
-#pragma omp barrier
+      };
 
-        // ---- x += attn @ Wo^T
-        gemv(w.o, hidden_, q_size, attn.data(), q_size, S, tid, team,
-             [&](int64_t n0, int R, const float* y) {
-               for (int s = 0; s < S; ++s)
-                 for (int r = 0; r < R; ++r) x[s * hidden_ + n0 + r] += y[s * R + r];
-             });
-#pragma omp barrier
-
-        // ---- act = silu(gate) * up: a tile holds gate rows n..n+3 and up rows n..n+3
-        for (int s = 0; s < S; ++s)
-          rms_norm(x + s * hidden_, w.post_norm, hidden_, eps_, my_h + s * hidden_);
-        {
-          const float* gu = w.gate_up;
-          constexpr int kHalf = kTileRows / 2;
-          const int64_t num_tiles = (I_ + kHalf - 1) / kHalf;
-          int64_t t0, t1;
-          share(num_tiles, tid, team, &t0, &t1);
-          float y[kMaxRows * kTileRows];
-          for (int64_t t = t0; t < t1; ++t) {
-            const int64_t c0 = t * kHalf;
-            const int half = static_cast<int>(std::min<int64_t>(kHalf, I_ - c0));
-            const float* rows[kTileRows];
-            for (int r = 0; r < half; ++r) {
-              rows[r] = gu + (c0 + r) * hidden_;
-              rows[half + r] = gu + (I_ + c0 + r) * hidden_;
-            }
-            block_dot(rows, 2 * half, hidden_, my_h, hidden_, S, y);
-            for (int s = 0; s < S; ++s)
-              for (int r = 0; r < half; ++r)
-                act[s * I_ + c0 + r] = silu(y[s * 2 * half + r]) * y[s * 2 * half + half + r];
-          }
-        }
-#pragma omp barrier
-
-        // ---- x += act @ Wdown^T
-        gemv(w.down, hidden_, I_, act.data(), I_, S, tid, team,
-             [&](int64_t n0, int R, const float* y) {
-               for (int s = 0; s < S; ++s)
-                 for (int r = 0; r < R; ++r) x[s * hidden_ + n0 + r] += y[s * R + r];
-             });
-#pragma omp barrier
-      }
-      int64_t s0, s1;
-      share(S, tid, team, &s0, &s1);
-      for (int64_t s = s0; s < s1; ++s)
-        rms_norm(x + s * hidden_, final_norm_.data_ptr<float>(), hidden_, eps_, out + s * hidden_);
+      work_phases(board, num_phases, tid, num_chunks, enter, run_chunk);
     }
   }
 
-  // attn[s, h] = softmax(q[s, h] . k / sqrt(D)) v over the slots row s owns in its blocks.
-  void attend(const Step& st, int64_t s, int64_t h, const float* q, const float* kc, const float* vc,
-              float* attn, float* scores, int64_t* slots) const {
-    const int64_t g = h / (H_ / Hkv_), kv_size = Hkv_ * D_;
-    const float* qh = q + s * H_ * D_ + h * D_;
+  // act[:, c0 : c0 + kHalf] = silu(h @ Wgate^T) * (h @ Wup^T) for mlp tiles [t0, t1): a tile
+  // holds gate rows c0.. and up rows c0.. (gate_up is [gate; up], each [I, hidden]).
+  void mlp_tiles(const float* gu, const Operand& h, int S, int64_t t0, int64_t t1, const Operand& act) const {
+    constexpr int kHalf = kTileRows / 2;
+    float buf[kMaxRows * kTileRows];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c0 = t * kHalf;
+      const int half = static_cast<int>(std::min<int64_t>(kHalf, I_ - c0));
+      const float* rows[kTileRows];
+      for (int r = 0; r < half; ++r) {
+        rows[r] = gu + (c0 + r) * hidden_;
+        rows[half + r] = gu + (I_ + c0 + r) * hidden_;
+      }
+      const TileOut y = tile_dot(rows, 2 * half, hidden_, h, S, buf);
+      for (int s = 0; s < S; ++s)
+        for (int r = 0; r < half; ++r) act.at(s, c0 + r) = silu(y(s, r)) * y(s, half + r);
+    }
+  }
+
+  // attn[s, h] = softmax(q[s, h] . k / sqrt(D)) v over the slots row s owns in its blocks,
+  // for the G query heads h of KV head g at once: one pass over the row's blocks finds its
+  // slots, and each K/V row comes from DRAM once for all G heads (then from L1).
+  void attend(const Step& st, int64_t s, int64_t g, const float* q, const float* kc, const float* vc,
+              const Operand& attn, float* scores, int64_t* slots, float* head_out) const {
+    const int64_t G = H_ / Hkv_, kv_size = Hkv_ * D_;
     const float scale = 1.f / std::sqrt(static_cast<float>(D_));
     const int64_t* row_blocks = st.blocks + s * st.nb;
     const bool* row_mask = st.mask ? st.mask + s * st.nb * B_ : nullptr;
     int64_t n = 0;
-    float m = -INFINITY;
     for (int64_t j = 0; j < st.nb; ++j)
-      for (int64_t o = 0; o < B_; ++o) {
-        if (row_mask && !row_mask[j * B_ + o]) continue;  // not this row's slot: never read
-        const int64_t slot = row_blocks[j] * B_ + o;
-        const float sc = dot(qh, kc + slot * kv_size + g * D_, D_) * scale;
-        scores[n] = sc;
-        slots[n++] = slot;
-        m = std::max(m, sc);
+      for (int64_t o = 0; o < B_; ++o)
+        if (!row_mask || row_mask[j * B_ + o]) slots[n++] = row_blocks[j] * B_ + o;  // else never read
+    const float* k0 = kc + g * D_;
+    const float* v0 = vc + g * D_;
+    for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+      const float* qh = q + (s * H_ + h) * D_;
+      const bool first = h == g * G;  // the pass that brings K and V in from DRAM
+      float m = -INFINITY;
+      for (int64_t i = 0; i < n; ++i) {
+        if (first && i + kSlotsAhead < n) prefetch_row(k0 + slots[i + kSlotsAhead] * kv_size, D_);
+        scores[i] = dot(qh, k0 + slots[i] * kv_size, D_) * scale;
+        m = std::max(m, scores[i]);
       }
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) sum += (scores[i] = std::exp(scores[i] - m));
-    float* oh = attn + s * H_ * D_ + h * D_;
-    std::fill(oh, oh + D_, 0.f);
-    for (int64_t i = 0; i < n; ++i) {
-      const float p = scores[i];
-      const float* vr = vc + slots[i] * kv_size + g * D_;
-      int64_t d = 0;
-      for (; d + VW <= D_; d += VW) store(oh + d, load(oh + d) + splat(p) * load(vr + d));
-      for (; d < D_; ++d) oh[d] += p * vr[d];
+      if (first)
+        for (int64_t i = 0; i < std::min(n, kSlotsAhead); ++i) prefetch_row(v0 + slots[i] * kv_size, D_);
+      const float sum = exp_minus_max(scores, n, m);
+      const float inv = n ? 1.f / sum : 0.f;
+      // Into the operand directly by row; by column through head_out.
+      float* oh = attn.by_col ? head_out : attn.p + s * attn.ld + h * D_;
+      if (D_ == 4 * VW) {
+        weighted_sum<4>(scores, slots, n, v0, kv_size, inv, oh);
+      } else if (D_ == 8 * VW) {
+        weighted_sum<8>(scores, slots, n, v0, kv_size, inv, oh);
+      } else {
+        std::fill(oh, oh + D_, 0.f);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t d = 0; d < D_; ++d) oh[d] += scores[i] * v0[slots[i] * kv_size + d];
+        for (int64_t d = 0; d < D_; ++d) oh[d] *= inv;
+      }
+      if (attn.by_col)
+        for (int64_t d = 0; d < D_; ++d) attn.at(s, h * D_ + d) = oh[d];
     }
-    const float inv = n ? 1.f / sum : 0.f;
-    for (int64_t d = 0; d < D_; ++d) oh[d] *= inv;
   }
 
-  static void check_f32(const torch::Tensor& t, std::vector<int64_t> shape, const char* name) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(), name,
+  // out = inv * sum_i p[i] v[slots[i]], D = kVecs * VW floats kept in registers (a running
+  // sum in memory would chain every slot's update through a store and a reload).
+  template <int kVecs>
+  static void weighted_sum(const float* p, const int64_t* slots, int64_t n, const float* v0, int64_t kv_size,
+                           float inv, float* out) {
+    vf acc[kVecs];
+    for (int d = 0; d < kVecs; ++d) acc[d] = vf{};
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kSlotsAhead < n) prefetch_row(v0 + slots[i + kSlotsAhead] * kv_size, kVecs * VW);
+      const vf pi = splat(p[i]);
+      const float* vr = v0 + slots[i] * kv_size;
+      for (int d = 0; d < kVecs; ++d) acc[d] += pi * load(vr + d * VW);
+    }
+    for (int d = 0; d < kVecs; ++d) store(out + d * VW, acc[d] * splat(inv));
+  }
+
+  static void check_f32(const Tensor& t, std::vector<int64_t> shape, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
                 " must be a contiguous float32 CPU tensor");
     TORCH_CHECK(t.dim() == static_cast<int64_t>(shape.size()), name, " has ", t.dim(), " dims, expected ",
                 shape.size());
@@ -438,13 +747,13 @@ class DecodeStack {
                   shape[i]);
   }
 
-  static void check_i64(const torch::Tensor& t, int64_t n, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.scalar_type() == torch::kLong && t.is_contiguous() &&
+  static void check_i64(const Tensor& t, int64_t n, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.scalar_type() == at::kLong && t.is_contiguous() &&
                     t.device().is_cpu(),
                 name, " must be a contiguous int64 CPU tensor of ", n, " elements");
   }
 
-  static void check_range(const torch::Tensor& t, int64_t limit, const char* name) {
+  static void check_range(const Tensor& t, int64_t limit, const char* name) {
     const int64_t* p = t.data_ptr<int64_t>();
     for (int64_t i = 0; i < t.numel(); ++i)
       TORCH_CHECK(p[i] >= 0 && p[i] < limit, name, "[", i, "] = ", p[i], " is outside [0, ", limit, ")");
@@ -455,37 +764,57 @@ class DecodeStack {
   };
 
   // The tensors keep the weights alive; layers_ points into them.
-  torch::Tensor embed_, rope_, final_norm_;
-  std::vector<torch::Tensor> input_norms_, qkv_, o_, post_norms_, gate_up_, down_;
+  Tensor embed_, rope_, final_norm_;
+  std::vector<Tensor> input_norms_, qkv_, o_, post_norms_, gate_up_, down_;
   std::vector<LayerWeights> layers_;
-  torch::Tensor k_cache_, v_cache_;
+  Tensor k_cache_, v_cache_;
   int64_t L_, H_, Hkv_, D_, B_, hidden_, I_;
   float eps_;
 };
 
 // x [N, K] @ w[V, K]^T -> [N, V], the GEMV tiles over all threads (the tied LM head at small N).
-torch::Tensor linear_small(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat && x.is_contiguous() &&
+Tensor linear_small(Tensor x, Tensor w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.is_contiguous() &&
                   w.is_contiguous() && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) &&
                   x.device().is_cpu() && w.device().is_cpu(),
               "linear_small needs contiguous float32 CPU x [N, K] and w [V, K]");
   const int64_t N = x.size(0), K = x.size(1), V = w.size(0);
-  auto y = torch::empty({N, V}, x.options());
+  auto y = at::empty({N, V}, x.options());
   if (N == 0) return y;
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
   pybind11::gil_scoped_release no_gil;
-  for (int64_t n0 = 0; n0 < N; n0 += kMaxRows) {
+  // One phase per kMaxRows rows of x, each an operand of its own (by column from
+  // kBcastRows rows on); each chunk streams a stretch of w once for the phase's rows.
+  const int num_phases = static_cast<int>(ceil_div(N, kMaxRows));
+  std::vector<std::vector<float>> by_col(num_phases);  // zero-padded copies for column operands
+  std::vector<Operand> in;
+  for (int p = 0; p < num_phases; ++p) {
+    const int64_t n0 = p * kMaxRows;
     const int S = static_cast<int>(std::min<int64_t>(kMaxRows, N - n0));
-#pragma omp parallel num_threads(nt)
-    gemv(wp, V, K, xp + n0 * K, K, S, omp_get_thread_num(), omp_get_num_threads(),
-         [&](int64_t v0, int R, const float* t) {
-           for (int s = 0; s < S; ++s)
-             for (int r = 0; r < R; ++r) yp[(n0 + s) * V + v0 + r] = t[s * R + r];
-         });
+    in.push_back(Operand::make(const_cast<float*>(xp) + n0 * K, K, S));  // by row: x itself, read only
+    if (!in.back().by_col) continue;
+    by_col[p].resize(K * in.back().ld);
+    in.back().p = by_col[p].data();
+    for (int s = 0; s < S; ++s)
+      for (int64_t k = 0; k < K; ++k) in.back().at(s, k) = xp[(n0 + s) * K + k];
   }
+  const int64_t tpc = tiles_per_chunk(K), num_tiles = ceil_div(V, kTileRows);
+  PhaseBoard board(num_phases, nt);
+#pragma omp parallel num_threads(nt)
+  work_phases(
+      board, num_phases, omp_get_thread_num(), [&](int) { return ceil_div(num_tiles, tpc); }, [](int) {},
+      [&](int p, int64_t c) {
+        const int64_t n0 = p * kMaxRows;
+        const int S = static_cast<int>(std::min<int64_t>(kMaxRows, N - n0));
+        gemv_tiles(wp, V, K, in[p], S, c * tpc, std::min(num_tiles, (c + 1) * tpc),
+                   [&](int64_t v0, int R, const TileOut& t) {
+                     for (int s = 0; s < S; ++s)
+                       for (int r = 0; r < R; ++r) yp[(n0 + s) * V + v0 + r] = t(s, r);
+                   });
+      });
   return y;
 }
 
@@ -502,10 +831,10 @@ std::string isa() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<DecodeStack>(m, "DecodeStack")
-      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, std::vector<torch::Tensor>,
-                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor, torch::Tensor,
+  pybind11::class_<DecodeStack>(m, "DecodeStack", pybind11::module_local())
+      .def(pybind11::init<Tensor, Tensor, Tensor, std::vector<Tensor>,
+                          std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                          std::vector<Tensor>, std::vector<Tensor>, Tensor, Tensor,
                           int64_t, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecodeStack::forward);
   m.def("linear_small", &linear_small);
