@@ -69,10 +69,11 @@ class StreamHub:
             self._watched[rid] = _Watched(cursor, {event})
             await self._poke()
         else:
-            if _id_key(cursor) < _id_key(watched.cursor):
-                watched.cursor = cursor
-                await self._poke()
             watched.waiters.add(event)
+            if _id_key(cursor) < _id_key(watched.cursor):
+                # Entries after after_index exist already (the hub, or the call that
+                # registered first, is past it): read now, no need to rewind the hub.
+                event.set()
         return event
 
     def unregister(self, rid: str, event: asyncio.Event) -> None:
