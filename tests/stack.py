@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import contextlib
+
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bros.health import wait_serving
+from bros.redis_server import EmbeddedRedis
 
 
 def free_port() -> int:
@@ -79,3 +83,31 @@ class Scheduler(Proc):
         super().start()
         self._wait(self.address, "bros.v1.Inference", timeout)
         return self
+
+
+def health_status(address: str, service: str = "", timeout: float = 2) -> str:
+    """The health service's answer (SERVING, NOT_SERVING), or the call's status code name
+    when there is none (UNAVAILABLE: nothing listens)."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                        timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+@contextlib.contextmanager
+def sim_stack(tmp: Path, *scheduler_args: str, num_blocks: int = 256):
+    """Redis, one sim worker (real clock) and a scheduler: (scheduler, worker)."""
+    with EmbeddedRedis() as redis_server:
+        worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", str(num_blocks),
+                        name="sim").start()
+        try:
+            sched = Scheduler(tmp, redis_server.url, [worker.address], *scheduler_args).start()
+            try:
+                yield sched, worker
+            finally:
+                sched.stop()
+        finally:
+            worker.stop()

@@ -1,29 +1,24 @@
 """Graceful drain on SIGTERM: health goes NOT_SERVING, nothing new is admitted, in-flight RT
 finishes, BE goes back to the queue for someone else, and the process exits within its
 grace time; the clients' requests all complete, every token exactly once."""
+import re
 import signal
 import time
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bros.client import Client, RetryPolicy
 from bros.redis_server import EmbeddedRedis
 from hybrid import HybridRun
-from stack import Scheduler, Worker
+from stack import Scheduler, Worker, health_status
 
 RETRY = RetryPolicy(max_attempts=60, initial_backoff_s=0.1, max_backoff_s=0.5)
 SIM = ("--backend", "sim", "--sim-clock", "real", "--num-blocks", "1024")
 GRACE_S = 8
 
 
-def health(address: str, service: str = "") -> str:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-        except grpc.RpcError as e:
-            return e.code().name
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+def drain_moved(log) -> int:
+    """BE requests a draining loop handed back to the queue, from the scheduler's log."""
+    return sum(int(m) for m in re.findall(r"draining: (\d+) BE requests back", log.read_text()))
 
 
 def terminate_and_watch(proc, address: str) -> tuple[float, list[str]]:
@@ -32,7 +27,7 @@ def terminate_and_watch(proc, address: str) -> tuple[float, list[str]]:
     proc.proc.send_signal(signal.SIGTERM)
     seen = []
     while proc.proc.poll() is None and time.monotonic() - t0 < GRACE_S + 10:
-        seen.append(health(address))
+        seen.append(health_status(address))
         time.sleep(0.1)
     return time.monotonic() - t0, seen
 
@@ -46,7 +41,7 @@ def test_scheduler_drain_finishes_rt_and_hands_over(tmp_path):
         s2 = Scheduler(tmp_path, redis_server.url, [worker.address], *args, "--replica-id", "s2").start()
         client = Client(f"ipv4:127.0.0.1:{s1.port},127.0.0.1:{s2.port}", retry=RETRY)
         try:
-            assert health(s1.address, "liveness") == "SERVING"
+            assert health_status(s1.address, "liveness") == "SERVING"
             run = HybridRun(client, 40, 120).start()
             run.wait_progress(20)
             took_s, seen = terminate_and_watch(s1, s1.address)
@@ -60,6 +55,8 @@ def test_scheduler_drain_finishes_rt_and_hands_over(tmp_path):
     assert exit_code == 0 and took_s < GRACE_S + 3, (exit_code, took_s)
     assert seen and "SERVING" not in seen, seen  # NOT_SERVING (or gone) from the first check
     run.check()
+    # The work moved by the drain itself, not by the lease-loss or worker-loss recovery.
+    assert drain_moved(s1.log) > 0 and "lost" not in s2.log.read_text()
 
 
 def test_worker_drain_moves_be_and_finishes_rt(tmp_path):
@@ -89,3 +86,5 @@ def test_worker_drain_moves_be_and_finishes_rt(tmp_path):
     assert "SERVING" not in seen, seen
     assert finished_without_w1 == 60
     run.check()
+    log = sched.log.read_text()
+    assert drain_moved(sched.log) > 0 and "lost: requeued" not in log

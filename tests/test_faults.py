@@ -6,14 +6,12 @@ import os
 import signal
 import time
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bros.client import BrosError, Client, RetryPolicy
 from bros.redis_server import EmbeddedRedis
 from hybrid import HybridRun
-from stack import Scheduler, Worker, free_port
+from stack import Scheduler, Worker, free_port, health_status
 
 RETRY = RetryPolicy(max_attempts=60, initial_backoff_s=0.1, max_backoff_s=0.5)
 SIM = ("--backend", "sim", "--sim-clock", "real", "--num-blocks", "1024")
@@ -122,15 +120,6 @@ def test_standby_replica_takes_over_within_the_lease(tmp_path):
     assert took_s < lease_ms / 1e3 + 2.0  # the lease running out, plus one probe period
 
 
-def _health(address: str) -> str:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-        except grpc.RpcError as e:
-            return e.code().name
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-
-
 @pytest.mark.parametrize("appendfsync", ["always"])
 def test_redis_killed_and_restarted_from_aof_loses_nothing(tmp_path, appendfsync):
     data = tmp_path / "redis"
@@ -147,12 +136,12 @@ def test_redis_killed_and_restarted_from_aof_loses_nothing(tmp_path, appendfsync
         run = HybridRun(client, 40, 80).start()
         run.wait_progress(10)
         redis_server.kill()
-        wait_until(lambda: _health(sched.address) == "NOT_SERVING", 10, "NOT_SERVING while Redis is away")
+        wait_until(lambda: health_status(sched.address) == "NOT_SERVING", 10, "NOT_SERVING while Redis is away")
         with pytest.raises(BrosError) as refused:
             no_retry.submit([5, 6, 7], service_class="be", max_tokens=4)
         time.sleep(1.0)
         redis_server.start()  # same port, same dir: replays the AOF
-        wait_until(lambda: _health(sched.address) == "SERVING", 30, "SERVING again")
+        wait_until(lambda: health_status(sched.address) == "SERVING", 30, "SERVING again")
         run.join(timeout=120)
         # Results finished before the crash are still there.
         replay = {i: [ev for ev in client.watch(early.request_id(i))] for i in range(10)}

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bros.redis_server import EmbeddedRedis
-from stack import Scheduler, Worker
+from stack import sim_stack
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 
@@ -23,13 +22,8 @@ def grpcurl():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("grpcurl")
-    with EmbeddedRedis() as redis_server:
-        worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "256", name="sim").start()
-        sched = Scheduler(tmp, redis_server.url, [worker.address]).start()
-        yield sched, worker
-        sched.stop()
-        worker.stop()
+    with sim_stack(tmp_path_factory.mktemp("grpcurl")) as procs:
+        yield procs
 
 
 def call(grpcurl, address: str, *args: str, data: dict | None = None) -> subprocess.CompletedProcess:

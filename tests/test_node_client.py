@@ -10,10 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bros.redis_server import EmbeddedRedis
 from bros.v1 import inference_pb2 as ipb
 from bros.v1 import inference_pb2_grpc
-from stack import Scheduler, Worker
+from stack import sim_stack
 
 NODE_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
 EXAMPLE = NODE_CLIENT / "examples" / "generate.js"
@@ -31,13 +30,8 @@ def node():
 
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("node")
-    with EmbeddedRedis() as redis_server:
-        worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "256", name="sim").start()
-        sched = Scheduler(tmp, redis_server.url, [worker.address]).start()
+    with sim_stack(tmp_path_factory.mktemp("node")) as (sched, _):
         yield sched
-        sched.stop()
-        worker.stop()
 
 
 def run_example(node, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
