@@ -248,7 +248,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             while True:
                 if wake is not None:
                     wake.clear()  # before the read: whatever lands after it wakes us
-                entries = await self._outlasting_redis(lambda: self.store.read_stream(rid, after_index, None),
+                entries = await self._outlasting_redis(lambda: self.store.read_stream(rid, after_index),
                                                        context, after_index)
                 tokens = [e for e in entries if not e.final]
                 if tokens:

@@ -592,12 +592,12 @@ class Store:
             b.finish(request_id, reason, now_ms, error)
         return bool(b.results[0])
 
-    async def read_stream(self, request_id: str, after_index: int, block_ms: int | None,
+    async def read_stream(self, request_id: str, after_index: int,
                           count: int | None = None) -> list[StreamEntry]:
-        """Entries after output index after_index (-1: from the start), waiting up to
-        block_ms for one if there are none yet (None: do not wait)."""
+        """Entries after output index after_index (-1: from the start), without waiting:
+        a call that waits for more does so through the replica's StreamHub."""
         key = self.keys.tok(request_id)
-        reply = await self.redis.xread({key: f"0-{after_index + 1}"}, count=count, block=block_ms)
+        reply = await self.redis.xread({key: f"0-{after_index + 1}"}, count=count)
         if isinstance(reply, dict):  # RESP3
             entries = reply.get(key.encode(), [[]])[0]
         else:

@@ -352,7 +352,7 @@ class WorkerLoop:
         sampling = types_pb2.SamplingParams.FromString(rec.sampling)
         carried = []
         if rec.num_output_tokens:  # requeued after a worker loss: carry what was produced
-            entries = await self.store.read_stream(rec.request_id, -1, None)
+            entries = await self.store.read_stream(rec.request_id, -1)
             carried = [e.token_id for e in entries if not e.final]
         return worker_pb2.NewSequence(seq_id=rec.request_id, service_class=rec.service_class,
                                       prompt_token_ids=rec.prompt_token_ids, sampling=sampling,
