@@ -83,6 +83,9 @@ class PlannerConfig:
     bros_aimd_step_tokens: int = 16
     bros_aimd_decrease: float = 0.7
     bros_min_batched_tokens: int = 64
+    # bros: the RT attainment (share of recent RT outcomes on time) below which the
+    # allowance stops growing.
+    bros_target_attainment: float = 0.95
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -121,7 +124,14 @@ class StepBudget:
         self.seqs = cfg.max_num_seqs if max_seqs is None else max_seqs
         self.blocks = inp.free_blocks if free_blocks is None else free_blocks
         self.chunked = chunked
+        # Sequences the worker refused to grow last time although the arithmetic said
+        # they fit: their last block is shared, so they need a fresh one (policy-filled).
+        self.needs_block: set[str] = set()
         self.out = PlanDecision()
+
+    def new_blocks(self, seq: SeqView, num_tokens: int) -> int:
+        n = new_blocks_needed(seq, num_tokens, self.block_size)
+        return max(n, 1) if seq.request_id in self.needs_block else n
 
     def chunk(self, seq: SeqView) -> int:
         """Tokens this sequence would run now: all it has left, within the budget (0: none).
@@ -132,7 +142,7 @@ class StepBudget:
         return n
 
     def fits(self, seq: SeqView, n: int) -> bool:
-        return n > 0 and self.seqs > 0 and new_blocks_needed(seq, n, self.block_size) <= self.blocks
+        return n > 0 and self.seqs > 0 and self.new_blocks(seq, n) <= self.blocks
 
     def take(self, seq: SeqView, n: int, admit: bool = False) -> None:
         self.out.scheduled.append((seq.request_id, n))
@@ -140,7 +150,7 @@ class StepBudget:
             self.out.admit.append(seq.request_id)
         self.tokens -= n
         self.seqs -= 1
-        self.blocks -= new_blocks_needed(seq, n, self.block_size)
+        self.blocks -= self.new_blocks(seq, n)
 
     def release(self, seq: SeqView) -> None:
         """Credit the blocks of a sequence this step preempts by recompute."""

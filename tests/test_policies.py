@@ -83,21 +83,41 @@ def test_bros_pauses_be_to_make_room_for_rt_when_memory_is_short():
     assert d2.recompute[0] == "be-new" and not d2.preempt
 
 
-def test_bros_aimd_cuts_the_budget_when_rt_is_late_and_regrows_it():
+def test_bros_aimd_cuts_the_budget_on_misses_and_regrows_it_once_attainment_is_back():
     p = make_policy("bros")
-    cfg = PlannerConfig(max_num_batched_tokens=512, bros_aimd_step_tokens=16, bros_aimd_decrease=0.5)
-    late = [seq("rt", 0, 8, RT, computed=8, produced=1, first=0.0, tpot=10.0)]  # due at 10
-    p.plan(inp(running=late, now=0.0), cfg)
-    assert p.token_budget == 512
-    p.plan(inp(running=late, now=50.0), cfg)
-    assert p.token_budget == 256
-    p.plan(inp(running=late, now=60.0), cfg)
-    assert p.token_budget == 128
-    p.plan(inp(now=70.0), cfg)
-    assert p.token_budget == 144
+    cfg = PlannerConfig(max_num_batched_tokens=512, bros_aimd_step_tokens=16, bros_aimd_decrease=0.5,
+                        bros_target_attainment=0.5)
+    on_time = lambda rid, t=0.0: seq(rid, 0, 8, RT, computed=8, produced=1, first=t, tpot=10.0,  # noqa: E731
+                                     deadline=t + 100)
+    p.plan(inp(running=[on_time("a")], now=0.0), cfg)
+    assert p.token_budget == 512                       # first token on time: at the cap already
+    p.plan(inp(running=[on_time("a")], now=50.0), cfg)
+    assert p.token_budget == 256                       # "a" fell behind its TPOT target: cut
+    p.plan(inp(running=[on_time("a")], now=60.0), cfg)
+    assert p.token_budget == 272                       # the same lateness counts once; 1/2 on time
+    late_first = seq("b", 0, 8, RT, computed=8, produced=1, first=300.0, tpot=10.0, deadline=250)
+    p.plan(inp(running=[late_first], now=300.0), cfg)
+    assert p.token_budget == 136                       # a late first token: cut
+    p.plan(inp(now=310.0), cfg)
+    assert p.token_budget == 136                       # 1 of 3 on time: below target, hold
+    p.plan(inp(running=[on_time("c", 315.0), on_time("d", 315.0)], now=320.0), cfg)
+    assert p.token_budget == 152                       # 3 of 5 on time: grow again
     fixed = make_policy("bros-fixed-budget")
-    fixed.plan(inp(running=late, now=50.0), cfg)
+    fixed.plan(inp(running=[on_time("a")], now=50.0), cfg)
     assert fixed.token_budget == 512
+
+
+def test_bros_treats_a_refused_growth_as_needing_a_block():
+    # The worker refused "rt" last step (its last block is shared with BE slots), so with
+    # no free block it cannot run; with nothing else able to run, its KV is recomputed
+    # instead of planning the same refused step forever.
+    p = make_policy("bros")
+    cfg = PlannerConfig()
+    rt = lambda: seq("rt", 0, 8, RT, computed=8, produced=1, first=0.0, tpot=100.0)  # noqa: E731
+    full = {"rt_available_slots": 0, "rt_available_slots_with_preempt": 0}
+    assert p.plan(inp(running=[rt()], free_blocks=0, occupancy=full), cfg).scheduled == [("rt", 1)]
+    d = p.plan(inp(running=[rt()], free_blocks=0, occupancy=full, now=5.0), cfg)
+    assert d.scheduled == [] and d.recompute == ["rt"]
 
 
 def test_bros_without_chunking_runs_a_prompt_whole_or_not_at_all():

@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--sim-cost", default=None, help="cost-model preset, e.g. opt13b_a100_tp2")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window; default: the scenario's")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks; default: the sim worker's")
     return p.parse_args(argv)
 
@@ -43,6 +45,7 @@ def configure(args: argparse.Namespace) -> Scenario:
     scn = SCENARIOS[args.scenario]
     given = {"duration_s": args.duration_s, "max_num_seqs": args.max_num_seqs,
              "max_num_batched_tokens": args.max_num_batched_tokens, "num_blocks": args.num_blocks,
+             "sim_cost": args.sim_cost, "max_model_len": args.max_model_len,
              "rate_fracs": tuple(args.rates) if args.rates else None}
     return replace(scn, **{k: v for k, v in given.items() if v is not None})
 

@@ -37,12 +37,13 @@ class Scenario:
     max_num_batched_tokens: int = 2048
     sim_cost: str = "opt13b_a100"
     num_blocks: int | None = None         # None: the sim worker's default pool
+    max_model_len: int | None = None      # None: the sim model's context window
 
     def planner(self) -> PlannerConfig:
         return PlannerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
 
     def virtual(self) -> VirtualConfig:
-        return VirtualConfig(num_blocks=self.num_blocks, sim_cost=self.sim_cost)
+        return VirtualConfig(num_blocks=self.num_blocks, sim_cost=self.sim_cost, max_model_len=self.max_model_len)
 
 
 _PAPER = "OPT-13B/A100 cost model; RT: Azure conv trace, TTFT 250 ms / TPOT 100 ms; "

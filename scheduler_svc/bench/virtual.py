@@ -44,6 +44,7 @@ class VirtualConfig:
     num_blocks: int | None = None       # None: the sim worker's default pool (sim_kv_cache_mb)
     sim_cost: str = "opt13b_a100"       # cost-model preset (worker_svc/sim/cost_model.py)
     host_cache_mb: int = 1024           # host memory for checkpointed BE KV (worker default)
+    max_model_len: int | None = None    # None: the sim model's context window
     recent_rt_window: int = 64          # RT outcomes kept for PlanInput.recent_rt
     idle_tick_ms: float = 5.0           # an empty step waits this long (the live idle sleep)
     stall_ms: float = 30_000.0          # work is in flight but nothing ran for this long: give up
@@ -53,6 +54,7 @@ class VirtualConfig:
     def worker_config(self, planner: PlannerConfig) -> WorkerConfig:
         return WorkerConfig(backend="sim", sim_clock="virtual", sim_cost=self.sim_cost,
                             num_blocks=self.num_blocks, host_cache_mb=self.host_cache_mb,
+                            max_model_len=self.max_model_len,
                             max_num_seqs=planner.max_num_seqs,
                             max_num_batched_tokens=planner.max_num_batched_tokens, warmup=False)
 

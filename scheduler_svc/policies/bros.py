@@ -23,6 +23,7 @@ newest running BE sequences are paused to make room. BE only takes free blocks.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 
 from ..planner import (BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of,
                        new_blocks_needed)
@@ -41,12 +42,37 @@ class Bros:
         self.ms_per_token: float | None = None
         self.iteration_ms: float | None = None
         self._last: tuple[float, int] | None = None   # (now_ms, tokens) of the previous plan
+        self._asked: dict[str, int] = {}        # scheduled last plan -> its computed tokens then
+        self._refused: set[str] = set()          # the worker refused their growth (see _note_refusals)
+        self._judged: dict[str, bool] = {}       # running RT whose first token was counted -> TPOT miss counted
+        self._window: deque[bool] = deque(maxlen=WINDOW)  # recent RT outcomes, on time or not
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         self._learn(inp.now_ms, cfg)
+        self._note_refusals(inp)
         out = self._plan(inp, cfg)
         self._last = (inp.now_ms, sum(n for _, n in out.scheduled))
+        computed = {s.request_id: s.num_computed_tokens for s in inp.running}
+        self._asked = {rid: computed.get(rid, 0) for rid, _ in out.scheduled}
         return out
+
+    def _note_refusals(self, inp: PlanInput) -> None:
+        """A sequence scheduled last time that is resident, running and no further along
+        was refused by the worker's pool: its last block has less room than a block of
+        its own would (an RT run in a block whose right end holds BE slots). Until it
+        moves it counts as needing a fresh block, so a full pool leads to displacement
+        or recompute instead of the same refused plan forever."""
+        moved = set()
+        for seq in inp.running:
+            asked = self._asked.get(seq.request_id)
+            if asked is None or seq.preempted:
+                continue
+            if seq.num_computed_tokens == asked:
+                self._refused.add(seq.request_id)
+            else:
+                moved.add(seq.request_id)
+        resident = {s.request_id for s in inp.running}
+        self._refused = {rid for rid in self._refused if rid in resident and rid not in moved}
 
     def _learn(self, now_ms: float, cfg: PlannerConfig) -> None:
         if self._last is None:
@@ -71,6 +97,7 @@ class Bros:
     def _plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         be_allowance = self._adapt(inp, cfg)
         step = StepBudget(inp, cfg, chunked=self.chunked)
+        step.needs_block = self._refused
         evictable = self._evictable_blocks(inp)
         rt_running = [s for s in inp.running if s.service_class == RT]
         be_running = [s for s in inp.running if s.service_class == BE]
@@ -111,19 +138,50 @@ class Bros:
     # ---- phases -------------------------------------------------------------------------
 
     def _adapt(self, inp: PlanInput, cfg: PlannerConfig) -> int:
+        """AIMD on the BE allowance, driven by RT attainment over a sliding window.
+
+        Outcomes are judged as soon as the planner can see them: a first token is on time
+        or late (TTFT) the first time a running RT request shows one, and a decoding RT
+        request past its next-token deadline is late (TPOT, once per request). Each
+        iteration with a new miss cuts the allowance; while the window's attainment holds
+        the target it grows by a step per iteration; below target without a new miss it
+        holds, until on-time outcomes bring the window back.
+        """
         if self.token_budget is None or not self.adaptive:
             self.token_budget = cfg.max_num_batched_tokens
-            return self.token_budget
-        # Only decoding RT counts: a request still waiting for its first token is late
-        # because of the queue or its own prefill, which smaller steps would not help.
-        late = any(s.service_class == RT and s.first_token_ms is not None and not s.preempted
-                   and inp.now_ms > s.next_deadline_ms() for s in inp.running)
-        if late:
+            if not self.adaptive:
+                return self.token_budget
+        missed = self._judge(inp)
+        if missed:
             floor = min(cfg.bros_min_batched_tokens, cfg.max_num_batched_tokens)
             self.token_budget = max(floor, int(self.token_budget * cfg.bros_aimd_decrease))
-        else:
+        elif self._attainment() >= cfg.bros_target_attainment:
             self.token_budget = min(cfg.max_num_batched_tokens, self.token_budget + cfg.bros_aimd_step_tokens)
         return self.token_budget
+
+    def _judge(self, inp: PlanInput) -> bool:
+        """Record the RT outcomes new in this input, one or two per request (its first
+        token on time or not; falling behind its TPOT target, once); True if any is a miss."""
+        missed = False
+        rt = [s for s in inp.running if s.service_class == RT]
+        for seq in rt:
+            if seq.first_token_ms is None:
+                continue
+            if seq.request_id not in self._judged:
+                self._judged[seq.request_id] = False
+                on_time = seq.first_token_ms <= seq.ttft_deadline_ms
+                self._window.append(on_time)
+                missed |= not on_time
+            if not self._judged[seq.request_id] and not seq.preempted and inp.now_ms > seq.next_deadline_ms():
+                self._judged[seq.request_id] = True   # behind on TPOT: counted once
+                self._window.append(False)
+                missed = True
+        resident = {s.request_id for s in rt}
+        self._judged = {rid: v for rid, v in self._judged.items() if rid in resident}  # forget finished
+        return missed
+
+    def _attainment(self) -> float:
+        return sum(self._window) / len(self._window) if self._window else 1.0
 
     def _evictable_blocks(self, inp: PlanInput) -> int:
         """Blocks RT can take from paused BE sequences (the worker's count, in blocks)."""
@@ -155,7 +213,7 @@ class Bros:
     @staticmethod
     def _blocks_short(seq: SeqView, n: int, step: StepBudget) -> int:
         """Blocks this growth needs beyond the free list (<= 0: the free list suffices)."""
-        return new_blocks_needed(seq, n, step.block_size) - step.blocks
+        return step.new_blocks(seq, n) - step.blocks
 
     def _displace(self, victim: SeqView, step: StepBudget) -> int:
         """Make a running BE sequence give way; returns the blocks RT can now use."""
@@ -186,18 +244,32 @@ class Bros:
             if not step.fits(seq, n):
                 return resident
             step.take(seq, n)
+        stuck = False   # a paused BE is waiting for memory: new BE would take it first
         for group, is_new in ((paused, False), (waiting, True)):
             for seq in group:
                 n = step.chunk(seq)
-                if n == 0 or step.seqs == 0 or resident >= cfg.max_num_seqs:
+                if n == 0 or step.seqs == 0 or resident >= cfg.max_num_seqs or (is_new and stuck):
                     return resident
                 if not is_new and blocks_of(seq.num_tokens, step.block_size) > step.blocks:
+                    stuck = True
                     continue  # its KV may be on host: resume only when all of it fits back
-                if not step.fits(seq, n):
+                if not step.fits(seq, n) or (is_new and not self._room_to_grow(inp, seq, n, step)):
                     return resident  # arrival order among new BE: no overtaking
                 step.take(seq, n, admit=is_new)
                 resident += 1
         return resident
+
+
+    @staticmethod
+    def _room_to_grow(inp: PlanInput, seq: SeqView, n: int, step: StepBudget) -> bool:
+        """Admit a new BE only while the running sequences keep a block each to grow into:
+        a prompt that takes the last free blocks is recomputed a few steps later."""
+        left = step.blocks - step.new_blocks(seq, n)
+        return left >= RESERVE * sum(not s.preempted for s in inp.running)
+
+
+RESERVE = 4
+WINDOW = 32
 
 
 class BrosNoSharing(Bros):
