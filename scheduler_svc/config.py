@@ -10,6 +10,10 @@ from bros.config_cli import add_config_flags
 from bros.telemetry import telemetry_checks
 from bros.tls import check_pair
 
+from .planner import PlannerConfig
+
+_P = PlannerConfig  # the policies' knobs: defaults and their meaning live in planner.py
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -21,6 +25,16 @@ class SchedulerConfig:
     replica_id: str = ""                     # default: a fresh uuid per process
     max_num_seqs: int = 64                   # running sequences per worker
     max_num_batched_tokens: int = 512        # tokens per step (chunked prefill budget)
+    # Policy knobs (scheduler_svc/planner.py PlannerConfig documents each).
+    partition_rt_fraction: float = _P.partition_rt_fraction
+    bros_urgent_slack_ms: float = _P.bros_urgent_slack_ms
+    bros_prefill_ms_per_token: float = _P.bros_prefill_ms_per_token
+    bros_aimd_step_tokens: int = _P.bros_aimd_step_tokens
+    bros_aimd_decrease: float = _P.bros_aimd_decrease
+    bros_min_batched_tokens: int = _P.bros_min_batched_tokens
+    bros_target_attainment: float = _P.bros_target_attainment
+    bros_attainment_window: int = _P.bros_attainment_window
+    bros_admit_headroom_blocks: int = _P.bros_admit_headroom_blocks
     rt_ttft_ms: float = 1000.0               # default RT targets when a request sets none
     rt_tpot_ms: float = 200.0
     be_ttft_ms: float = 0.0                  # BE: no target (0), queue order by arrival only
@@ -87,12 +101,20 @@ class SchedulerConfig:
             (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
             *telemetry_checks(self),
         ]
+        try:
+            self.planner_config()
+        except ValueError as e:
+            raise ValueError(f"policy config: {e}") from None
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
         check_pair(self.tls_cert_file, self.tls_key_file, "--tls-cert-file", "--tls-key-file")
         check_pair(self.worker_tls_cert_file, self.worker_tls_key_file, "--worker-tls-cert-file",
                    "--worker-tls-key-file")
+
+    def planner_config(self) -> PlannerConfig:
+        names = PlannerConfig.__dataclass_fields__
+        return PlannerConfig(**{k: getattr(self, k) for k in names})
 
     @property
     def resolved_replica_id(self) -> str:

@@ -86,6 +86,11 @@ class PlannerConfig:
     # bros: the RT attainment (share of recent RT outcomes on time) below which the
     # allowance stops growing.
     bros_target_attainment: float = 0.95
+    bros_attainment_window: int = 32    # RT outcomes in that window
+    # bros: a new BE request is admitted only if, after its first chunk, every running
+    # sequence still has this many free blocks to grow into (else it would be recomputed
+    # a few steps later, wasting its prefill).
+    bros_admit_headroom_blocks: int = 4
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -94,6 +99,12 @@ class PlannerConfig:
             raise ValueError("partition_rt_fraction must be in (0, 1)")
         if not 0 < self.bros_aimd_decrease < 1 or self.bros_aimd_step_tokens <= 0:
             raise ValueError("bros AIMD: decrease in (0, 1), step > 0")
+        if not 0 <= self.bros_target_attainment <= 1:
+            raise ValueError("bros_target_attainment must be in [0, 1]")
+        if self.bros_attainment_window <= 0:
+            raise ValueError("bros_attainment_window must be > 0")
+        if self.bros_admit_headroom_blocks < 0 or self.bros_min_batched_tokens <= 0:
+            raise ValueError("bros_admit_headroom_blocks must be >= 0 and bros_min_batched_tokens > 0")
 
 
 class Policy(Protocol):

@@ -23,7 +23,7 @@ from .access import check_redis_credentials, load_access
 from .config import SchedulerConfig
 from .metrics import SchedulerMetrics
 from .placement import RoomBoard
-from .planner import PlannerConfig, make_policy
+from .planner import make_policy
 from .service import SERVICE_NAME, InferenceService
 from .store import Store
 from .stream_hub import StreamHub
@@ -43,7 +43,7 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     except ValueError as e:
         raise SystemExit(f"scheduler: {e}") from None
     store = Store(client, prefix=cfg.key_prefix, result_ttl_s=cfg.result_ttl_s)
-    planner_cfg = PlannerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
+    planner_cfg = cfg.planner_config()
     board = RoomBoard()
     loops = [WorkerLoop(addr, store, make_policy(cfg.policy), planner_cfg, cfg.resolved_replica_id,
                         lease_ttl_ms=cfg.lease_ttl_ms, board=board, step_timeout_ms=cfg.step_timeout_ms,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from scheduler_svc.planner import RT
 
+from .criteria import check, format_rows
 from .metrics import BenchMetrics
 from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workload, capacity, policy_names, run_policy
 
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", type=_csv(float), default=None,
                    help="RT rates as fractions of the estimated RT capacity, e.g. 0.1,0.2")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-seeds", type=int, default=2, help="cpu-hybrid: seeds per policy (the mean is reported)")
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.scenario == "cpu-hybrid":  # live, the real model on this CPU
         from .cpu_hybrid import run_cpu_hybrid
         run_cpu_hybrid(args.policies or ["fcfs", "priority", "partition", "bros"],
-                       duration_s=args.duration_s or 60.0, seed=args.seed, out=args.out)
+                       duration_s=args.duration_s or 60.0, seed=args.seed, num_seeds=args.num_seeds, out=args.out)
         return
     scn = configure(args)
     policies = args.policies or policy_names()
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
                 ttfts[name] = [r.ttft_ms() for r in res.run.requests if r.request.service_class == RT]
         points.append(point)
     print(format_table(points, policies))
+    rows = check({"points": points})
+    if rows:
+        print(format_rows(rows))
     write_outputs(args.out, scn, cap, args.seed, points, policies, ttfts, cdf_frac)
 
 

@@ -24,10 +24,18 @@ from .metrics import BenchMetrics, RequestRecord, compute
 from .workload import Request
 
 
-def run_live(requests: list[Request], policy: str, planner: PlannerConfig, num_blocks: int | None = None,
-             num_workers: int = 1, sim_cost: str = "opt13b_a100", log_dir: str | None = None,
-             worker_args: tuple[str, ...] | None = None) -> BenchMetrics:
-    """worker_args replaces the sim worker's backend flags (e.g. the torch backend)."""
+def run_live(requests: list[Request], policy: str, planner: PlannerConfig, **kwargs) -> BenchMetrics:
+    """The metrics of one live replay (keyword arguments: replay_live's)."""
+    return compute(replay_live(requests, policy, planner, **kwargs), [])
+
+
+def replay_live(requests: list[Request], policy: str, planner: PlannerConfig, num_blocks: int | None = None,
+                num_workers: int = 1, sim_cost: str = "opt13b_a100", log_dir: str | None = None,
+                worker_args: tuple[str, ...] | None = None,
+                scheduler_args: tuple[str, ...] = ()) -> list[RequestRecord]:
+    """Every request's record, as its client saw it. worker_args replaces the sim
+    worker's backend flags (e.g. the torch backend); scheduler_args are added to the
+    scheduler's (e.g. policy knobs)."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bros-live-"))
     with EmbeddedRedis() as redis_server:
         procs = []
@@ -41,12 +49,11 @@ def run_live(requests: list[Request], policy: str, planner: PlannerConfig, num_b
             sched = _start(procs, log_dir / "scheduler.log", "scheduler_svc", "bros.v1.Inference", 60,
                            "--redis-url", redis_server.url, "--workers", ",".join(workers), "--policy", policy,
                            "--max-num-seqs", str(planner.max_num_seqs),
-                           "--max-num-batched-tokens", str(planner.max_num_batched_tokens))
-            records = _replay(sched, requests)
+                           "--max-num-batched-tokens", str(planner.max_num_batched_tokens), *scheduler_args)
+            return _replay(sched, requests)
         finally:
             for p in reversed(procs):
                 _stop(p)
-    return compute(records, [])
 
 
 def _replay(target: str, requests: list[Request]) -> list[RequestRecord]:

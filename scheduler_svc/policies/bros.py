@@ -25,8 +25,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from ..planner import (BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of,
-                       new_blocks_needed)
+from ..planner import BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of
 
 
 class Bros:
@@ -45,7 +44,7 @@ class Bros:
         self._asked: dict[str, int] = {}        # scheduled last plan -> its computed tokens then
         self._refused: set[str] = set()          # the worker refused their growth (see _note_refusals)
         self._judged: dict[str, bool] = {}       # running RT whose first token was counted -> TPOT miss counted
-        self._window: deque[bool] = deque(maxlen=WINDOW)  # recent RT outcomes, on time or not
+        self._window: deque[bool] = deque()       # recent RT outcomes, on time or not
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         self._learn(inp.now_ms, cfg)
@@ -114,7 +113,10 @@ class Bros:
                                                pausable, resident, cfg)
         scheduled = {rid for rid, _ in step.out.scheduled} | set(step.out.preempt) | set(step.out.recompute)
         rt_tokens = cfg.max_num_batched_tokens - step.tokens
-        reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))   # tokens BE may not use
+        # Tokens BE may not use: the allowance bounds BE prefill chunks; running BE
+        # sequences' decodes (one token each, cheap in a batch) always fit.
+        be_decodes = sum(1 for s in be_running if not s.preempted and s.num_uncomputed_tokens == 1)
+        reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens) - be_decodes)
         step.tokens -= reserve
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg)
         step.tokens += reserve
@@ -145,21 +147,32 @@ class Bros:
         request past its next-token deadline is late (TPOT, once per request). Each
         iteration with a new miss cuts the allowance; while the window's attainment holds
         the target it grows by a step per iteration; below target without a new miss it
-        holds, until on-time outcomes bring the window back.
+        holds, until on-time outcomes bring the window back, or grows while no RT request
+        is resident or queued (nothing to protect, and no outcome would ever come).
         """
         if self.token_budget is None or not self.adaptive:
             self.token_budget = cfg.max_num_batched_tokens
             if not self.adaptive:
                 return self.token_budget
-        missed = self._judge(inp)
+        missed = self._judge(inp, cfg)
         if missed:
             floor = min(cfg.bros_min_batched_tokens, cfg.max_num_batched_tokens)
             self.token_budget = max(floor, int(self.token_budget * cfg.bros_aimd_decrease))
-        elif self._attainment() >= cfg.bros_target_attainment:
+        elif self._attainment() >= cfg.bros_target_attainment or not self._any_rt(inp):
             self.token_budget = min(cfg.max_num_batched_tokens, self.token_budget + cfg.bros_aimd_step_tokens)
         return self.token_budget
 
-    def _judge(self, inp: PlanInput) -> bool:
+    @staticmethod
+    def _any_rt(inp: PlanInput) -> bool:
+        """No RT request to protect: the allowance may grow whatever the window says."""
+        return any(s.service_class == RT for s in inp.running) or any(s.service_class == RT for s in inp.waiting)
+
+    def _record(self, on_time: bool, cfg: PlannerConfig) -> None:
+        self._window.append(on_time)
+        while len(self._window) > cfg.bros_attainment_window:
+            self._window.popleft()
+
+    def _judge(self, inp: PlanInput, cfg: PlannerConfig) -> bool:
         """Record the RT outcomes new in this input, one or two per request (its first
         token on time or not; falling behind its TPOT target, once); True if any is a miss."""
         missed = False
@@ -170,11 +183,11 @@ class Bros:
             if seq.request_id not in self._judged:
                 self._judged[seq.request_id] = False
                 on_time = seq.first_token_ms <= seq.ttft_deadline_ms
-                self._window.append(on_time)
+                self._record(on_time, cfg)
                 missed |= not on_time
             if not self._judged[seq.request_id] and not seq.preempted and inp.now_ms > seq.next_deadline_ms():
                 self._judged[seq.request_id] = True   # behind on TPOT: counted once
-                self._window.append(False)
+                self._record(False, cfg)
                 missed = True
         resident = {s.request_id for s in rt}
         self._judged = {rid: v for rid, v in self._judged.items() if rid in resident}  # forget finished
@@ -253,7 +266,7 @@ class Bros:
                 if not is_new and blocks_of(seq.num_tokens, step.block_size) > step.blocks:
                     stuck = True
                     continue  # its KV may be on host: resume only when all of it fits back
-                if not step.fits(seq, n) or (is_new and not self._room_to_grow(inp, seq, n, step)):
+                if not step.fits(seq, n) or (is_new and not self._room_to_grow(inp, seq, n, step, cfg)):
                     return resident  # arrival order among new BE: no overtaking
                 step.take(seq, n, admit=is_new)
                 resident += 1
@@ -261,15 +274,13 @@ class Bros:
 
 
     @staticmethod
-    def _room_to_grow(inp: PlanInput, seq: SeqView, n: int, step: StepBudget) -> bool:
+    def _room_to_grow(inp: PlanInput, seq: SeqView, n: int, step: StepBudget, cfg: PlannerConfig) -> bool:
         """Admit a new BE only while the running sequences keep a block each to grow into:
         a prompt that takes the last free blocks is recomputed a few steps later."""
         left = step.blocks - step.new_blocks(seq, n)
-        return left >= RESERVE * sum(not s.preempted for s in inp.running)
+        return left >= cfg.bros_admit_headroom_blocks * sum(not s.preempted for s in inp.running)
 
 
-RESERVE = 4
-WINDOW = 32
 
 
 class BrosNoSharing(Bros):
