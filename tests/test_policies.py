@@ -98,10 +98,15 @@ def test_bros_aimd_cuts_the_budget_on_misses_and_regrows_it_once_attainment_is_b
     late_first = seq("b", 0, 8, RT, computed=8, produced=1, first=300.0, tpot=10.0, deadline=250)
     p.plan(inp(running=[late_first], now=300.0), cfg)
     assert p.token_budget == 136                       # a late first token: cut
-    p.plan(inp(now=310.0), cfg)
+    p.plan(inp(running=[late_first], now=305.0), cfg)
     assert p.token_budget == 136                       # 1 of 3 on time: below target, hold
     p.plan(inp(running=[on_time("c", 315.0), on_time("d", 315.0)], now=320.0), cfg)
     assert p.token_budget == 152                       # 3 of 5 on time: grow again
+    late_too = seq("e", 0, 8, RT, computed=8, produced=1, first=330.0, tpot=10.0, deadline=320)
+    p.plan(inp(running=[late_too], now=330.0), cfg)
+    assert p.token_budget == 76                        # another late first token: cut
+    p.plan(inp(running=[seq("be", 0, 8, BE, computed=8, produced=1)], now=340.0), cfg)
+    assert p.token_budget == 92                        # no RT left to protect: grow
     fixed = make_policy("bros-fixed-budget")
     fixed.plan(inp(running=[on_time("a")], now=50.0), cfg)
     assert fixed.token_budget == 512
