@@ -34,7 +34,7 @@ class SchedulerConfig:
     bros_min_batched_tokens: int = _P.bros_min_batched_tokens
     bros_target_attainment: float = _P.bros_target_attainment
     bros_attainment_window: int = _P.bros_attainment_window
-    bros_admit_headroom_blocks: int = _P.bros_admit_headroom_blocks
+    bros_admit_headroom_tokens: int = _P.bros_admit_headroom_tokens
     rt_ttft_ms: float = 1000.0               # default RT targets when a request sets none
     rt_tpot_ms: float = 200.0
     be_ttft_ms: float = 0.0                  # BE: no target (0), queue order by arrival only

@@ -87,10 +87,10 @@ class PlannerConfig:
     # allowance stops growing.
     bros_target_attainment: float = 0.95
     bros_attainment_window: int = 32    # RT outcomes in that window
-    # bros: a new BE request is admitted only if, after its first chunk, every running
-    # sequence still has this many free blocks to grow into (else it would be recomputed
-    # a few steps later, wasting its prefill).
-    bros_admit_headroom_blocks: int = 4
+    # bros: a new BE request is admitted only if, after its first chunk, the free blocks
+    # still hold this many tokens of growth for every running sequence (else it would be
+    # recomputed a few steps later, wasting its prefill).
+    bros_admit_headroom_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -103,8 +103,8 @@ class PlannerConfig:
             raise ValueError("bros_target_attainment must be in [0, 1]")
         if self.bros_attainment_window <= 0:
             raise ValueError("bros_attainment_window must be > 0")
-        if self.bros_admit_headroom_blocks < 0 or self.bros_min_batched_tokens <= 0:
-            raise ValueError("bros_admit_headroom_blocks must be >= 0 and bros_min_batched_tokens > 0")
+        if self.bros_admit_headroom_tokens < 0 or self.bros_min_batched_tokens <= 0:
+            raise ValueError("bros_admit_headroom_tokens must be >= 0 and bros_min_batched_tokens > 0")
 
 
 class Policy(Protocol):

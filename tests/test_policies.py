@@ -93,12 +93,12 @@ def test_bros_aimd_cuts_the_budget_on_misses_and_regrows_it_once_attainment_is_b
     assert p.token_budget == 512                       # first token on time: at the cap already
     p.plan(inp(running=[on_time("a")], now=50.0), cfg)
     assert p.token_budget == 256                       # "a" fell behind its TPOT target: cut
-    p.plan(inp(running=[on_time("a")], now=60.0), cfg)
-    assert p.token_budget == 272                       # the same lateness counts once; 1/2 on time
+    p.plan(inp(running=[on_time("a")], now=55.0), cfg)
+    assert p.token_budget == 272                       # within one TPOT period it counts once; 1/2 on time
     late_first = seq("b", 0, 8, RT, computed=8, produced=1, first=300.0, tpot=10.0, deadline=250)
     p.plan(inp(running=[late_first], now=300.0), cfg)
     assert p.token_budget == 136                       # a late first token: cut
-    p.plan(inp(running=[late_first], now=305.0), cfg)
+    p.plan(inp(running=[late_first], now=300.0), cfg)
     assert p.token_budget == 136                       # 1 of 3 on time: below target, hold
     p.plan(inp(running=[on_time("c", 315.0), on_time("d", 315.0)], now=320.0), cfg)
     assert p.token_budget == 152                       # 3 of 5 on time: grow again

@@ -34,6 +34,7 @@ PLANNER = PlannerConfig(max_num_seqs=32, max_num_batched_tokens=2048 // LENGTH_S
 # serves every request, so attainment compares like with like).
 SCHEDULER_ARGS = ("--bros-min-batched-tokens", str(PlannerConfig.bros_min_batched_tokens // LENGTH_SCALE),
                   "--bros-aimd-step-tokens", str(max(1, PlannerConfig.bros_aimd_step_tokens // LENGTH_SCALE)),
+                  "--bros-admit-headroom-tokens", str(PlannerConfig.bros_admit_headroom_tokens // LENGTH_SCALE),
                   "--rt-infeasible", "flag")
 
 

@@ -43,7 +43,8 @@ class Bros:
         self._last: tuple[float, int] | None = None   # (now_ms, tokens) of the previous plan
         self._asked: dict[str, int] = {}        # scheduled last plan -> its computed tokens then
         self._refused: set[str] = set()          # the worker refused their growth (see _note_refusals)
-        self._judged: dict[str, bool] = {}       # running RT whose first token was counted -> TPOT miss counted
+        # Running RT whose first token was counted -> when a TPOT miss was last counted.
+        self._judged: dict[str, float | None] = {}
         self._window: deque[bool] = deque()       # recent RT outcomes, on time or not
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
@@ -113,10 +114,9 @@ class Bros:
                                                pausable, resident, cfg)
         scheduled = {rid for rid, _ in step.out.scheduled} | set(step.out.preempt) | set(step.out.recompute)
         rt_tokens = cfg.max_num_batched_tokens - step.tokens
-        # Tokens BE may not use: the allowance bounds BE prefill chunks; running BE
-        # sequences' decodes (one token each, cheap in a batch) always fit.
-        be_decodes = sum(1 for s in be_running if not s.preempted and s.num_uncomputed_tokens == 1)
-        reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens) - be_decodes)
+        # Tokens BE may not use: the allowance bounds BE decodes and prefill chunks alike
+        # (on a CPU a BE decode batch alone can stretch an RT step past its TPOT target).
+        reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))
         step.tokens -= reserve
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg)
         step.tokens += reserve
@@ -144,7 +144,7 @@ class Bros:
 
         Outcomes are judged as soon as the planner can see them: a first token is on time
         or late (TTFT) the first time a running RT request shows one, and a decoding RT
-        request past its next-token deadline is late (TPOT, once per request). Each
+        request past its next-token deadline is late (TPOT, once per TPOT period). Each
         iteration with a new miss cuts the allowance; while the window's attainment holds
         the target it grows by a step per iteration; below target without a new miss it
         holds, until on-time outcomes bring the window back, or grows while no RT request
@@ -174,19 +174,22 @@ class Bros:
 
     def _judge(self, inp: PlanInput, cfg: PlannerConfig) -> bool:
         """Record the RT outcomes new in this input, one or two per request (its first
-        token on time or not; falling behind its TPOT target, once); True if any is a miss."""
+        token on time or not; behind its TPOT target, at most once per TPOT period while it
+        stays behind); True if any is a miss."""
         missed = False
         rt = [s for s in inp.running if s.service_class == RT]
         for seq in rt:
             if seq.first_token_ms is None:
                 continue
             if seq.request_id not in self._judged:
-                self._judged[seq.request_id] = False
+                self._judged[seq.request_id] = None
                 on_time = seq.first_token_ms <= seq.ttft_deadline_ms
                 self._record(on_time, cfg)
                 missed |= not on_time
-            if not self._judged[seq.request_id] and not seq.preempted and inp.now_ms > seq.next_deadline_ms():
-                self._judged[seq.request_id] = True   # behind on TPOT: counted once
+            late_since = self._judged[seq.request_id]
+            if not seq.preempted and inp.now_ms > seq.next_deadline_ms() and (
+                    late_since is None or inp.now_ms - late_since >= seq.tpot_ms):
+                self._judged[seq.request_id] = inp.now_ms   # behind on TPOT: once per TPOT period
                 self._record(False, cfg)
                 missed = True
         resident = {s.request_id for s in rt}
@@ -258,6 +261,8 @@ class Bros:
                 return resident
             step.take(seq, n)
         stuck = False   # a paused BE is waiting for memory: new BE would take it first
+        num_growing = sum(not s.preempted for s in inp.running)
+        headroom = blocks_of(cfg.bros_admit_headroom_tokens * num_growing, step.block_size)
         for group, is_new in ((paused, False), (waiting, True)):
             for seq in group:
                 n = step.chunk(seq)
@@ -266,21 +271,17 @@ class Bros:
                 if not is_new and blocks_of(seq.num_tokens, step.block_size) > step.blocks:
                     stuck = True
                     continue  # its KV may be on host: resume only when all of it fits back
-                if not step.fits(seq, n) or (is_new and not self._room_to_grow(inp, seq, n, step, cfg)):
+                if not step.fits(seq, n) or (is_new and not self._room_to_grow(seq, n, step, headroom)):
                     return resident  # arrival order among new BE: no overtaking
                 step.take(seq, n, admit=is_new)
                 resident += 1
         return resident
 
-
     @staticmethod
-    def _room_to_grow(inp: PlanInput, seq: SeqView, n: int, step: StepBudget, cfg: PlannerConfig) -> bool:
-        """Admit a new BE only while the running sequences keep a block each to grow into:
-        a prompt that takes the last free blocks is recomputed a few steps later."""
-        left = step.blocks - step.new_blocks(seq, n)
-        return left >= cfg.bros_admit_headroom_blocks * sum(not s.preempted for s in inp.running)
-
-
+    def _room_to_grow(seq: SeqView, n: int, step: StepBudget, headroom: int) -> bool:
+        """Admit a new BE only while the running sequences keep `headroom` free blocks to
+        grow into: a prompt that takes the last free blocks is recomputed a few steps later."""
+        return step.blocks - step.new_blocks(seq, n) >= headroom
 
 
 class BrosNoSharing(Bros):
