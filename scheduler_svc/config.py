@@ -28,6 +28,7 @@ class SchedulerConfig:
     # Policy knobs (scheduler_svc/planner.py PlannerConfig documents each).
     partition_rt_fraction: float = _P.partition_rt_fraction
     bros_urgent_slack_ms: float = _P.bros_urgent_slack_ms
+    bros_urgent_iterations: float = _P.bros_urgent_iterations
     bros_prefill_ms_per_token: float = _P.bros_prefill_ms_per_token
     bros_aimd_step_tokens: int = _P.bros_aimd_step_tokens
     bros_aimd_decrease: float = _P.bros_aimd_decrease

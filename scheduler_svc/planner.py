@@ -75,6 +75,9 @@ class PlannerConfig:
     # bros: an RT request whose slack (ms to its next deadline) is below this runs before
     # any BE work; above it, it may yield its place to BE this iteration.
     bros_urgent_slack_ms: float = 150.0
+    # bros: ... or below this many of the longest recent iterations, if that is more (a
+    # yielding RT request must survive a step that BE fills; on a CPU steps are long).
+    bros_urgent_iterations: float = 2.0
     # bros: the first guess of prefill cost per token until measured (ms); slack counts the
     # prompt still to compute, so a long prompt becomes urgent early enough.
     bros_prefill_ms_per_token: float = 0.15
@@ -101,6 +104,8 @@ class PlannerConfig:
             raise ValueError("bros AIMD: decrease in (0, 1), step > 0")
         if not 0 <= self.bros_target_attainment <= 1:
             raise ValueError("bros_target_attainment must be in [0, 1]")
+        if self.bros_urgent_iterations < 0:
+            raise ValueError("bros_urgent_iterations must be >= 0")
         if self.bros_attainment_window <= 0:
             raise ValueError("bros_attainment_window must be > 0")
         if self.bros_admit_headroom_tokens < 0 or self.bros_min_batched_tokens <= 0:

@@ -2,15 +2,18 @@
 adaptive token budget (../shared/PAPER.md, mechanisms 1-3).
 
 Each iteration, in phases:
-  1. adapt the BE allowance (AIMD on tokens): a decoding RT request past its next-token
-     deadline cuts it, an on-time iteration grows it, so BE chunks shrink exactly when
-     they start to stretch iterations beyond what RT TPOT tolerates;
-  2. urgent RT (slack below bros_urgent_slack_ms), least slack first, picked with a
+  1. adapt the BE allowance (AIMD on tokens, driven by RT attainment over a sliding
+     window): a late first token or a decoding RT request behind its TPOT target cuts
+     it, iterations with the window on target grow it, so BE work per step shrinks
+     exactly when it starts to cost RT its targets;
+  2. urgent RT (slack below bros_urgent_slack_ms, or below bros_urgent_iterations of
+     the longest recent iterations if that is more), least slack first, picked with a
      partial sort; running, prefilling and waiting RT alike, chunked under the full
      step budget (a late first token needs prefill throughput, not smaller steps);
   3. BE fills what is left of the allowance: running BE first (the newest recomputed when
      BE alone runs the pool short), then paused BE (only when its KV fits back), then new
-     BE, by arrival;
+     BE, by arrival, and only while the free blocks keep growth room for the running
+     sequences and no paused BE waits for memory;
   4. RT with slack to spare takes what is left, least slack first: a BE request may
      have taken its place this iteration, which its slack absorbs;
   5. if nothing could run although work is resident (every RT sequence needs a block
@@ -40,6 +43,7 @@ class Bros:
         # and an A100): ms per scheduled token, and ms per iteration.
         self.ms_per_token: float | None = None
         self.iteration_ms: float | None = None
+        self.long_iteration_ms = 0.0
         self._last: tuple[float, int] | None = None   # (now_ms, tokens) of the previous plan
         self._asked: dict[str, int] = {}        # scheduled last plan -> its computed tokens then
         self._refused: set[str] = set()          # the worker refused their growth (see _note_refusals)
@@ -84,6 +88,14 @@ class Bros:
         if tokens > 0 and dt > 0:
             self.ms_per_token += 0.1 * (dt / tokens - self.ms_per_token)
             self.iteration_ms += 0.1 * (dt - self.iteration_ms)
+            # A decaying maximum (halves in ~44 iterations): how long the next step may
+            # take if BE fills it, which is what an RT yielding its place must survive.
+            self.long_iteration_ms = max(dt, self.long_iteration_ms * (1 - 1 / 64))
+
+    def _urgent_slack_ms(self, cfg: PlannerConfig) -> float:
+        """RT with less slack than this runs first: the configured floor, or a few of the
+        longest recent iterations when steps are slow (a CPU worker's are ~10x a GPU's)."""
+        return max(cfg.bros_urgent_slack_ms, cfg.bros_urgent_iterations * self.long_iteration_ms)
 
     def _slack(self, seq: SeqView, now_ms: float) -> float:
         """Time to spare before the next deadline, after the work still needed to meet
@@ -105,7 +117,8 @@ class Bros:
         waiting_ids = {s.request_id for s in inp.waiting}
         slack = {s.request_id: self._slack(s, inp.now_ms) for s in rt}
         resident = sum(not s.preempted for s in inp.running)
-        urgent = [s for s in rt if slack[s.request_id] < cfg.bros_urgent_slack_ms]
+        urgent_ms = self._urgent_slack_ms(cfg)
+        urgent = [s for s in rt if slack[s.request_id] < urgent_ms]
         # Partial sort: only as many as this step could ever run.
         urgent = heapq.nsmallest(max(step.seqs, 0), urgent, key=lambda s: slack[s.request_id])
         pausable = sorted((s for s in be_running if not s.preempted), key=lambda s: -s.arrival_ms)
