@@ -112,6 +112,16 @@ def test_bros_aimd_cuts_the_budget_on_misses_and_regrows_it_once_attainment_is_b
     assert fixed.token_budget == 512
 
 
+def test_bros_default_aimd_regrows_on_every_iteration_without_a_new_miss():
+    p = make_policy("bros")
+    cfg = PlannerConfig(max_num_batched_tokens=512, bros_aimd_step_tokens=16, bros_aimd_decrease=0.5)
+    late_first = seq("b", 0, 8, RT, computed=8, produced=1, first=300.0, tpot=100.0, deadline=250)
+    p.plan(inp(running=[late_first], now=300.0), cfg)
+    assert p.token_budget == 256                       # a miss: cut
+    p.plan(inp(running=[late_first], now=301.0), cfg)
+    assert p.token_budget == 272                       # no new miss: grow, whatever the window says
+
+
 def test_bros_treats_a_refused_growth_as_needing_a_block():
     # The worker refused "rt" last step (its last block is shared with BE slots), so with
     # no free block it cannot run; with nothing else able to run, its KV is recomputed

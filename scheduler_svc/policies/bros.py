@@ -2,10 +2,9 @@
 adaptive token budget (../shared/PAPER.md, mechanisms 1-3).
 
 Each iteration, in phases:
-  1. adapt the BE allowance (AIMD on tokens, driven by RT attainment over a sliding
-     window): a late first token or a decoding RT request behind its TPOT target cuts
-     it, iterations with the window on target grow it, so BE work per step shrinks
-     exactly when it starts to cost RT its targets;
+  1. adapt the BE allowance (AIMD on tokens, driven by RT outcomes): a late first token
+     or a decoding RT request behind its TPOT target cuts it, other iterations grow it,
+     so BE work per step shrinks exactly when it starts to cost RT its targets;
   2. urgent RT (slack below bros_urgent_slack_ms, or below bros_urgent_iterations of
      the longest recent iterations if that is more), least slack first, picked with a
      partial sort; running, prefilling and waiting RT alike, chunked under the full
@@ -158,10 +157,10 @@ class Bros:
         Outcomes are judged as soon as the planner can see them: a first token is on time
         or late (TTFT) the first time a running RT request shows one, and a decoding RT
         request past its next-token deadline is late (TPOT, once per TPOT period). Each
-        iteration with a new miss cuts the allowance; while the window's attainment holds
-        the target it grows by a step per iteration; below target without a new miss it
-        holds, until on-time outcomes bring the window back, or grows while no RT request
-        is resident or queued (nothing to protect, and no outcome would ever come).
+        iteration with a new miss cuts the allowance (a loss, as in TCP); every other
+        iteration grows it by a step, unless bros_target_attainment > 0 and the window's
+        attainment is below it (then it holds until on-time outcomes bring the window
+        back, or while no RT request is resident or queued).
         """
         if self.token_budget is None or not self.adaptive:
             self.token_budget = cfg.max_num_batched_tokens
