@@ -149,7 +149,9 @@ class StepBudget:
 
     def new_blocks(self, seq: SeqView, num_tokens: int) -> int:
         n = new_blocks_needed(seq, num_tokens, self.block_size)
-        return max(n, 1) if seq.request_id in self.needs_block else n
+        if n == 0 and self.needs_block and seq.request_id in self.needs_block:
+            return 1
+        return n
 
     def chunk(self, seq: SeqView) -> int:
         """Tokens this sequence would run now: all it has left, within the budget (0: none).

@@ -52,30 +52,29 @@ class Bros:
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         self._learn(inp.now_ms, cfg)
-        self._note_refusals(inp)
+        by_id = {s.request_id: s for s in inp.running}
+        self._note_refusals(inp, by_id)
         out = self._plan(inp, cfg)
         self._last = (inp.now_ms, sum(n for _, n in out.scheduled))
-        computed = {s.request_id: s.num_computed_tokens for s in inp.running}
-        self._asked = {rid: computed.get(rid, 0) for rid, _ in out.scheduled}
+        self._asked = {rid: by_id[rid].num_computed_tokens if rid in by_id else 0 for rid, _ in out.scheduled}
         return out
 
-    def _note_refusals(self, inp: PlanInput) -> None:
+    def _note_refusals(self, inp: PlanInput, by_id: dict[str, SeqView]) -> None:
         """A sequence scheduled last time that is resident, running and no further along
         was refused by the worker's pool: its last block has less room than a block of
         its own would (an RT run in a block whose right end holds BE slots). Until it
         moves it counts as needing a fresh block, so a full pool leads to displacement
         or recompute instead of the same refused plan forever."""
-        moved = set()
-        for seq in inp.running:
-            asked = self._asked.get(seq.request_id)
-            if asked is None or seq.preempted:
+        refused = {rid for rid in self._refused if rid in by_id}   # forget the finished
+        for rid, asked in self._asked.items():
+            seq = by_id.get(rid)
+            if seq is None or seq.preempted:
                 continue
             if seq.num_computed_tokens == asked:
-                self._refused.add(seq.request_id)
+                refused.add(rid)
             else:
-                moved.add(seq.request_id)
-        resident = {s.request_id for s in inp.running}
-        self._refused = {rid for rid in self._refused if rid in resident and rid not in moved}
+                refused.discard(rid)
+        self._refused = refused
 
     def _learn(self, now_ms: float, cfg: PlannerConfig) -> None:
         if self._last is None:
@@ -132,8 +131,9 @@ class Bros:
         step.tokens -= reserve
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg)
         step.tokens += reserve
-        relaxed = heapq.nsmallest(max(step.seqs, 0), [s for s in rt if s.request_id not in scheduled
-                                                       and s not in urgent], key=lambda s: slack[s.request_id])
+        tried = scheduled | {s.request_id for s in urgent}
+        relaxed = heapq.nsmallest(max(step.seqs, 0), [s for s in rt if s.request_id not in tried],
+                                  key=lambda s: slack[s.request_id])
         for seq in relaxed:
             evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable, [],
                                                resident, cfg)
@@ -170,7 +170,8 @@ class Bros:
         if missed:
             floor = min(cfg.bros_min_batched_tokens, cfg.max_num_batched_tokens)
             self.token_budget = max(floor, int(self.token_budget * cfg.bros_aimd_decrease))
-        elif self._attainment() >= cfg.bros_target_attainment or not self._any_rt(inp):
+        elif (cfg.bros_target_attainment <= 0 or self._attainment() >= cfg.bros_target_attainment
+              or not self._any_rt(inp)):
             self.token_budget = min(cfg.max_num_batched_tokens, self.token_budget + cfg.bros_aimd_step_tokens)
         return self.token_budget
 
@@ -204,8 +205,9 @@ class Bros:
                 self._judged[seq.request_id] = inp.now_ms   # behind on TPOT: once per TPOT period
                 self._record(False, cfg)
                 missed = True
-        resident = {s.request_id for s in rt}
-        self._judged = {rid: v for rid, v in self._judged.items() if rid in resident}  # forget finished
+        if len(self._judged) > len(rt):   # forget finished requests
+            resident = {s.request_id for s in rt}
+            self._judged = {rid: v for rid, v in self._judged.items() if rid in resident}
         return missed
 
     def _attainment(self) -> float:
