@@ -103,7 +103,7 @@ class PlannerConfig:
         if not 0 < self.partition_rt_fraction < 1:
             raise ValueError("partition_rt_fraction must be in (0, 1)")
         if not 0 < self.bros_aimd_decrease < 1 or self.bros_aimd_step_tokens <= 0:
-            raise ValueError("bros AIMD: decrease in (0, 1), step > 0")
+            raise ValueError("bros_aimd_decrease must be in (0, 1) and bros_aimd_step_tokens > 0")
         if not 0 <= self.bros_target_attainment <= 1:
             raise ValueError("bros_target_attainment must be in [0, 1]")
         if self.bros_urgent_iterations < 0:

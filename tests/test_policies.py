@@ -168,3 +168,28 @@ def test_every_policy_keeps_the_contract_on_random_inputs(name):
         by_id = {s.request_id: s for s in running + waiting}
         assert all(1 <= n <= by_id[r].num_uncomputed_tokens for r, n in d.scheduled)
         assert not set(ids) & (set(d.preempt) | set(d.recompute))
+
+
+def test_bros_admits_new_be_only_with_growth_headroom_for_the_running():
+    # 4 running BE sequences at block boundaries; a 16-token prompt needs 1 block.
+    running = [seq(f"r{i}", i, 16, BE, computed=16, produced=1) for i in range(4)]
+    new = [seq("new", 9, 16, BE)]
+    cfg = PlannerConfig(bros_admit_headroom_tokens=16)   # 1 block of growth each
+    # 4 decodes take 4 blocks; 9 free leaves 5 -> 1 for "new" leaves 4 = 4 x 1: admitted.
+    assert "new" in make_policy("bros").plan(inp(running=running, waiting=new, free_blocks=9), cfg).admit
+    # 8 free leaves 4 after the decodes: "new" would leave 3 < 4, so it waits.
+    assert "new" not in make_policy("bros").plan(inp(running=running, waiting=new, free_blocks=8), cfg).admit
+    assert "new" in make_policy("priority").plan(inp(running=running, waiting=new, free_blocks=8), cfg).admit
+
+
+def test_bros_makes_rt_urgent_within_two_of_its_longest_recent_steps():
+    p = make_policy("bros")
+    cfg = PlannerConfig(max_num_batched_tokens=40, bros_urgent_slack_ms=150, bros_urgent_iterations=2.0)
+    be = lambda: seq("be-run", 0, 100, BE, computed=60)  # noqa: E731
+    relaxed = lambda now: seq("rt", 0, 8, RT, computed=8, produced=1, first=now, tpot=400.0)  # noqa: E731
+    # Slack ~400 ms > 150: with short steps the RT may yield to the BE chunk.
+    p.plan(inp(running=[be(), relaxed(0.0)], now=0.0), cfg)
+    assert dict(p.plan(inp(running=[be(), relaxed(10.0)], now=10.0), cfg).scheduled)["be-run"] == 40
+    # After a 300 ms step, 2 x 300 ms > its slack: it runs first.
+    d = p.plan(inp(running=[be(), relaxed(310.0)], now=310.0), cfg)
+    assert d.scheduled[0] == ("rt", 1)

@@ -17,6 +17,7 @@ from pathlib import Path
 from scheduler_svc.planner import RT
 
 from .criteria import check, format_rows
+from .plots import plot_ttft_cdf
 from .metrics import BenchMetrics
 from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workload, capacity, policy_names, run_policy
 
@@ -161,19 +162,7 @@ def write_outputs(out: Path, scn: Scenario, cap: Capacity, seed: int, points: li
 
 
 def _plot_cdf(path: Path, scn: Scenario, ttfts: dict[str, list[float | None]], frac: float) -> None:
-    """Over all RT requests: one that never got a token keeps its curve below 1."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, values in ttfts.items():
-        xs = sorted(t for t in values if t is not None)
-        ax.step(xs, [(i + 1) / len(values) for i in range(len(xs))], where="post", label=name)
-    ax.axvline(scn.rt_ttft_ms, color="grey", linestyle=":", label="TTFT target")
-    ax.set(xscale="log", xlabel="RT TTFT (ms)", ylabel="fraction of RT requests",
-           title=f"{scn.name}: RT TTFT CDF at {frac:.2f} of RT capacity")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_ttft_cdf(path, ttfts, scn.rt_ttft_ms, f"{scn.name}: RT TTFT CDF at {frac:.2f} of RT capacity")
     _log(f"wrote {path}")
 
 

@@ -2,7 +2,8 @@
 
 The sim-paper setting shrunk to what this CPU serves: lengths are the Azure conversation
 trace's (RT) and the paper's synthetic BE, divided by LENGTH_SCALE, and so is every
-token-valued knob (the step budget 2048 -> 256; bros' AIMD floor and step), so a CPU
+token-valued knob (the step budget 2048 -> 256; bros' AIMD floor and step, its
+admission headroom), so a CPU
 step holds the same share of a request as a GPU step of the original sizes. BE arrives
 as a Poisson stream at BE_RATE, which alone keeps this 2-core CPU about 80% busy; RT at
 RT_RATE from the trace's arrival gaps. The RT targets come from a measured RT-only run:
@@ -22,6 +23,7 @@ from ..planner import RT, PlannerConfig
 from . import workload
 from .live import replay_live
 from .metrics import compute
+from .plots import plot_ttft_cdf
 
 LENGTH_SCALE = 8
 TARGET_FACTOR = 2.0
@@ -117,15 +119,5 @@ def _plot_cdf(path: Path, ttfts: dict[str, list], target_ms: float) -> None:
         _log("matplotlib not installed: no plot")
         return
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, values in ttfts.items():
-        xs = sorted(v for v in values if v is not None)
-        ax.step(xs, [(i + 1) / len(values) for i in range(len(xs))], where="post", label=name)
-    ax.axvline(target_ms, color="grey", linestyle=":", label="TTFT target")
-    ax.set(xscale="log", xlabel="RT TTFT (ms)", ylabel="fraction of RT requests", title="cpu-hybrid: RT TTFT CDF")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_ttft_cdf(path, ttfts, target_ms, "cpu-hybrid: RT TTFT CDF")
     _log(f"wrote {path}")

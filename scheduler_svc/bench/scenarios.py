@@ -39,7 +39,7 @@ class Scenario:
     # 2048-token context window (a longer trace request is clipped to it, as a chat
     # front end truncates history; vLLM's own benchmark drops them instead).
     sim_cost: str = "opt13b_a100_tp2"
-    num_blocks: int | None = None         # None: the sim worker's default pool (12 GiB, 15,360 tokens)
+    num_blocks: int | None = None         # None: the sim worker's default pool (12 GiB, 15,728 tokens)
     max_model_len: int | None = 2048
 
     def planner(self) -> PlannerConfig:

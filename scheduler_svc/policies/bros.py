@@ -152,7 +152,7 @@ class Bros:
     # ---- phases -------------------------------------------------------------------------
 
     def _adapt(self, inp: PlanInput, cfg: PlannerConfig) -> int:
-        """AIMD on the BE allowance, driven by RT attainment over a sliding window.
+        """AIMD on the BE allowance, driven by RT outcomes (optionally held by a window).
 
         Outcomes are judged as soon as the planner can see them: a first token is on time
         or late (TTFT) the first time a running RT request shows one, and a decoding RT
