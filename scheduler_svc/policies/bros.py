@@ -12,7 +12,10 @@ Each iteration, in phases:
   3. BE fills what is left of the allowance: running BE first (the newest recomputed when
      BE alone runs the pool short), then paused BE (only when its KV fits back), then new
      BE, by arrival, and only while the free blocks keep growth room for the running
-     sequences and no paused BE waits for memory;
+     sequences and no paused BE waits for memory. A step that serves RT takes BE work
+     only while it still ends, by the learned step-time model (step_cost.py), before the
+     earliest RT deadline it serves (_TimeGate): RT that runs ahead of its TPOT target
+     banks slack, and BE spends it;
   4. RT with slack to spare takes what is left, least slack first: a BE request may
      have taken its place this iteration, which its slack absorbs;
   5. if nothing could run although work is resident (every RT sequence needs a block
@@ -25,9 +28,11 @@ newest running BE sequences are paused to make room. BE only takes free blocks.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 
 from ..planner import BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of
+from .step_cost import StepCost
 
 
 class Bros:
@@ -35,6 +40,7 @@ class Bros:
     adaptive = True
     chunked = True
     share_kv = True
+    slack_gate = True
 
     def __init__(self) -> None:
         self.token_budget: int | None = None   # the AIMD window, in tokens per iteration
@@ -43,7 +49,8 @@ class Bros:
         self.ms_per_token: float | None = None
         self.iteration_ms: float | None = None
         self.long_iteration_ms = 0.0
-        self._last: tuple[float, int] | None = None   # (now_ms, tokens) of the previous plan
+        self.cost: StepCost | None = None        # step time per regime, for the slack gate on BE
+        self._last: tuple[float, int, int, bool] | None = None   # (now_ms, seqs, tokens, prefill) last plan
         self._asked: dict[str, int] = {}        # scheduled last plan -> its computed tokens then
         self._refused: set[str] = set()          # the worker refused their growth (see _note_refusals)
         # Running RT whose first token was counted -> when a TPOT miss was last counted.
@@ -55,7 +62,10 @@ class Bros:
         by_id = {s.request_id: s for s in inp.running}
         self._note_refusals(inp, by_id)
         out = self._plan(inp, cfg)
-        self._last = (inp.now_ms, sum(n for _, n in out.scheduled))
+        waiting = {s.request_id for s in inp.waiting}
+        prefill = any(n > 1 or rid in waiting or (rid in by_id and by_id[rid].num_uncomputed_tokens > 1)
+                      for rid, n in out.scheduled)
+        self._last = (inp.now_ms, len(out.scheduled), sum(n for _, n in out.scheduled), prefill)
         self._asked = {rid: by_id[rid].num_computed_tokens if rid in by_id else 0 for rid, _ in out.scheduled}
         return out
 
@@ -80,10 +90,12 @@ class Bros:
         if self._last is None:
             self.ms_per_token = self.ms_per_token or cfg.bros_prefill_ms_per_token
             self.iteration_ms = self.iteration_ms or cfg.bros_urgent_slack_ms / 3
+            self.cost = self.cost or StepCost(self.iteration_ms, cfg.bros_prefill_ms_per_token)
             return
-        then, tokens = self._last
+        then, seqs, tokens, prefill = self._last
         dt = now_ms - then
         if tokens > 0 and dt > 0:
+            self.cost.observe(dt, seqs, tokens, prefill)
             self.ms_per_token += 0.1 * (dt / tokens - self.ms_per_token)
             self.iteration_ms += 0.1 * (dt - self.iteration_ms)
             # A decaying maximum (halves in ~44 iterations): how long the next step may
@@ -129,7 +141,8 @@ class Bros:
         # (on a CPU a BE decode batch alone can stretch an RT step past its TPOT target).
         reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))
         step.tokens -= reserve
-        resident = self._run_be(inp, be_running, scheduled, step, resident, cfg)
+        gate = _TimeGate(self.cost, self._time_left_ms(inp, rt_running, step), step, inp) if self.slack_gate else None
+        resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate)
         step.tokens += reserve
         tried = scheduled | {s.request_id for s in urgent}
         relaxed = heapq.nsmallest(max(step.seqs, 0), [s for s in rt if s.request_id not in tried],
@@ -254,8 +267,19 @@ class Bros:
         step.release(victim)
         return 0
 
+    @staticmethod
+    def _time_left_ms(inp: PlanInput, rt_running: list[SeqView], step: StepBudget) -> float:
+        """How long this step may take before the earliest deadline of an RT request it
+        serves: the next token of every decoding RT (an RT decode not in this step waits
+        for it too), the first token of each RT prefill in it. inf without RT."""
+        scheduled = {rid for rid, _ in step.out.scheduled}
+        deadlines = [s.next_deadline_ms() for s in rt_running
+                     if not s.preempted and (s.first_token_ms is not None or s.request_id in scheduled)]
+        deadlines += [s.ttft_deadline_ms for s in inp.waiting if s.request_id in scheduled]
+        return min(deadlines, default=math.inf) - inp.now_ms
+
     def _run_be(self, inp: PlanInput, be_running: list[SeqView], taken: set[str], step: StepBudget,
-                resident: int, cfg: PlannerConfig) -> int:
+                resident: int, cfg: PlannerConfig, gate: _TimeGate | None = None) -> int:
         by_arrival = lambda s: s.arrival_ms  # noqa: E731
         active = sorted((s for s in be_running if not s.preempted and s.request_id not in taken), key=by_arrival)
         paused = sorted((s for s in be_running if s.preempted and s.request_id not in taken), key=by_arrival)
@@ -264,7 +288,7 @@ class Bros:
         # short the newest gives way by recompute (pausing would free nothing for BE).
         while active:
             seq = active.pop(0)
-            n = step.chunk(seq)
+            n = step.chunk(seq) if gate is None else gate.allow(seq, step.chunk(seq))
             if n == 0 or step.seqs == 0:
                 return resident
             while not step.fits(seq, n) and active:
@@ -274,12 +298,14 @@ class Bros:
             if not step.fits(seq, n):
                 return resident
             step.take(seq, n)
+            if gate is not None:
+                gate.took(seq, n)
         stuck = False   # a paused BE is waiting for memory: new BE would take it first
         num_growing = sum(not s.preempted for s in inp.running)
         headroom = blocks_of(cfg.bros_admit_headroom_tokens * num_growing, step.block_size)
         for group, is_new in ((paused, False), (waiting, True)):
             for seq in group:
-                n = step.chunk(seq)
+                n = step.chunk(seq) if gate is None else gate.allow(seq, step.chunk(seq), is_new)
                 if n == 0 or step.seqs == 0 or resident >= cfg.max_num_seqs or (is_new and stuck):
                     return resident
                 if not is_new and blocks_of(seq.num_tokens, step.block_size) > step.blocks:
@@ -288,6 +314,8 @@ class Bros:
                 if not step.fits(seq, n) or (is_new and not self._room_to_grow(seq, n, step, headroom)):
                     return resident  # arrival order among new BE: no overtaking
                 step.take(seq, n, admit=is_new)
+                if gate is not None:
+                    gate.took(seq, n, is_new)
                 resident += 1
         return resident
 
@@ -314,3 +342,41 @@ class BrosNoChunking(Bros):
     """Ablation: prompts are prefilled whole."""
     name = "bros-no-chunking"
     chunked = False
+
+
+class _TimeGate:
+    """BE work in a step that serves RT is bounded by RT's slack: the step, as StepCost
+    predicts it, must end before the earliest RT deadline it serves. A BE prompt chunk
+    that would turn a decode-only step into one with prefill must also be worth that
+    regime's overhead (at least as many tokens as the overhead costs in token time): on a
+    CPU worker a few BE tokens would otherwise cost an RT decode three times its time,
+    where waiting a few steps lets RT bank the slack for one large chunk."""
+
+    def __init__(self, cost: StepCost, time_left_ms: float, step: StepBudget, inp: PlanInput) -> None:
+        self.cost, self.time_left_ms = cost, time_left_ms
+        by_id = {s.request_id: s for s in inp.running}
+        waiting = {s.request_id for s in inp.waiting}
+        self.num_seqs = len(step.out.scheduled)
+        self.num_tokens = sum(n for _, n in step.out.scheduled)
+        self.prefill = any(n > 1 or rid in waiting or (rid in by_id and by_id[rid].num_uncomputed_tokens > 1)
+                           for rid, n in step.out.scheduled)
+
+    def allow(self, seq: SeqView, n: int, is_new: bool = False) -> int:
+        """Tokens of seq this step can take (<= n; 0: none)."""
+        if n == 0 or math.isinf(self.time_left_ms):
+            return n
+        if not is_new and n == 1 and seq.num_uncomputed_tokens == 1:   # a decode
+            ms = self.cost.predict(self.num_seqs + 1, self.num_tokens + 1, self.prefill)
+            return n if ms <= self.time_left_ms else 0
+        fit = min(n, self.cost.prefill_tokens_within(self.time_left_ms, self.num_seqs, self.num_tokens))
+        if not self.prefill:
+            per_token = self.cost.ms_per_prefill_token()
+            worth = math.ceil(self.cost.prefill_penalty_ms() / per_token) if per_token > 0 else 0
+            if fit < min(n, worth):
+                return 0
+        return fit
+
+    def took(self, seq: SeqView, n: int, is_new: bool = False) -> None:
+        self.num_seqs += 1
+        self.num_tokens += n
+        self.prefill = self.prefill or is_new or n > 1 or seq.num_uncomputed_tokens > 1

@@ -1,0 +1,91 @@
+"""How long an iteration takes, learned online from the gaps between plans. Pure.
+
+Two regimes, because workers have two: a step of decodes only, and a step with prompt
+tokens in it. On an A100 they cost about the same per step; on a CPU worker a decode-only
+batch runs a fused path (~26 ms for SmolLM2 at batch 1) while any prefill chunk sends the
+whole step through the eager model (~72 ms + 1.2 ms per token), so one 8-token BE chunk
+riding along with an RT decode triples that RT's token time. Each regime is a straight
+line fitted by exponentially weighted least squares:
+
+    decode only:   ms = base + per_seq   * num_seqs
+    with prefill:  ms = base + per_token * num_tokens      (decodes count as a token each)
+
+The gap between plans is what a token waits for (the step, and the loop's own Redis and
+gRPC round trips), so it is what slack is measured against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DECAY = 0.97        # weight of older observations per new one (memory of ~30 steps)
+MIN_SAMPLES = 4.0   # weight below which a regime borrows the other's line
+
+
+@dataclass
+class _Line:
+    """y = base + slope * x, exponentially weighted least squares; slope falls back to a
+    prior while the x values seen so far barely differ."""
+    prior_slope: float
+    w: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        self.w, self.sx, self.sy = DECAY * self.w + 1, DECAY * self.sx + x, DECAY * self.sy + y
+        self.sxx, self.sxy = DECAY * self.sxx + x * x, DECAY * self.sxy + x * y
+
+    def fit(self) -> tuple[float, float]:
+        """(base, slope), both >= 0; requires w > 0."""
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        slope = (self.sxy / self.w - mx * my) / var if var > 1.0 else self.prior_slope
+        slope = max(0.0, slope)
+        return max(0.0, my - slope * mx), slope
+
+
+class StepCost:
+    def __init__(self, first_step_ms: float, prefill_ms_per_token: float) -> None:
+        self.first_step_ms = first_step_ms
+        self.decode = _Line(prior_slope=0.0)
+        self.prefill = _Line(prior_slope=prefill_ms_per_token)
+
+    def observe(self, gap_ms: float, num_seqs: int, num_tokens: int, has_prefill: bool) -> None:
+        if gap_ms <= 0 or num_seqs <= 0:
+            return
+        if has_prefill:
+            self.prefill.add(num_tokens, gap_ms)
+        else:
+            self.decode.add(num_seqs, gap_ms)
+
+    def predict(self, num_seqs: int, num_tokens: int, has_prefill: bool) -> float:
+        own, other = (self.prefill, self.decode) if has_prefill else (self.decode, self.prefill)
+        x = num_tokens if has_prefill else num_seqs
+        if own.w >= MIN_SAMPLES:
+            base, slope = own.fit()
+        elif other.w >= MIN_SAMPLES:
+            base, slope = other.fit()[0], own.prior_slope   # the other regime's overhead
+        else:
+            base, slope = self.first_step_ms, own.prior_slope
+        return base + slope * x
+
+    def ms_per_prefill_token(self) -> float:
+        return self.prefill.fit()[1] if self.prefill.w >= MIN_SAMPLES else self.prefill.prior_slope
+
+    def prefill_penalty_ms(self) -> float:
+        """What turning a decode-only step into one with prefill costs beyond its tokens
+        (the eager path's overhead on a CPU worker; about nothing on a GPU)."""
+        if self.prefill.w < MIN_SAMPLES or self.decode.w < MIN_SAMPLES:
+            return 0.0
+        return max(0.0, self.prefill.fit()[0] - self.decode.fit()[0])
+
+    def prefill_tokens_within(self, budget_ms: float, num_seqs: int, num_tokens: int) -> int:
+        """Prompt tokens a step with prefill, holding num_seqs / num_tokens so far, can add
+        (with one more sequence) and still take at most budget_ms; a large number when
+        tokens cost nothing measurable."""
+        base = self.predict(num_seqs + 1, num_tokens, True)
+        slope = self.ms_per_prefill_token()
+        if base > budget_ms:
+            return 0
+        return int((budget_ms - base) / slope) if slope > 0 else 1 << 30

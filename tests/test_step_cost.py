@@ -1,0 +1,71 @@
+"""bros' step-time model (policies/step_cost.py) and the slack gate it drives: BE work
+joins a step that serves RT only if the step still ends before RT's earliest deadline."""
+import math
+
+from scheduler_svc.planner import BE, RT, PlanInput, PlannerConfig, SeqView, make_policy
+from scheduler_svc.policies.step_cost import StepCost
+
+
+def cpu_like(cost: StepCost, steps: int = 40) -> None:
+    """A CPU worker: decode-only steps 26 + 3.4/seq ms, any prefill 72 + 1.23/token ms."""
+    for i in range(steps):
+        seqs = 1 + i % 5
+        cost.observe(26 + 3.4 * seqs, seqs, seqs, False)
+        tokens = 8 + 17 * (i % 9)
+        cost.observe(72 + 1.23 * tokens, 2, tokens, True)
+
+
+def test_learns_both_regimes_and_the_prefill_overhead():
+    cost = StepCost(first_step_ms=50, prefill_ms_per_token=0.15)
+    cpu_like(cost)
+    assert math.isclose(cost.predict(3, 3, False), 26 + 3 * 3.4, rel_tol=0.02)
+    assert math.isclose(cost.predict(2, 100, True), 72 + 123, rel_tol=0.02)
+    assert math.isclose(cost.ms_per_prefill_token(), 1.23, rel_tol=0.02)
+    assert 40 < cost.prefill_penalty_ms() < 50            # 72 vs the decode line's 26 + 3.4 * 1
+    # 300 ms for a step already holding 2 sequences / 10 tokens: (300 - 72 - 12.3) / 1.23
+    assert cost.prefill_tokens_within(300, 2, 10) == 175
+
+
+def test_before_any_data_it_uses_the_priors_and_the_other_regime():
+    cost = StepCost(first_step_ms=50, prefill_ms_per_token=0.15)
+    assert cost.predict(1, 200, True) == 50 + 0.15 * 200 and cost.prefill_penalty_ms() == 0
+    for _ in range(5):
+        cost.observe(20, 4, 4, False)
+    assert cost.predict(1, 100, True) == 20 + 0.15 * 100   # the decode line's base, the prior slope
+
+
+def test_ignores_empty_and_negative_gaps():
+    cost = StepCost(first_step_ms=50, prefill_ms_per_token=0.15)
+    cost.observe(-3, 2, 2, False)
+    cost.observe(10, 0, 0, True)
+    assert cost.decode.w == cost.prefill.w == 0
+
+
+def _plan_with_rt_slack(slack_ms: float, gate: bool):
+    p = make_policy("bros")
+    p.slack_gate = gate
+    cfg = PlannerConfig(max_num_batched_tokens=256, bros_urgent_slack_ms=0, bros_urgent_iterations=0)
+    p.plan(PlanInput(now_ms=0, running=[], waiting=[], free_blocks=100, block_size=16), cfg)  # set up
+    cpu_like(p.cost)
+    p.long_iteration_ms = 0
+    now = 1000.0
+    rt = SeqView("rt", RT, 0, 8, num_tokens=9, num_computed_tokens=8, ttft_deadline_ms=1e9, tpot_ms=100,
+                 first_token_ms=now + slack_ms - 100, num_output_tokens=1)   # next token due at now + slack
+    be = SeqView("be", BE, 1, 96, num_tokens=96)
+    return p.plan(PlanInput(now_ms=now, running=[rt], waiting=[be], free_blocks=100, block_size=16), cfg)
+
+
+def test_gate_keeps_a_be_prompt_out_of_a_step_rt_cannot_wait_for():
+    # 40 ms of slack: an RT decode alone (~30 ms) fits, any prefill step (>= 72 ms) does not.
+    d = _plan_with_rt_slack(40, gate=True)
+    assert ("rt", 1) in d.scheduled and "be" not in d.admit
+    assert "be" in _plan_with_rt_slack(40, gate=False).admit   # what the gate prevents
+
+
+def test_gate_sizes_a_be_chunk_to_the_banked_slack():
+    # 200 ms banked: (200 - 72 - 1.23 * 1) / 1.23 -> a 101-token step, i.e. the whole 96-token prompt.
+    d = dict(_plan_with_rt_slack(200, gate=True).scheduled)
+    assert d["be"] == 96
+    # 150 ms: (150 - 72 - 1.23) / 1.23 = 62 tokens, more than the ~37 the regime change costs.
+    d = dict(_plan_with_rt_slack(150, gate=True).scheduled)
+    assert 55 <= d["be"] <= 63
