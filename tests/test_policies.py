@@ -66,9 +66,18 @@ def test_bros_runs_urgent_rt_before_be_and_lets_relaxed_rt_yield():
 
 
 def test_bros_picks_least_slack_first():
-    waiting = [seq(f"rt{i}", 0, 4, RT, deadline=d) for i, d in enumerate([120, 10, 60, 90])]
+    waiting = [seq(f"rt{i}", 0, 4, RT, deadline=d) for i, d in enumerate([220, 110, 160, 190])]
     d = make_policy("bros").plan(inp(waiting=waiting), PlannerConfig())
     assert [r for r, _ in d.scheduled] == ["rt1", "rt2", "rt3", "rt0"]
+
+
+def test_bros_serves_first_tokens_that_can_still_be_on_time_before_hopeless_ones():
+    # Before any step is measured a prefill is taken as 50 ms + 0.15 ms/token: "long" (1000
+    # tokens, ~200 ms) cannot make a 120 ms deadline any more; "short" (8 tokens) can, if
+    # it goes first. A step of 1008 tokens holds both; one of 512 holds only the first.
+    waiting = [seq("long", 0, 1000, RT, deadline=120), seq("short", 1, 8, RT, deadline=130)]
+    d = make_policy("bros").plan(inp(waiting=waiting), PlannerConfig(max_num_batched_tokens=512))
+    assert d.scheduled == [("short", 8), ("long", 504)]
 
 
 def test_bros_pauses_be_to_make_room_for_rt_when_memory_is_short():

@@ -111,10 +111,17 @@ class Bros:
         """Time to spare before the next deadline, after the work still needed to meet
         it: the rest of the prompt for a first token, one iteration for the next one."""
         if seq.first_token_ms is None:
-            work = seq.num_uncomputed_tokens * self.ms_per_token + self.iteration_ms
+            work = self.cost.predict(1, seq.num_uncomputed_tokens, True)   # its prefill step(s)
         else:
             work = self.iteration_ms
         return seq.next_deadline_ms() - now_ms - work
+
+    @staticmethod
+    def _urgency(seq: SeqView, slack_ms: float) -> tuple[bool, float]:
+        """Least slack first, except that a first token which can no longer be on time
+        (less time left than its prefill takes) goes after those that still can: run
+        first, a hopeless long prompt would make the short ones behind it late too."""
+        return seq.first_token_ms is None and slack_ms < 0, slack_ms
 
     def _plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         be_allowance = self._adapt(inp, cfg)
@@ -130,7 +137,7 @@ class Bros:
         urgent_ms = self._urgent_slack_ms(cfg)
         urgent = [s for s in rt if slack[s.request_id] < urgent_ms]
         # Partial sort: only as many as this step could ever run.
-        urgent = heapq.nsmallest(max(step.seqs, 0), urgent, key=lambda s: slack[s.request_id])
+        urgent = heapq.nsmallest(max(step.seqs, 0), urgent, key=lambda s: self._urgency(s, slack[s.request_id]))
         pausable = sorted((s for s in be_running if not s.preempted), key=lambda s: -s.arrival_ms)
         for seq in urgent:
             evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable,
