@@ -22,6 +22,7 @@ def test_learns_both_regimes_and_the_prefill_overhead():
     assert math.isclose(cost.predict(2, 100, True), 72 + 123, rel_tol=0.02)
     assert math.isclose(cost.ms_per_prefill_token(), 1.23, rel_tol=0.02)
     assert 40 < cost.prefill_penalty_ms() < 50            # 72 vs the decode line's 26 + 3.4 * 1
+    assert cost.worth_tokens() == math.ceil(cost.prefill_penalty_ms() / cost.ms_per_prefill_token())
     # 300 ms for a step already holding 2 sequences / 10 tokens: (300 - 72 - 12.3) / 1.23
     assert cost.prefill_tokens_within(300, 2, 10) == 175
 
@@ -69,3 +70,4 @@ def test_gate_sizes_a_be_chunk_to_the_banked_slack():
     # 150 ms: (150 - 72 - 1.23) / 1.23 = 62 tokens, more than the ~37 the regime change costs.
     d = dict(_plan_with_rt_slack(150, gate=True).scheduled)
     assert 55 <= d["be"] <= 63
+

@@ -376,11 +376,8 @@ class _TimeGate:
             ms = self.cost.predict(self.num_seqs + 1, self.num_tokens + 1, self.prefill)
             return n if ms <= self.time_left_ms else 0
         fit = min(n, self.cost.prefill_tokens_within(self.time_left_ms, self.num_seqs, self.num_tokens))
-        if not self.prefill:
-            per_token = self.cost.ms_per_prefill_token()
-            worth = math.ceil(self.cost.prefill_penalty_ms() / per_token) if per_token > 0 else 0
-            if fit < min(n, worth):
-                return 0
+        if not self.prefill and fit < min(n, self.cost.worth_tokens()):
+            return 0
         return fit
 
     def took(self, seq: SeqView, n: int, is_new: bool = False) -> None:

@@ -15,6 +15,7 @@ gRPC round trips), so it is what slack is measured against.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DECAY = 0.97        # weight of older observations per new one (memory of ~30 steps)
@@ -89,3 +90,9 @@ class StepCost:
         if base > budget_ms:
             return 0
         return int((budget_ms - base) / slope) if slope > 0 else 1 << 30
+
+    def worth_tokens(self) -> int:
+        """The smallest prompt chunk worth a decode-only step's change of regime: as many
+        tokens as the regime's overhead costs in token time (0 where it costs nothing)."""
+        per_token = self.ms_per_prefill_token()
+        return math.ceil(self.prefill_penalty_ms() / per_token) if per_token > 0 else 0
