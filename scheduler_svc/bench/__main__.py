@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.scenario == "cpu-hybrid":  # live, the real model on this CPU
         from .cpu_hybrid import run_cpu_hybrid
         run_cpu_hybrid(args.policies or ["fcfs", "priority", "partition", "bros"],
-                       duration_s=args.duration_s or 60.0, seed=args.seed, num_seeds=args.num_seeds, out=args.out)
+                       duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds, out=args.out)
         return
     scn = configure(args)
     policies = args.policies or policy_names()

@@ -55,7 +55,7 @@ def _live(reqs: list[workload.Request], policy: str) -> list:
     return replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER, scheduler_args=SCHEDULER_ARGS)
 
 
-def run_cpu_hybrid(policies: list[str], duration_s: float = 60.0, seed: int = 0, num_seeds: int = 2,
+def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int = 2,
                    out: Path = Path("bench/out")) -> dict:
     rt_only = [r for r in build(duration_s, seed, 1e9, 1e9) if r.service_class == RT]
     _log(f"cpu-hybrid: measuring RT alone ({len(rt_only)} requests)")
