@@ -62,10 +62,8 @@ class Bros:
         by_id = {s.request_id: s for s in inp.running}
         self._note_refusals(inp, by_id)
         out = self._plan(inp, cfg)
-        waiting = {s.request_id for s in inp.waiting}
-        prefill = any(n > 1 or rid in waiting or (rid in by_id and by_id[rid].num_uncomputed_tokens > 1)
-                      for rid, n in out.scheduled)
-        self._last = (inp.now_ms, len(out.scheduled), sum(n for _, n in out.scheduled), prefill)
+        self._last = (inp.now_ms, len(out.scheduled), sum(n for _, n in out.scheduled),
+                      _holds_prefill(out.scheduled, by_id, {s.request_id for s in inp.waiting}))
         self._asked = {rid: by_id[rid].num_computed_tokens if rid in by_id else 0 for rid, _ in out.scheduled}
         return out
 
@@ -351,6 +349,13 @@ class BrosNoChunking(Bros):
     chunked = False
 
 
+def _holds_prefill(scheduled: list[tuple[str, int]], running: dict[str, SeqView], waiting: set[str]) -> bool:
+    """Whether a step holds prompt tokens (the worker's slower regime): a chunk of more
+    than one token, a new sequence, or a last prompt token of a running one."""
+    return any(n > 1 or rid in waiting or (rid in running and running[rid].num_uncomputed_tokens > 1)
+               for rid, n in scheduled)
+
+
 class _TimeGate:
     """BE work in a step that serves RT is bounded by RT's slack: the step, as StepCost
     predicts it, must end before the earliest RT deadline it serves. A BE prompt chunk
@@ -361,12 +366,10 @@ class _TimeGate:
 
     def __init__(self, cost: StepCost, time_left_ms: float, step: StepBudget, inp: PlanInput) -> None:
         self.cost, self.time_left_ms = cost, time_left_ms
-        by_id = {s.request_id: s for s in inp.running}
-        waiting = {s.request_id for s in inp.waiting}
         self.num_seqs = len(step.out.scheduled)
         self.num_tokens = sum(n for _, n in step.out.scheduled)
-        self.prefill = any(n > 1 or rid in waiting or (rid in by_id and by_id[rid].num_uncomputed_tokens > 1)
-                           for rid, n in step.out.scheduled)
+        self.prefill = _holds_prefill(step.out.scheduled, {s.request_id: s for s in inp.running},
+                                      {s.request_id for s in inp.waiting})
 
     def allow(self, seq: SeqView, n: int, is_new: bool = False) -> int:
         """Tokens of seq this step can take (<= n; 0: none)."""
