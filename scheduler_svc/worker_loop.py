@@ -53,7 +53,7 @@ class Running:
 
 @dataclass
 class LoopStats:
-    """What the loop costs, for GetLoad and the sim-scale benchmark."""
+    """What the loop costs, published in its worker state hash in Redis (the sim-scale benchmark reads it)."""
     iterations: int = 0
     round_trips: int = 0            # Redis round trips made by this loop
     # Per plan() call: wall time, and the CPU time of the thread that ran it. The two part

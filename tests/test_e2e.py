@@ -1,16 +1,19 @@
 """The whole stack over real gRPC: a real Redis (embedded Valkey), real worker and
 scheduler processes. The sim backend (real clock) for most cases, the model for one."""
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from bros.redis_server import EmbeddedRedis
 from bros.v1 import inference_pb2 as ipb
 from bros.v1 import inference_pb2_grpc
 from bros.v1 import types_pb2 as tpb
 from bros.v1 import worker_pb2
+from scheduler_svc.store import Store
 from stack import Scheduler, Worker
 
 RT, BE = tpb.REALTIME, tpb.BEST_EFFORT
@@ -242,6 +245,19 @@ def test_every_policy_serves_a_mixed_load_end_to_end(tmp, redis_server, policy):
             results = list(pool.map(one, range(12)))
         for i, (tokens, final) in enumerate(results):
             assert len(tokens) == 10 + i == final.num_output_tokens, (policy, i, final)
+        # The loop publishes what planning cost, as wall and as CPU time (sim-scale reads it).
+        state = asyncio.run(_worker_state(redis_server.url, f"bros-{policy}", worker.address))
+        assert int(state["iterations"]) > 0
+        assert 0 < float(state["planner_cpu_p50_ms"]) <= float(state["planner_p99_ms"]) + 0.05, state
     finally:
         sched.stop()
         worker.stop()
+
+
+async def _worker_state(url: str, prefix: str, worker_id: str) -> dict:
+    client = aioredis.from_url(url)
+    try:
+        load = await Store(client, prefix=prefix).load([worker_id])
+    finally:
+        await client.aclose()
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in load["workers"][worker_id].state.items()}

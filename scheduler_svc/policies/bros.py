@@ -148,7 +148,8 @@ class Bros:
         # (on a CPU a BE decode batch alone can stretch an RT step past its TPOT target).
         reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))
         step.tokens -= reserve
-        gate = _TimeGate(self.cost, self._time_left_ms(inp, rt_running, step), step, inp) if self.slack_gate else None
+        time_left = self._time_left_ms(inp, rt_running, step) if self.slack_gate else math.inf
+        gate = None if math.isinf(time_left) else _TimeGate(self.cost, time_left, step, inp, waiting_ids)
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate)
         step.tokens += reserve
         tried = scheduled | {s.request_id for s in urgent}
@@ -351,41 +352,46 @@ class BrosNoChunking(Bros):
     chunked = False
 
 
+def _is_prompt_work(n: int, is_new: bool, seq: SeqView | None) -> bool:
+    """Whether n tokens of a sequence are prompt tokens (the worker's slower regime): a
+    chunk of more than one token, a new sequence, or a last prompt token of a running one."""
+    return n > 1 or is_new or (seq is not None and seq.num_uncomputed_tokens > 1)
+
+
 def _holds_prefill(scheduled: list[tuple[str, int]], running: dict[str, SeqView], waiting: set[str]) -> bool:
-    """Whether a step holds prompt tokens (the worker's slower regime): a chunk of more
-    than one token, a new sequence, or a last prompt token of a running one."""
-    return any(n > 1 or rid in waiting or (rid in running and running[rid].num_uncomputed_tokens > 1)
-               for rid, n in scheduled)
+    return any(_is_prompt_work(n, rid in waiting, running.get(rid)) for rid, n in scheduled)
 
 
 class _TimeGate:
-    """BE work in a step that serves RT is bounded by RT's slack: the step, as StepCost
-    predicts it, must end before the earliest RT deadline it serves. A BE prompt chunk
+    """BE work in a step that serves RT (built only for one with an RT deadline) is bounded
+    by RT's slack: the step, as StepCost predicts it, must end before the earliest RT
+    deadline it serves. A BE prompt chunk
     that would turn a decode-only step into one with prefill must also be worth that
     regime's overhead (at least as many tokens as the overhead costs in token time): on a
     CPU worker a few BE tokens would otherwise cost an RT decode three times its time,
     where waiting a few steps lets RT bank the slack for one large chunk."""
 
-    def __init__(self, cost: StepCost, time_left_ms: float, step: StepBudget, inp: PlanInput) -> None:
+    def __init__(self, cost: StepCost, time_left_ms: float, step: StepBudget, inp: PlanInput,
+                 waiting_ids: set[str]) -> None:
         self.cost, self.time_left_ms = cost, time_left_ms
+        self.worth_tokens = cost.worth_tokens()    # the model does not change within a plan
         self.num_seqs = len(step.out.scheduled)
         self.num_tokens = sum(n for _, n in step.out.scheduled)
-        self.prefill = _holds_prefill(step.out.scheduled, {s.request_id: s for s in inp.running},
-                                      {s.request_id for s in inp.waiting})
+        self.prefill = _holds_prefill(step.out.scheduled, {s.request_id: s for s in inp.running}, waiting_ids)
 
     def allow(self, seq: SeqView, n: int, is_new: bool = False) -> int:
         """Tokens of seq this step can take (<= n; 0: none)."""
-        if n == 0 or math.isinf(self.time_left_ms):
-            return n
-        if not is_new and n == 1 and seq.num_uncomputed_tokens == 1:   # a decode
+        if n == 0:
+            return 0
+        if not _is_prompt_work(n, is_new, seq):   # a decode
             ms = self.cost.predict(self.num_seqs + 1, self.num_tokens + 1, self.prefill)
             return n if ms <= self.time_left_ms else 0
         fit = min(n, self.cost.prefill_tokens_within(self.time_left_ms, self.num_seqs, self.num_tokens))
-        if not self.prefill and fit < min(n, self.cost.worth_tokens()):
+        if not self.prefill and fit < min(n, self.worth_tokens):
             return 0
         return fit
 
     def took(self, seq: SeqView, n: int, is_new: bool = False) -> None:
         self.num_seqs += 1
         self.num_tokens += n
-        self.prefill = self.prefill or is_new or n > 1 or seq.num_uncomputed_tokens > 1
+        self.prefill = self.prefill or _is_prompt_work(n, is_new, seq)
