@@ -19,7 +19,7 @@ from bros.v1 import types_pb2
 from scheduler_svc import keys as keys_mod
 from scheduler_svc import store as store_mod
 from scheduler_svc.keys import BEST_EFFORT, REALTIME
-from scheduler_svc.store import RequestRecord, StreamEntry, Store
+from scheduler_svc.store import PLAN_FIELDS, RequestRecord, StreamEntry, Store
 
 T0 = 1_700_000_000_000.0  # an epoch-ms origin for readable times
 
@@ -432,6 +432,26 @@ def test_embedded_server_kill_then_fresh_start():
     with EmbeddedRedis() as fresh:
         import redis
         assert redis.Redis.from_url(fresh.url).ping()
+
+
+def test_peek_carries_what_planning_reads_and_nothing_else(server):
+    """A requeued request keeps its progress in the peek (output count, token times: the
+    planner's view of it); the prompt, sampling and owner stay in Redis."""
+    async def body(store):
+        await store.admit(rec("moved", arrival=3, ttft=250, tpot=50, prompt_len=9, owner="tenant-a"))
+        assert await store.claim("w0", ["moved"], 10) == ["moved"]
+        await store.append_tokens("moved", 0, [5, 6], ["a", "b"], now_ms=T0 + 40)
+        assert await store.requeue("w0", ["moved"]) == ["moved"]
+        full = await store.get("moved")
+        assert await store.acquire_lease("w1", "me", 5000)
+        _, _, rt, _ = await store.loop_inputs("w1", "me", 5000, 10, 0)
+        [peeked] = rt
+        for name in PLAN_FIELDS:
+            assert getattr(peeked, name) == getattr(full, name), name
+        assert peeked.num_output_tokens == 2 and peeked.first_token_ms is not None
+        assert peeked.prompt_token_ids == [] and peeked.sampling == b"" and peeked.owner == ""
+        assert full.owner == "tenant-a" and full.sampling
+    run(server, body)
 
 
 def test_loop_inputs_renews_takes_aborts_and_peeks_in_one_round_trip(server):
