@@ -84,7 +84,7 @@ class RequestRecord:
     finish_reason: str = ""                 # "stop", "length", "abort", ... ("" until finished)
     error: str = ""
     abort_requested: bool = False           # a client asked; the worker has not confirmed yet
-    prompt_len: int | None = None           # set on light records (loop_inputs): no prompt carried
+    prompt_len: int | None = None           # set on peeked records (loop_inputs): no prompt carried
     owner: str = ""                         # identity of the sender's token (never the token); "" without auth
     trace_context: str = ""                 # W3C traceparent of the request's span; "" = not traced
 
