@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sim-cost", default=None, help="cost-model preset, e.g. opt13b_a100_tp2")
     p.add_argument("--max-model-len", type=int, default=None, help="context window; default: the scenario's")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks; default: the sim worker's")
+    p.add_argument("--shared-cores", action="store_true",
+                   help="sim-scale: the scheduler shares every core with Redis and the workers "
+                        "(default: it gets the last core to itself)")
     return p.parse_args(argv)
 
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.scenario == "sim-scale":  # live: processes, not the virtual driver
         from .scale import run_scale
-        run_scale(window_s=args.duration_s or 30.0, out=args.out, seed=args.seed)
+        run_scale(window_s=args.duration_s or 30.0, out=args.out, seed=args.seed, own_core=not args.shared_cores)
         return
     if args.scenario == "cpu-hybrid":  # live, the real model on this CPU
         from .cpu_hybrid import run_cpu_hybrid

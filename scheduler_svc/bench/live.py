@@ -97,13 +97,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(procs: list, log: Path, module: str, service: str, timeout: float, *args: str, nice: int = 0) -> str:
+def _start(procs: list, log: Path, module: str, service: str, timeout: float, *args: str, nice: int = 0,
+           cpus: set[int] | None = None) -> str:
     """Start `python -m module` on a free port, wait until it serves; nice > 0 runs it at
-    a lower CPU priority (a stand-in for a process that would have its own machine)."""
+    a lower CPU priority (a stand-in for a process that would have its own machine);
+    cpus, when given, are the only CPUs it may run on."""
     port = _free_port()
+
+    def before_exec() -> None:
+        if nice:
+            os.nice(nice)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                            preexec_fn=before_exec if nice or cpus else None)
     procs.append(proc)
     address = f"127.0.0.1:{port}"
     wait_serving(address, service, proc, timeout, log)
