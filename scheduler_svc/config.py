@@ -36,6 +36,7 @@ class SchedulerConfig:
     bros_target_attainment: float = _P.bros_target_attainment
     bros_attainment_window: int = _P.bros_attainment_window
     bros_admit_headroom_tokens: int = _P.bros_admit_headroom_tokens
+    bros_admit_headroom_sd: float = _P.bros_admit_headroom_sd
     rt_ttft_ms: float = 1000.0               # default RT targets when a request sets none
     rt_tpot_ms: float = 200.0
     be_ttft_ms: float = 0.0                  # BE: no target (0), queue order by arrival only

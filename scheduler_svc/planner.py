@@ -96,6 +96,12 @@ class PlannerConfig:
     # still hold this many tokens of growth for every running sequence (else it would be
     # recomputed a few steps later, wasting its prefill).
     bros_admit_headroom_tokens: int = 64
+    # bros: if > 0, that headroom per growing sequence is instead this many standard
+    # deviations of the output lengths of recently finished BE requests (once 32 have
+    # finished): the room that pays grows with how unpredictable BE growth is (a 64-token
+    # headroom suits outputs of 80 +- 28 tokens, ~256 suits 215 +- 187; docs/benchmarks.md,
+    # sim-arxiv). 0 (default): the fixed headroom above.
+    bros_admit_headroom_sd: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -112,6 +118,8 @@ class PlannerConfig:
             raise ValueError("bros_attainment_window must be > 0")
         if self.bros_admit_headroom_tokens < 0 or self.bros_min_batched_tokens <= 0:
             raise ValueError("bros_admit_headroom_tokens must be >= 0 and bros_min_batched_tokens > 0")
+        if self.bros_admit_headroom_sd < 0:
+            raise ValueError("bros_admit_headroom_sd must be >= 0")
 
 
 class Policy(Protocol):

@@ -191,6 +191,24 @@ def test_bros_admits_new_be_only_with_growth_headroom_for_the_running():
     assert "new" in make_policy("priority").plan(inp(running=running, waiting=new, free_blocks=8), cfg).admit
 
 
+def test_bros_headroom_can_follow_the_spread_of_finished_be_outputs():
+    # As above, but the room per sequence comes from finished BE outputs of 16 and 48
+    # tokens (standard deviation 16: one block at 1.0 sd) instead of the fixed 0.
+    cfg = PlannerConfig(bros_admit_headroom_tokens=0, bros_admit_headroom_sd=1.0)
+    finished = [seq(f"done{i}", i, 16, BE, computed=16, produced=16 if i % 2 else 48) for i in range(32)]
+    running = [seq(f"r{i}", 100 + i, 16, BE, computed=16, produced=1) for i in range(4)]
+    new = [seq("new", 200, 16, BE)]
+
+    def admits(free_blocks, cfg):
+        p = make_policy("bros")
+        p.plan(inp(running=finished, free_blocks=1000), cfg)
+        p.plan(inp(running=[], free_blocks=1000), cfg)   # all 32 finished
+        return "new" in p.plan(inp(running=running, waiting=new, free_blocks=free_blocks), cfg).admit
+
+    assert admits(9, cfg) and not admits(8, cfg)
+    assert admits(8, PlannerConfig(bros_admit_headroom_tokens=0))   # the fixed rule would admit
+
+
 def test_bros_makes_rt_urgent_within_two_of_its_longest_recent_steps():
     p = make_policy("bros")
     cfg = PlannerConfig(max_num_batched_tokens=40, bros_urgent_slack_ms=150, bros_urgent_iterations=2.0)

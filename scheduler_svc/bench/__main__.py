@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sim-cost", default=None, help="cost-model preset, e.g. opt13b_a100_tp2")
     p.add_argument("--max-model-len", type=int, default=None, help="context window; default: the scenario's")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks; default: the sim worker's")
+    p.add_argument("--bros-admit-headroom-sd", type=float, default=None,
+                   help="sim scenarios: bros' admission headroom in standard deviations of finished BE "
+                        "output lengths (default: off, the fixed headroom)")
     p.add_argument("--shared-cores", action="store_true",
                    help="sim-scale: the scheduler shares every core with Redis and the workers "
                         "(default: it gets the last core to itself)")
@@ -52,7 +55,8 @@ def configure(args: argparse.Namespace) -> Scenario:
     given = {"duration_s": args.duration_s, "max_num_seqs": args.max_num_seqs,
              "max_num_batched_tokens": args.max_num_batched_tokens, "num_blocks": args.num_blocks,
              "sim_cost": args.sim_cost, "max_model_len": args.max_model_len,
-             "rate_fracs": tuple(args.rates) if args.rates else None}
+             "rate_fracs": tuple(args.rates) if args.rates else None,
+             "bros_admit_headroom_sd": args.bros_admit_headroom_sd}
     return replace(scn, **{k: v for k, v in given.items() if v is not None})
 
 

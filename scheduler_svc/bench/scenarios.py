@@ -41,9 +41,11 @@ class Scenario:
     sim_cost: str = "opt13b_a100_tp2"
     num_blocks: int | None = None         # None: the sim worker's default pool (12 GiB, 15,728 tokens)
     max_model_len: int | None = 2048
+    bros_admit_headroom_sd: float = 0.0   # bros' opt-in admission rule (PlannerConfig); 0: off
 
     def planner(self) -> PlannerConfig:
-        return PlannerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
+        return PlannerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                             bros_admit_headroom_sd=self.bros_admit_headroom_sd)
 
     def virtual(self) -> VirtualConfig:
         return VirtualConfig(num_blocks=self.num_blocks, sim_cost=self.sim_cost, max_model_len=self.max_model_len)

@@ -32,6 +32,7 @@ import math
 from collections import deque
 
 from ..planner import BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of
+from .output_lengths import FinishedLengths
 from .step_cost import StepCost
 
 
@@ -56,11 +57,14 @@ class Bros:
         # Running RT whose first token was counted -> when a TPOT miss was last counted.
         self._judged: dict[str, float | None] = {}
         self._window: deque[bool] = deque()       # recent RT outcomes, on time or not
+        self.be_lengths = FinishedLengths()       # only with bros_admit_headroom_sd > 0
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         self._learn(inp.now_ms, cfg)
         by_id = {s.request_id: s for s in inp.running}
         self._note_refusals(inp, by_id)
+        if cfg.bros_admit_headroom_sd > 0:
+            self.be_lengths.observe(inp.running)
         out = self._plan(inp, cfg)
         self._last = (inp.now_ms, len(out.scheduled), sum(n for _, n in out.scheduled),
                       _holds_prefill(out.scheduled, by_id, {s.request_id for s in inp.waiting}))
@@ -310,7 +314,7 @@ class Bros:
                 gate.took(seq, n)
         stuck = False   # a paused BE is waiting for memory: new BE would take it first
         num_growing = sum(not s.preempted for s in inp.running)
-        headroom = blocks_of(cfg.bros_admit_headroom_tokens * num_growing, step.block_size)
+        headroom = blocks_of(math.ceil(self._headroom_tokens(cfg) * num_growing), step.block_size)
         for group, is_new in ((paused, False), (waiting, True)):
             for seq in group:
                 n = step.chunk(seq) if gate is None else gate.allow(seq, step.chunk(seq), is_new)
@@ -326,6 +330,12 @@ class Bros:
                     gate.took(seq, n, is_new)
                 resident += 1
         return resident
+
+    def _headroom_tokens(self, cfg: PlannerConfig) -> float:
+        """Growth room a new BE must leave per growing sequence: fixed, or (opt-in) a
+        multiple of how much finished BE outputs vary, once enough have finished."""
+        spread = self.be_lengths.stdev() if cfg.bros_admit_headroom_sd > 0 else None
+        return cfg.bros_admit_headroom_tokens if spread is None else cfg.bros_admit_headroom_sd * spread
 
     @staticmethod
     def _room_to_grow(seq: SeqView, n: int, step: StepBudget, headroom: int) -> bool:
