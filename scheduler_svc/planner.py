@@ -98,10 +98,10 @@ class PlannerConfig:
     bros_admit_headroom_tokens: int = 64
     # bros: if > 0, that headroom per growing sequence is instead this many standard
     # deviations of the output lengths of recently finished BE requests (once 32 have
-    # finished): the room that pays grows with how unpredictable BE growth is (a 64-token
-    # headroom suits outputs of 80 +- 28 tokens, ~256 suits 215 +- 187; docs/benchmarks.md,
-    # sim-arxiv). 0 (default): the fixed headroom above.
-    bros_admit_headroom_sd: float = 0.0
+    # finished; until then the fixed headroom above): the room that pays grows with how
+    # unpredictable BE growth is (a 48-64-token headroom suits outputs of 80 +- 28 tokens,
+    # ~256 suits 215 +- 187; docs/benchmarks.md, sim-arxiv). 0: always the fixed headroom.
+    bros_admit_headroom_sd: float = 1.5
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

@@ -213,4 +213,5 @@ def test_bench_flags_reach_the_planner_config():
     from scheduler_svc.bench.__main__ import configure, parse_args
     scn = configure(parse_args(["--scenario", "sim-arxiv", "--bros-admit-headroom-sd", "1.5", "--rates", "0.3"]))
     assert scn.planner().bros_admit_headroom_sd == 1.5 and scn.rate_fracs == (0.3,)
-    assert configure(parse_args(["--scenario", "sim-arxiv"])).planner().bros_admit_headroom_sd == 0.0
+    assert configure(parse_args(["--scenario", "sim-arxiv", "--bros-admit-headroom-sd", "0"])
+                     ).planner().bros_admit_headroom_sd == 0.0

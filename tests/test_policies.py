@@ -191,7 +191,7 @@ def test_bros_admits_new_be_only_with_growth_headroom_for_the_running():
     assert "new" in make_policy("priority").plan(inp(running=running, waiting=new, free_blocks=8), cfg).admit
 
 
-def test_bros_headroom_can_follow_the_spread_of_finished_be_outputs():
+def test_bros_headroom_follows_the_spread_of_finished_be_outputs():
     # As above, but the room per sequence comes from finished BE outputs of 16 and 48
     # tokens (standard deviation 16: one block at 1.0 sd) instead of the fixed 0.
     cfg = PlannerConfig(bros_admit_headroom_tokens=0, bros_admit_headroom_sd=1.0)
@@ -206,7 +206,7 @@ def test_bros_headroom_can_follow_the_spread_of_finished_be_outputs():
         return "new" in p.plan(inp(running=running, waiting=new, free_blocks=free_blocks), cfg).admit
 
     assert admits(9, cfg) and not admits(8, cfg)
-    assert admits(8, PlannerConfig(bros_admit_headroom_tokens=0))   # the fixed rule would admit
+    assert admits(8, PlannerConfig(bros_admit_headroom_tokens=0, bros_admit_headroom_sd=0))  # the fixed rule would
 
 
 def test_bros_makes_rt_urgent_within_two_of_its_longest_recent_steps():

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks; default: the sim worker's")
     p.add_argument("--bros-admit-headroom-sd", type=float, default=None,
                    help="sim scenarios: bros' admission headroom in standard deviations of finished BE "
-                        "output lengths (default: off, the fixed headroom)")
+                        "output lengths (0: the fixed headroom; default: the planner's)")
     p.add_argument("--shared-cores", action="store_true",
                    help="sim-scale: the scheduler shares every core with Redis and the workers "
                         "(default: it gets the last core to itself)")

@@ -41,7 +41,7 @@ class Scenario:
     sim_cost: str = "opt13b_a100_tp2"
     num_blocks: int | None = None         # None: the sim worker's default pool (12 GiB, 15,728 tokens)
     max_model_len: int | None = 2048
-    bros_admit_headroom_sd: float = 0.0   # bros' opt-in admission rule (PlannerConfig); 0: off
+    bros_admit_headroom_sd: float = PlannerConfig.bros_admit_headroom_sd   # bros' admission rule; 0: fixed headroom
 
     def planner(self) -> PlannerConfig:
         return PlannerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
