@@ -209,6 +209,19 @@ def test_bros_headroom_follows_the_spread_of_finished_be_outputs():
     assert admits(8, PlannerConfig(bros_admit_headroom_tokens=0, bros_admit_headroom_sd=0))  # the fixed rule would
 
 
+def test_bros_headroom_keeps_a_block_per_sequence_when_be_outputs_never_vary():
+    # 32 finished BE outputs of exactly 40 tokens: spread 0, yet each running sequence
+    # still needs its next block, so the room is one block each as with a fixed 16.
+    cfg = PlannerConfig(bros_admit_headroom_tokens=0, bros_admit_headroom_sd=1.5)
+    finished = [seq(f"done{i}", i, 16, BE, computed=16, produced=40) for i in range(32)]
+    running = [seq(f"r{i}", 100 + i, 16, BE, computed=16, produced=1) for i in range(4)]
+    p = make_policy("bros")
+    p.plan(inp(running=finished, free_blocks=1000), cfg)
+    p.plan(inp(running=[], free_blocks=1000), cfg)
+    assert p.be_lengths.stdev() == 0.0
+    assert "new" not in p.plan(inp(running=running, waiting=[seq("new", 200, 16, BE)], free_blocks=8), cfg).admit
+
+
 def test_bros_makes_rt_urgent_within_two_of_its_longest_recent_steps():
     p = make_policy("bros")
     cfg = PlannerConfig(max_num_batched_tokens=40, bros_urgent_slack_ms=150, bros_urgent_iterations=2.0)

@@ -314,7 +314,7 @@ class Bros:
                 gate.took(seq, n)
         stuck = False   # a paused BE is waiting for memory: new BE would take it first
         num_growing = sum(not s.preempted for s in inp.running)
-        headroom = blocks_of(math.ceil(self._headroom_tokens(cfg) * num_growing), step.block_size)
+        headroom = blocks_of(math.ceil(self._headroom_tokens(cfg, step.block_size) * num_growing), step.block_size)
         for group, is_new in ((paused, False), (waiting, True)):
             for seq in group:
                 n = step.chunk(seq) if gate is None else gate.allow(seq, step.chunk(seq), is_new)
@@ -331,11 +331,15 @@ class Bros:
                 resident += 1
         return resident
 
-    def _headroom_tokens(self, cfg: PlannerConfig) -> float:
-        """Growth room a new BE must leave per growing sequence: fixed, or (opt-in) a
-        multiple of how much finished BE outputs vary, once enough have finished."""
+    def _headroom_tokens(self, cfg: PlannerConfig, block_size: int) -> float:
+        """Growth room a new BE must leave per growing sequence: a multiple of how much
+        finished BE outputs vary, once enough have finished (else the fixed headroom), and
+        never less than a block: outputs that never vary (a batch job with one max_tokens
+        and ignore_eos) still grow, a block at a time."""
         spread = self.be_lengths.stdev() if cfg.bros_admit_headroom_sd > 0 else None
-        return cfg.bros_admit_headroom_tokens if spread is None else cfg.bros_admit_headroom_sd * spread
+        if spread is None:
+            return cfg.bros_admit_headroom_tokens
+        return max(block_size, cfg.bros_admit_headroom_sd * spread)
 
     @staticmethod
     def _room_to_grow(seq: SeqView, n: int, step: StepBudget, headroom: int) -> bool:
