@@ -98,9 +98,9 @@ class PlannerConfig:
     bros_admit_headroom_tokens: int = 64
     # bros: if > 0, that headroom per growing sequence is instead this many standard
     # deviations of the output lengths of recently finished BE requests (once 32 have
-    # finished; until then the fixed headroom above): the room that pays grows with how
-    # unpredictable BE growth is (a 48-64-token headroom suits outputs of 80 +- 28 tokens,
-    # ~256 suits 215 +- 187; docs/benchmarks.md, sim-arxiv). 0: always the fixed headroom.
+    # finished; until then the fixed headroom above; never under one block): the room
+    # that pays grows with how unpredictable BE growth is (48-64 tokens suit outputs of
+    # 80 +- 28, ~256 suit 215 +- 187; docs/benchmarks.md, sim-arxiv). 0: always fixed.
     bros_admit_headroom_sd: float = 1.5
 
     def __post_init__(self) -> None:
