@@ -50,8 +50,9 @@ helm-check: install
 	$(PY) deploy/k8s/check.py
 
 # The hybrid benchmark: every policy on the same workload. SCENARIO=sim-paper|sim-paper-backlog|
-# sim-arxiv (all when unset); BENCH_ARGS passes more (e.g. --duration-s 120 --rates 0.2,0.4).
-SCENARIOS := sim-paper sim-paper-backlog sim-arxiv sim-scale cpu-hybrid
+# sim-arxiv|sim-scale|cpu-hybrid|cpu-hybrid-virtual (all when unset); BENCH_ARGS passes more
+# (e.g. --duration-s 120 --rates 0.2,0.4).
+SCENARIOS := sim-paper sim-paper-backlog sim-arxiv sim-scale cpu-hybrid cpu-hybrid-virtual
 bench: install
 	for s in $(or $(SCENARIO),$(SCENARIOS)); do $(PY) -m scheduler_svc.bench --scenario $$s $(BENCH_ARGS) || exit 1; done
 

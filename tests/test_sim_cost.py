@@ -156,3 +156,20 @@ def test_real_clock_returns_at_once_for_non_positive_sleeps():
     started = time.monotonic()
     RealClock().sleep_ms(-5.0)
     assert time.monotonic() - started < 0.01
+
+
+def test_worker_refuses_an_unknown_preset_naming_the_field():
+    from worker_svc.config import WorkerConfig
+    with pytest.raises(ValueError, match=r"sim_cost must be one of .*smollm2_cpu.*got 'opt13b'"):
+        WorkerConfig(backend="sim", sim_cost="opt13b")
+    assert WorkerConfig(backend="sim", sim_cost="smollm2_cpu").sim_cost == "smollm2_cpu"
+
+
+def test_every_preset_builds_a_sim_worker():
+    from worker_svc.build import build_engine
+    from worker_svc.config import WorkerConfig
+    from worker_svc.sim.clock import VirtualClock
+    for name in PRESETS:
+        engine = build_engine(WorkerConfig(backend="sim", sim_cost=name, sim_clock="virtual", num_blocks=8,
+                                           warmup=False), clock=VirtualClock())
+        assert engine.runner.cost == PRESETS[name]()

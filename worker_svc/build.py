@@ -58,10 +58,10 @@ def _check_triton_can_run(device: str) -> None:
 
 def _sim_runner(cfg: WorkerConfig, clock):
     from .sim.clock import RealClock, VirtualClock
-    from .sim.cost_model import CostModel
+    from .sim.cost_model import PRESETS
     from .sim.runner import SimModel, SimRunner
 
-    cost = getattr(CostModel, cfg.sim_cost)()
+    cost = PRESETS[cfg.sim_cost]()
     if cfg.sim_cost_overrides:
         cost = cost.with_overrides(dict(cfg.sim_cost_overrides))
     clock = clock or (VirtualClock() if cfg.sim_clock == "virtual" else RealClock())

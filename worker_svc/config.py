@@ -9,6 +9,8 @@ from bros.config_cli import add_config_flags
 from bros.telemetry import telemetry_checks
 from bros.tls import check_pair
 
+from .sim.cost_model import PRESETS as COST_PRESETS
+
 MB = 1024 * 1024
 
 
@@ -64,6 +66,7 @@ class WorkerConfig:
             (self.max_num_seqs > 0, "max_num_seqs", "must be > 0"),
             (self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0"),
             (self.sim_clock in ("real", "virtual"), "sim_clock", "must be 'real' or 'virtual'"),
+            (self.sim_cost in COST_PRESETS, "sim_cost", f"must be one of {', '.join(sorted(COST_PRESETS))}"),
             *telemetry_checks(self),
         ]
         for ok, name, rule in checks:

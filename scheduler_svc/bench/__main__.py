@@ -24,13 +24,14 @@ from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workloa
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scheduler_svc.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--scenario", choices=sorted(SCENARIOS) + ["cpu-hybrid", "sim-scale"], default="sim-paper")
+    p.add_argument("--scenario", choices=sorted(SCENARIOS) + ["cpu-hybrid", "cpu-hybrid-virtual", "sim-scale"], default="sim-paper")
     p.add_argument("--policies", type=_csv(str), default=None, help="comma-separated; default: all registered")
     p.add_argument("--duration-s", type=float, default=None, help="arrival window in virtual seconds")
     p.add_argument("--rates", type=_csv(float), default=None,
                    help="RT rates as fractions of the estimated RT capacity, e.g. 0.1,0.2")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-seeds", type=int, default=2, help="cpu-hybrid: seeds per policy (the mean is reported)")
+    p.add_argument("--num-seeds", type=int, default=None,
+                   help="cpu-hybrid: seeds per policy, the mean is reported (default: 2 live, 12 virtual)")
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -66,10 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         from .scale import run_scale
         run_scale(window_s=args.duration_s or 30.0, out=args.out, seed=args.seed, own_core=not args.shared_cores)
         return
-    if args.scenario == "cpu-hybrid":  # live, the real model on this CPU
+    if args.scenario in ("cpu-hybrid", "cpu-hybrid-virtual"):  # the real model on this CPU, or its replica
         from .cpu_hybrid import run_cpu_hybrid
         run_cpu_hybrid(args.policies or ["fcfs", "priority", "partition", "bros"],
-                       duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds, out=args.out)
+                       duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds, out=args.out,
+                       mode="live" if args.scenario == "cpu-hybrid" else "virtual")
         return
     scn = configure(args)
     policies = args.policies or policy_names()

@@ -1,4 +1,5 @@
-"""The cpu-hybrid scenario (live): the torch worker with the default model on this CPU.
+"""The cpu-hybrid scenario: the torch worker with the default model on this CPU, live,
+and its virtual replica.
 
 The sim-paper setting shrunk to what this CPU serves: lengths are the Azure conversation
 trace's (RT) and the paper's synthetic BE, divided by LENGTH_SCALE, and so is every
@@ -10,6 +11,13 @@ RT_RATE from the trace's arrival gaps. The RT targets come from a measured RT-on
 TARGET_FACTOR x its p50 TTFT and TPOT, so "meeting the target" means "as good as alone,
 within a factor", whatever machine this runs on. Each policy serves the same workload
 once per seed; the table shows the mean over seeds, the JSON each run as well.
+
+`live` runs the real stack (Redis, scheduler, the torch worker; ~2 minutes per policy
+and seed). `virtual` (scenario cpu-hybrid-virtual) replays the same workloads through
+the same planner on the sim worker with this CPU's step costs (the `smollm2_cpu` cost
+preset) and the live pool's size, in virtual time: a dozen seeds in seconds, so policy
+differences can be told from the few-dozen-request noise of a live seed. It is a model
+of the live run, checked against it (docs/benchmarks.md), not a replacement.
 """
 from __future__ import annotations
 
@@ -19,8 +27,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..planner import RT, PlannerConfig
-from . import workload
+import torch
+
+from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
+
+from ..planner import RT, PlannerConfig, make_policy
+from . import virtual, workload
 from .live import replay_live
 from .metrics import compute
 from .plots import plot_ttft_cdf
@@ -30,14 +42,29 @@ TARGET_FACTOR = 2.0
 RT_RATE = 0.5          # req/s
 BE_RATE = 1.5          # req/s: alone, ~80% of this 2-core CPU (measured)
 MAX_MODEL_LEN = 2048
-TORCH_WORKER = ("--backend", "torch", "--kv-cache-mb", "256")
-PLANNER = PlannerConfig(max_num_seqs=32, max_num_batched_tokens=2048 // LENGTH_SCALE)
-# Token-valued policy knobs scaled like the lengths; RT is never refused (every policy
-# serves every request, so attainment compares like with like).
-SCHEDULER_ARGS = ("--bros-min-batched-tokens", str(PlannerConfig.bros_min_batched_tokens // LENGTH_SCALE),
-                  "--bros-aimd-step-tokens", str(max(1, PlannerConfig.bros_aimd_step_tokens // LENGTH_SCALE)),
-                  "--bros-admit-headroom-tokens", str(PlannerConfig.bros_admit_headroom_tokens // LENGTH_SCALE),
+KV_CACHE_MB = 256
+BLOCK_SIZE = 16        # the worker's default
+TORCH_WORKER = ("--backend", "torch", "--kv-cache-mb", str(KV_CACHE_MB))
+# Token-valued policy knobs scaled like the lengths.
+_SCALED_KNOBS = {
+    "bros_min_batched_tokens": PlannerConfig.bros_min_batched_tokens // LENGTH_SCALE,
+    "bros_aimd_step_tokens": max(1, PlannerConfig.bros_aimd_step_tokens // LENGTH_SCALE),
+    "bros_admit_headroom_tokens": PlannerConfig.bros_admit_headroom_tokens // LENGTH_SCALE,
+}
+PLANNER = PlannerConfig(max_num_seqs=32, max_num_batched_tokens=2048 // LENGTH_SCALE, **_SCALED_KNOBS)
+# The live scheduler gets the knobs as flags; RT is never refused (every policy serves
+# every request, so attainment compares like with like).
+SCHEDULER_ARGS = (*(a for k, v in _SCALED_KNOBS.items() for a in ("--" + k.replace("_", "-"), str(v))),
                   "--rt-infeasible", "flag")
+# The virtual replica's pool: the blocks the live torch worker carves from KV_CACHE_MB for
+# SmolLM2-135M in fp32 (30 layers, 3 KV heads of 64; tests/test_cpu_hybrid.py checks the
+# model's own config against these).
+SMOLLM2_KV_BYTES_PER_SLOT = kv_bytes_per_slot(30, 3, 64, torch.float32)
+VIRTUAL = virtual.VirtualConfig(
+    num_blocks=num_blocks_for_budget(KV_CACHE_MB * 2**20, BLOCK_SIZE, SMOLLM2_KV_BYTES_PER_SLOT),
+    sim_cost="smollm2_cpu", max_model_len=MAX_MODEL_LEN)
+MODES = {"live": "cpu-hybrid", "virtual": "cpu-hybrid-virtual"}   # mode -> scenario name
+DEFAULT_NUM_SEEDS = {"live": 2, "virtual": 12}
 
 
 def _scaled(reqs: list[workload.Request]) -> list[workload.Request]:
@@ -51,37 +78,48 @@ def build(duration_s: float, seed: int, ttft_ms: float, tpot_ms: float) -> list[
     return workload.merge(rt, be)
 
 
-def _live(reqs: list[workload.Request], policy: str) -> list:
-    return replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER, scheduler_args=SCHEDULER_ARGS)
+def serve(reqs: list[workload.Request], policy: str, mode: str) -> list:
+    """Every request's record after `policy` served `reqs`, live or in virtual time."""
+    if mode == "live":
+        return replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER, scheduler_args=SCHEDULER_ARGS)
+    result = virtual.run(reqs, make_policy(policy), PLANNER, VIRTUAL)
+    if result.stop_reason != "done":
+        raise RuntimeError(f"cpu-hybrid-virtual: {policy} stopped early ({result.stop_reason})")
+    return result.requests
 
 
-def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int = 2,
-                   out: Path = Path("bench/out")) -> dict:
+def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int | None = None,
+                   out: Path = Path("bench/out"), mode: str = "live") -> dict:
+    name = MODES[mode]
+    num_seeds = num_seeds or DEFAULT_NUM_SEEDS[mode]
     rt_only = [r for r in build(duration_s, seed, 1e9, 1e9) if r.service_class == RT]
-    _log(f"cpu-hybrid: measuring RT alone ({len(rt_only)} requests)")
-    alone = compute(_live(rt_only, "fcfs"), [])
+    _log(f"{name}: measuring RT alone ({len(rt_only)} requests)")
+    alone = compute(serve(rt_only, "fcfs", mode), [])
     ttft, tpot = TARGET_FACTOR * alone.rt_ttft_p50_ms, TARGET_FACTOR * alone.rt_tpot_p50_ms
     seeds = list(range(seed, seed + num_seeds))
-    runs: dict[str, list[dict]] = {name: [] for name in policies}
-    ttfts: dict[str, list] = {name: [] for name in policies}
+    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    ttfts: dict[str, list] = {p: [] for p in policies}
     for s in seeds:
         reqs = build(duration_s, s, ttft, tpot)
-        for name in policies:
-            _log(f"cpu-hybrid: seed {s}, {name} ({len(reqs)} requests, {duration_s:.0f} s of arrivals)")
-            records = _live(reqs, name)
+        for p in policies:
+            _log(f"{name}: seed {s}, {p} ({len(reqs)} requests, {duration_s:.0f} s of arrivals)")
+            records = serve(reqs, p, mode)
             m = compute(records, [])
-            runs[name].append({"seed": s, **m.to_dict()})
-            ttfts[name] += [r.ttft_ms() for r in records if r.request.service_class == RT]
-            _log(f"  {name}: RT both {m.rt_attain_both:.3f}, TTFT p99 {m.rt_ttft_p99_ms:.0f} ms, "
+            runs[p].append({"seed": s, **m.to_dict()})
+            ttfts[p] += [r.ttft_ms() for r in records if r.request.service_class == RT]
+            _log(f"  {p}: RT both {m.rt_attain_both:.3f}, TTFT p99 {m.rt_ttft_p99_ms:.0f} ms, "
                  f"BE {m.be_tok_s:.1f} tok/s, total {m.total_tok_s:.1f} tok/s")
-    result = {"scenario": "cpu-hybrid", "seeds": seeds, "duration_s": duration_s,
-              "rt_alone": alone.to_dict(), "targets_ms": {"ttft": ttft, "tpot": tpot},
-              "config": {"length_scale": LENGTH_SCALE, "target_factor": TARGET_FACTOR, "rt_rate": RT_RATE,
-                         "be_rate": BE_RATE, "max_num_seqs": PLANNER.max_num_seqs,
-                         "max_num_batched_tokens": PLANNER.max_num_batched_tokens,
-                         "scheduler_args": list(SCHEDULER_ARGS), "worker_args": list(TORCH_WORKER)},
+    config = {"length_scale": LENGTH_SCALE, "target_factor": TARGET_FACTOR, "rt_rate": RT_RATE,
+              "be_rate": BE_RATE, "max_num_seqs": PLANNER.max_num_seqs,
+              "max_num_batched_tokens": PLANNER.max_num_batched_tokens}
+    if mode == "live":
+        config.update(scheduler_args=list(SCHEDULER_ARGS), worker_args=list(TORCH_WORKER))
+    else:
+        config.update(planner_knobs=_SCALED_KNOBS, num_blocks=VIRTUAL.num_blocks, sim_cost=VIRTUAL.sim_cost)
+    result = {"scenario": name, "mode": mode, "seeds": seeds, "duration_s": duration_s,
+              "rt_alone": alone.to_dict(), "targets_ms": {"ttft": ttft, "tpot": tpot}, "config": config,
               "points": [{"rt_rate": RT_RATE, "be_rate": BE_RATE,
-                          "policies": {name: {**_mean(rs), "runs": rs} for name, rs in runs.items()}}]}
+                          "policies": {p: {**_mean(rs), "runs": rs} for p, rs in runs.items()}}]}
     _report(result, out, ttfts)
     return result
 
@@ -98,26 +136,27 @@ def _log(text: str) -> None:
 
 def _report(r: dict, out: Path, ttfts: dict[str, list]) -> None:
     t = r["targets_ms"]
-    print(f"\ncpu-hybrid: targets TTFT {t['ttft']:.0f} ms, TPOT {t['tpot']:.0f} ms "
+    name = r["scenario"]
+    print(f"\n{name}: targets TTFT {t['ttft']:.0f} ms, TPOT {t['tpot']:.0f} ms "
           f"({TARGET_FACTOR}x the RT-alone p50); mean of seeds {r['seeds']}")
     print("| policy | RT both | RT TTFT | RT TPOT | TTFT p99 ms | TPOT p99 ms | RT norm ms | BE req/s | BE tok/s | total tok/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, m in r["points"][0]["policies"].items():
-        print(f"| {name} | {m['rt_attain_both']:.3f} | {m['rt_attain_ttft']:.3f} | {m['rt_attain_tpot']:.3f} | "
+    for policy, m in r["points"][0]["policies"].items():
+        print(f"| {policy} | {m['rt_attain_both']:.3f} | {m['rt_attain_ttft']:.3f} | {m['rt_attain_tpot']:.3f} | "
               f"{m['rt_ttft_p99_ms']:.0f} | {m['rt_tpot_p99_ms']:.0f} | {m['rt_norm_latency_ms']:.1f} | "
               f"{m['be_req_s']:.2f} | {m['be_tok_s']:.1f} | {m['total_tok_s']:.1f} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu-hybrid.json").write_text(json.dumps(r, indent=2))
-    print(f"wrote {out / 'cpu-hybrid.json'}")
-    _plot_cdf(out / "cpu-hybrid-ttft-cdf.png", ttfts, t["ttft"])
+    (out / f"{name}.json").write_text(json.dumps(r, indent=2))
+    print(f"wrote {out / f'{name}.json'}")
+    _plot_cdf(out / f"{name}-ttft-cdf.png", ttfts, t["ttft"], name)
 
 
-def _plot_cdf(path: Path, ttfts: dict[str, list], target_ms: float) -> None:
+def _plot_cdf(path: Path, ttfts: dict[str, list], target_ms: float, name: str) -> None:
     try:
         import matplotlib
     except ImportError:
         _log("matplotlib not installed: no plot")
         return
     matplotlib.use("Agg")
-    plot_ttft_cdf(path, ttfts, target_ms, "cpu-hybrid: RT TTFT CDF")
+    plot_ttft_cdf(path, ttfts, target_ms, f"{name}: RT TTFT CDF")
     _log(f"wrote {path}")

@@ -56,6 +56,20 @@ class CostModel:
                                             decode=(10.26, 1.88e-4, 0.0327))
 
     @classmethod
+    def smollm2_cpu(cls) -> CostModel:
+        """SmolLM2-135M in fp32 on this project's 2-core CPU worker (torch backend), a step
+        as the scheduler's loop sees it (traced live; docs/benchmarks.md, cpu-hybrid): a
+        decode-only step runs the fused C++ stack, ~26 ms + 3.4 ms per sequence; a step
+        holding any prompt tokens runs the eager model, ~72 ms + 1.2 ms per token. No
+        context or quadratic term: at cpu-hybrid's lengths (prompts <= 256 tokens) the
+        step is the weights' streaming, not attention. In a mixed step the decodes cost
+        their decode rate (3.4 ms) where the eager path charges them about a token's
+        (1.2 ms): mixed steps come out a little slower than live."""
+        return cls(prefill_base_ms=72.0, prefill_ms_per_token=1.2, prefill_ms_per_token_sq=0.0,
+                   decode_base_ms=26.0, decode_ms_per_context_token=0.0, decode_ms_per_seq=3.4,
+                   large_decode_base_ms=26.0, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=3.4)
+
+    @classmethod
     def _without_large_batch_fit(cls, prefill: tuple[float, float, float],
                                  decode: tuple[float, float, float]) -> CostModel:
         """A model whose large-batch decode reuses the small-batch fit.
@@ -149,4 +163,5 @@ PRESETS: dict[str, Callable[[], CostModel]] = {
     "opt13b_a100": CostModel.opt13b_a100,
     "opt13b_a100_tp2": CostModel.opt13b_a100_tp2,
     "opt13b_a100_tp4": CostModel.opt13b_a100_tp4,
+    "smollm2_cpu": CostModel.smollm2_cpu,
 }

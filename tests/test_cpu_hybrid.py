@@ -1,0 +1,64 @@
+"""cpu-hybrid: the live scenario's configuration, and its virtual replica end to end."""
+import json
+
+import pytest
+import torch
+
+from scheduler_svc.bench import cpu_hybrid as ch
+from scheduler_svc.config import SchedulerConfig
+from worker_svc.build import MB
+from worker_svc.config import WorkerConfig
+from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
+from worker_svc.model.config import ModelConfig
+from worker_svc.sim.cost_model import CostModel
+
+
+def test_the_replica_pool_is_the_live_workers(model_dir):
+    """The virtual pool holds as many blocks as the torch worker carves from
+    --kv-cache-mb for the default model in fp32."""
+    cfg = ModelConfig.from_hf_dir(str(model_dir))
+    per_slot = kv_bytes_per_slot(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    assert per_slot == ch.SMOLLM2_KV_BYTES_PER_SLOT
+    assert WorkerConfig().block_size == ch.BLOCK_SIZE
+    assert ch.VIRTUAL.num_blocks == num_blocks_for_budget(ch.KV_CACHE_MB * MB, ch.BLOCK_SIZE, per_slot)
+
+
+def test_the_live_scheduler_gets_the_replicas_planner():
+    """Both modes plan with the same knobs: the live scheduler's flags give PLANNER."""
+    args = ["--max-num-seqs", str(ch.PLANNER.max_num_seqs),
+            "--max-num-batched-tokens", str(ch.PLANNER.max_num_batched_tokens), *ch.SCHEDULER_ARGS]
+    cfg = SchedulerConfig.from_args(args)
+    assert cfg.planner_config() == ch.PLANNER
+    assert cfg.rt_infeasible == "flag"
+    assert ch.PLANNER.bros_admit_headroom_tokens == 64 // ch.LENGTH_SCALE
+
+
+def test_smollm2_cpu_costs():
+    cost = CostModel.smollm2_cpu()
+    assert cost.iteration_ms([], [100]) == pytest.approx(26 + 3.4)            # decode-only: the C++ stack
+    assert cost.iteration_ms([], [100] * 8) == pytest.approx(26 + 3.4 * 8)
+    assert cost.iteration_ms([100], []) == pytest.approx(72 + 1.2 * 100)      # any prompt: the eager model
+    assert cost.iteration_ms([100], [50, 60]) == pytest.approx(72 + 1.2 * 100 + 3.4 * 2)
+
+
+def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
+    result = ch.run_cpu_hybrid(["bros", "priority"], duration_s=20, num_seeds=2, out=tmp_path, mode="virtual")
+    saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
+    assert saved["scenario"] == "cpu-hybrid-virtual" and saved["mode"] == "virtual"
+    assert saved["seeds"] == [0, 1]
+    alone = saved["rt_alone"]
+    # Targets from the RT-only run, as live; on this cost model RT alone decodes at ~26 + 3.4 ms.
+    assert saved["targets_ms"]["tpot"] == pytest.approx(ch.TARGET_FACTOR * alone["rt_tpot_p50_ms"])
+    assert 25 < alone["rt_tpot_p50_ms"] < 45
+    (point,) = saved["points"]
+    for name in ("bros", "priority"):
+        runs = point["policies"][name]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1]
+        for r in runs:
+            assert r["rt_unfinished"] == 0 and r["be_unfinished"] == 0
+            assert r["num_rt"] > 0 and r["num_be"] > 0
+        for key in ("rt_ttft_p50_ms", "rt_ttft_p99_ms", "rt_tpot_p50_ms", "rt_tpot_p99_ms", "rt_attain_ttft",
+                    "rt_attain_tpot", "rt_attain_both", "rt_norm_latency_ms", "be_req_s", "be_tok_s",
+                    "total_tok_s", "preemptions", "mean_batch_size"):
+            assert key in point["policies"][name], key
+    assert result["points"][0]["policies"]["bros"]["num_rt"] == point["policies"]["bros"]["num_rt"]
