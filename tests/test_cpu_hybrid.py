@@ -6,8 +6,7 @@ import torch
 
 from scheduler_svc.bench import cpu_hybrid as ch
 from scheduler_svc.config import SchedulerConfig
-from worker_svc.build import MB
-from worker_svc.config import WorkerConfig
+from worker_svc.config import MB, WorkerConfig
 from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
 from worker_svc.model.config import ModelConfig
 from worker_svc.sim.cost_model import CostModel

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from worker_svc.config import MB
 from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
 
 from ..planner import RT, PlannerConfig, make_policy
@@ -61,7 +62,7 @@ SCHEDULER_ARGS = (*(a for k, v in _SCALED_KNOBS.items() for a in ("--" + k.repla
 # model's own config against these).
 SMOLLM2_KV_BYTES_PER_SLOT = kv_bytes_per_slot(30, 3, 64, torch.float32)
 VIRTUAL = virtual.VirtualConfig(
-    num_blocks=num_blocks_for_budget(KV_CACHE_MB * 2**20, BLOCK_SIZE, SMOLLM2_KV_BYTES_PER_SLOT),
+    num_blocks=num_blocks_for_budget(KV_CACHE_MB * MB, BLOCK_SIZE, SMOLLM2_KV_BYTES_PER_SLOT),
     sim_cost="smollm2_cpu", max_model_len=MAX_MODEL_LEN)
 MODES = {"live": "cpu-hybrid", "virtual": "cpu-hybrid-virtual"}   # mode -> scenario name
 DEFAULT_NUM_SEEDS = {"live": 2, "virtual": 12}
