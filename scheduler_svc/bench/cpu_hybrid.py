@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from worker_svc.config import MB
+from worker_svc.config import MB, WorkerConfig
 from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
 
 from ..planner import RT, PlannerConfig, make_policy
 from . import virtual, workload
 from .live import replay_live
-from .metrics import compute
+from .metrics import BenchMetrics, compute
 from .plots import plot_ttft_cdf
 
 LENGTH_SCALE = 8
@@ -44,7 +44,6 @@ RT_RATE = 0.5          # req/s
 BE_RATE = 1.5          # req/s: alone, ~80% of this 2-core CPU (measured)
 MAX_MODEL_LEN = 2048
 KV_CACHE_MB = 256
-BLOCK_SIZE = 16        # the worker's default
 TORCH_WORKER = ("--backend", "torch", "--kv-cache-mb", str(KV_CACHE_MB))
 # Token-valued policy knobs scaled like the lengths.
 _SCALED_KNOBS = {
@@ -62,7 +61,7 @@ SCHEDULER_ARGS = (*(a for k, v in _SCALED_KNOBS.items() for a in ("--" + k.repla
 # model's own config against these).
 SMOLLM2_KV_BYTES_PER_SLOT = kv_bytes_per_slot(30, 3, 64, torch.float32)
 VIRTUAL = virtual.VirtualConfig(
-    num_blocks=num_blocks_for_budget(KV_CACHE_MB * MB, BLOCK_SIZE, SMOLLM2_KV_BYTES_PER_SLOT),
+    num_blocks=num_blocks_for_budget(KV_CACHE_MB * MB, WorkerConfig.block_size, SMOLLM2_KV_BYTES_PER_SLOT),
     sim_cost="smollm2_cpu", max_model_len=MAX_MODEL_LEN)
 MODES = {"live": "cpu-hybrid", "virtual": "cpu-hybrid-virtual"}   # mode -> scenario name
 DEFAULT_NUM_SEEDS = {"live": 2, "virtual": 12}
@@ -79,14 +78,17 @@ def build(duration_s: float, seed: int, ttft_ms: float, tpot_ms: float) -> list[
     return workload.merge(rt, be)
 
 
-def serve(reqs: list[workload.Request], policy: str, mode: str) -> list:
-    """Every request's record after `policy` served `reqs`, live or in virtual time."""
+def serve(reqs: list[workload.Request], policy: str, mode: str) -> tuple[BenchMetrics, list]:
+    """`policy`'s metrics and every request's record after it served `reqs`, live or in
+    virtual time. Live, the clients see requests, not steps: preemptions are None and the
+    batch size NaN (not measured), where 0 would read as "none happened"."""
     if mode == "live":
-        return replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER, scheduler_args=SCHEDULER_ARGS)
+        records = replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER, scheduler_args=SCHEDULER_ARGS)
+        return replace(compute(records, []), preemptions=None), records
     result = virtual.run(reqs, make_policy(policy), PLANNER, VIRTUAL)
     if result.stop_reason != "done":
         raise RuntimeError(f"cpu-hybrid-virtual: {policy} stopped early ({result.stop_reason})")
-    return result.requests
+    return compute(result.requests, result.iterations), result.requests
 
 
 def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int | None = None,
@@ -95,7 +97,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     num_seeds = num_seeds or DEFAULT_NUM_SEEDS[mode]
     rt_only = [r for r in build(duration_s, seed, 1e9, 1e9) if r.service_class == RT]
     _log(f"{name}: measuring RT alone ({len(rt_only)} requests)")
-    alone = compute(serve(rt_only, "fcfs", mode), [])
+    alone, _ = serve(rt_only, "fcfs", mode)
     ttft, tpot = TARGET_FACTOR * alone.rt_ttft_p50_ms, TARGET_FACTOR * alone.rt_tpot_p50_ms
     seeds = list(range(seed, seed + num_seeds))
     runs: dict[str, list[dict]] = {p: [] for p in policies}
@@ -104,8 +106,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
         reqs = build(duration_s, s, ttft, tpot)
         for p in policies:
             _log(f"{name}: seed {s}, {p} ({len(reqs)} requests, {duration_s:.0f} s of arrivals)")
-            records = serve(reqs, p, mode)
-            m = compute(records, [])
+            m, records = serve(reqs, p, mode)
             runs[p].append({"seed": s, **m.to_dict()})
             ttfts[p] += [r.ttft_ms() for r in records if r.request.service_class == RT]
             _log(f"  {p}: RT both {m.rt_attain_both:.3f}, TTFT p99 {m.rt_ttft_p99_ms:.0f} ms, "
@@ -126,7 +127,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
 
 
 def _mean(runs: list[dict]) -> dict:
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and k != "seed"]
+    keys = [k for k, v in runs[0].items() if (v is None or isinstance(v, (int, float))) and k != "seed"]
     return {k: statistics.fmean(r[k] for r in runs if r[k] is not None) if any(r[k] is not None for r in runs)
             else None for k in keys}
 

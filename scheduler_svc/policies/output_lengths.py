@@ -3,7 +3,8 @@ lengths, learned from the planner's own inputs (no extra I/O).
 
 A running BE request's output so far is num_tokens - num_prompt_tokens; one that was
 running at the last plan and is gone now has finished with that many tokens (or was
-aborted, or handed back to the queue by a draining worker: rare, and counted alike). Sums are kept so the spread costs O(1) per finish.
+aborted, or handed back to the queue by a draining worker: rare, and counted alike).
+Sums are kept so the spread costs O(1) per finish.
 """
 from __future__ import annotations
 
