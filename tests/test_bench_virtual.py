@@ -215,3 +215,13 @@ def test_bench_flags_reach_the_planner_config():
     assert scn.planner().bros_admit_headroom_sd == 1.5 and scn.rate_fracs == (0.3,)
     assert configure(parse_args(["--scenario", "sim-arxiv", "--bros-admit-headroom-sd", "0"])
                      ).planner().bros_admit_headroom_sd == 0.0
+
+
+def test_overlap_copies_flag_reaches_the_sim_worker():
+    from scheduler_svc.bench.__main__ import configure, parse_args
+    from scheduler_svc.bench.cpu_hybrid import VIRTUAL
+    default = configure(parse_args(["--scenario", "sim-paper"]))
+    off = configure(parse_args(["--scenario", "sim-paper", "--no-overlap-copies"]))
+    assert default.virtual().worker_config(default.planner()).sim_overlap_copies
+    assert not off.virtual().worker_config(off.planner()).sim_overlap_copies
+    assert not VIRTUAL.overlap_copies   # the CPU worker copies in line

@@ -173,3 +173,74 @@ def test_every_preset_builds_a_sim_worker():
         engine = build_engine(WorkerConfig(backend="sim", sim_cost=name, sim_clock="virtual", num_blocks=8,
                                            warmup=False), clock=VirtualClock())
         assert engine.runner.cost == PRESETS[name]()
+
+
+# ---- host copies beside the forward pass (SimRunner) ---------------------------------
+
+def _runner(overlap: bool):
+    from worker_svc.sim.runner import SimModel, SimRunner
+    # One slot copies in 1 ms; a decode step of any size costs 20 ms; 4 layers.
+    model = SimModel(num_layers=4, hidden_size=8, dtype_bytes=2, host_copy_bytes_per_ms=2 * 4 * 8 * 2,
+                     overlap_copies=overlap)
+    cost = CostModel(decode_base_ms=20.0, decode_ms_per_context_token=0.0, decode_ms_per_seq=0.0)
+    return SimRunner(VirtualClock(), cost, model)
+
+
+def _decode_item():
+    from types import SimpleNamespace
+    seq = SimpleNamespace(prompt_token_ids=[3, 3], num_computed_tokens=2, num_tokens=2, seq_id="s",
+                          sampling=SimpleNamespace(seed=1))
+    return SimpleNamespace(seq=seq, num_new_tokens=1, start_position=2, samples=True)
+
+
+def _copy(num_slots: int):
+    from worker_svc.block_allocator import SlotCopy
+    return [SlotCopy("to_host", 1, tuple(range(num_slots)))]
+
+
+def _step_ms(runner, num_copy_slots: int, idle_ms: float = 0.0) -> float:
+    """Time from issuing the copies to the end of the step, minus the idle time between."""
+    t0 = runner.clock.now_ms()
+    assert runner.apply_copies(_copy(num_copy_slots)) == pytest.approx(float(num_copy_slots))
+    runner.clock.sleep_ms(idle_ms)
+    runner.execute([_decode_item()])
+    return runner.clock.now_ms() - t0 - idle_ms
+
+
+def test_sim_kv_bytes_per_slot_is_opt13b_fp16_by_default():
+    from worker_svc.sim.runner import SimModel
+    assert SimModel().kv_bytes_per_slot == 2 * 40 * 5120 * 2 == 819_200
+
+
+def test_copies_shorter_than_the_step_hide_behind_it():
+    runner = _runner(overlap=True)
+    assert _step_ms(runner, 10) == pytest.approx(20.0)
+
+
+def test_copies_longer_than_the_step_delay_it_by_one_layer_past_the_last_copy():
+    runner = _runner(overlap=True)
+    assert _step_ms(runner, 30) == pytest.approx(30.0 + 20.0 / 4)
+
+
+def test_copies_finish_in_the_background_while_the_worker_idles():
+    runner = _runner(overlap=True)
+    assert _step_ms(runner, 30, idle_ms=40.0) == pytest.approx(20.0)
+    # The engine queues behind copies already issued: 30 + 30 ms of copies, one step.
+    runner.apply_copies(_copy(30))
+    assert _step_ms(runner, 30) == pytest.approx(60.0 + 5.0)
+
+
+def test_without_overlap_copies_run_before_the_step():
+    runner = _runner(overlap=False)
+    assert _step_ms(runner, 10) == pytest.approx(30.0)
+
+
+def test_worker_config_turns_overlap_off():
+    from worker_svc.build import build_engine
+    from worker_svc.config import WorkerConfig
+    on = build_engine(WorkerConfig(backend="sim", sim_clock="virtual", num_blocks=8, warmup=False),
+                      clock=VirtualClock())
+    off = build_engine(WorkerConfig(backend="sim", sim_clock="virtual", num_blocks=8, warmup=False,
+                                    sim_overlap_copies=False, max_model_len=512), clock=VirtualClock())
+    assert on.runner.sim.overlap_copies and not off.runner.sim.overlap_copies
+    assert off.runner.max_model_len == 512

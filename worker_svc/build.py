@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from .config import MB, WorkerConfig
 from .engine import Engine, EngineLimits
@@ -65,5 +66,7 @@ def _sim_runner(cfg: WorkerConfig, clock):
     if cfg.sim_cost_overrides:
         cost = cost.with_overrides(dict(cfg.sim_cost_overrides))
     clock = clock or (VirtualClock() if cfg.sim_clock == "virtual" else RealClock())
-    model = SimModel() if cfg.max_model_len is None else SimModel(max_model_len=cfg.max_model_len)
+    model = SimModel(overlap_copies=cfg.sim_overlap_copies)
+    if cfg.max_model_len is not None:
+        model = replace(model, max_model_len=cfg.max_model_len)
     return SimRunner(clock, cost, model)

@@ -52,6 +52,7 @@ class WorkerConfig:
     sim_cost: str = "opt13b_a100"          # cost-model preset
     sim_cost_overrides: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     sim_kv_cache_mb: int = 12 * 1024       # A100-40GB minus OPT-13B's fp16 weights and activations
+    sim_overlap_copies: bool = True        # host copies beside the forward pass (a GPU's copy engine)
 
     def __post_init__(self) -> None:
         checks = [

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bros-admit-headroom-sd", type=float, default=None,
                    help="sim scenarios: bros' admission headroom in standard deviations of finished BE "
                         "output lengths (0: the fixed headroom; default: the planner's)")
+    p.add_argument("--overlap-copies", action=argparse.BooleanOptionalAction, default=None,
+                   help="sim scenarios: host copies run beside the step on the GPU's copy engine "
+                        "(default), or before it (--no-overlap-copies)")
     p.add_argument("--shared-cores", action="store_true",
                    help="sim-scale: the scheduler shares every core with Redis and the workers "
                         "(default: it gets the last core to itself)")
@@ -57,7 +60,7 @@ def configure(args: argparse.Namespace) -> Scenario:
              "max_num_batched_tokens": args.max_num_batched_tokens, "num_blocks": args.num_blocks,
              "sim_cost": args.sim_cost, "max_model_len": args.max_model_len,
              "rate_fracs": tuple(args.rates) if args.rates else None,
-             "bros_admit_headroom_sd": args.bros_admit_headroom_sd}
+             "bros_admit_headroom_sd": args.bros_admit_headroom_sd, "overlap_copies": args.overlap_copies}
     return replace(scn, **{k: v for k, v in given.items() if v is not None})
 
 

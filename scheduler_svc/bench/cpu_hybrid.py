@@ -62,7 +62,8 @@ SCHEDULER_ARGS = (*(a for k, v in _SCALED_KNOBS.items() for a in ("--" + k.repla
 SMOLLM2_KV_BYTES_PER_SLOT = kv_bytes_per_slot(30, 3, 64, torch.float32)
 VIRTUAL = virtual.VirtualConfig(
     num_blocks=num_blocks_for_budget(KV_CACHE_MB * MB, WorkerConfig.block_size, SMOLLM2_KV_BYTES_PER_SLOT),
-    sim_cost="smollm2_cpu", max_model_len=MAX_MODEL_LEN)
+    sim_cost="smollm2_cpu", max_model_len=MAX_MODEL_LEN,
+    overlap_copies=False)  # the torch worker on a CPU copies in line, before the step
 MODES = {"live": "cpu-hybrid", "virtual": "cpu-hybrid-virtual"}   # mode -> scenario name
 DEFAULT_NUM_SEEDS = {"live": 2, "virtual": 12}
 

@@ -21,11 +21,20 @@ class SimModel:
     name: str = "sim-opt-13b"
     vocab_size: int = 50272
     max_model_len: int = 8192
-    # K and V bytes per token over all layers: 2 * 40 layers * 5120 hidden * 2 bytes.
-    kv_bytes_per_slot: int = 819_200
+    num_layers: int = 40
+    hidden_size: int = 5120
+    dtype_bytes: int = 2
     eos_token_id: int = 2
     # Host <-> device copy bandwidth for checkpoints (PCIe 4.0 x16, achieved), bytes/ms.
     host_copy_bytes_per_ms: float = 25e6
+    # Host copies run on the GPU's copy engine beside the forward pass (see SimRunner);
+    # False: they run before it, in line, as on a CPU worker.
+    overlap_copies: bool = True
+
+    @property
+    def kv_bytes_per_slot(self) -> int:
+        """K and V of one token over all layers: 2 * 40 * 5120 * 2 = 819,200 for OPT-13B."""
+        return 2 * self.num_layers * self.hidden_size * self.dtype_bytes
 
 
 class _SimDetokenizer:
@@ -34,6 +43,21 @@ class _SimDetokenizer:
 
 
 class SimRunner:
+    """Host copies and the forward pass, timed as on a GPU with a copy engine.
+
+    The paper checkpoints BE KV to host "lazily, in the background", and a GPU's copy
+    engine moves data while the SMs compute. A step depends on the copies issued before
+    it (a checkpointed run's slots are about to be overwritten; a restored run is about
+    to be read), but only layer by layer: layer l waits for layer l's share of the copies.
+    With copies issued in layer order, a step that starts at t0 and computes for C ms
+    ends at
+
+        max(t0 + C, copies_done + C / num_layers)
+
+    where copies_done is when the copy engine finishes everything issued so far: it
+    cannot end before its own compute, nor less than one layer's compute after the last
+    layer's copy lands. Copies issued while the worker idles finish in the background.
+    """
     name = "sim"
 
     def __init__(self, clock: Clock, cost: CostModel | None = None, model: SimModel | None = None):
@@ -47,12 +71,18 @@ class SimRunner:
         self.kv_bytes_per_slot = self.sim.kv_bytes_per_slot
         self.dtype_name, self.device = "float16", "sim"
         self.default_sampling = SamplingConfig(max_tokens=1, temperature=0.0)
+        self._copies_done_ms = 0.0    # when the copy engine finishes what was issued so far
 
     def apply_copies(self, copies: list[SlotCopy]) -> float:
+        """Issue the copies; returns how long they take on the copy engine."""
         num_slots = sum(len(c.slots) for c in copies)
         ms = num_slots * self.kv_bytes_per_slot / self.sim.host_copy_bytes_per_ms
-        if ms:
+        if not ms:
+            return 0.0
+        if not self.sim.overlap_copies:
             self.clock.sleep_ms(ms)
+            return ms
+        self._copies_done_ms = max(self._copies_done_ms, self.clock.now_ms()) + ms
         return ms
 
     def new_detokenizer(self) -> _SimDetokenizer:
@@ -67,7 +97,9 @@ class SimRunner:
         ms = self.cost.iteration_ms([i.num_new_tokens for i in prefill],
                                     [i.start_position + 1 for i in decode],
                                     [i.start_position for i in prefill])
-        self.clock.sleep_ms(ms)
+        start_ms = self.clock.now_ms()
+        end_ms = max(start_ms + ms, self._copies_done_ms + ms / self.sim.num_layers)
+        self.clock.sleep_ms(end_ms - start_ms)
         tokens = [self._token(i) for i in items if i.samples]
         return RunResult(tokens, ms, 0.0)
 
