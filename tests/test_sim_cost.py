@@ -175,11 +175,11 @@ def test_every_preset_builds_a_sim_worker():
         assert engine.runner.cost == PRESETS[name]()
 
 
-# ---- host copies beside the forward pass (SimRunner) ---------------------------------
+# ---- host copies: checkpoints beside the forward pass, restores in line (SimRunner) ----
 
 def _runner(overlap: bool):
     from worker_svc.sim.runner import SimModel, SimRunner
-    # One slot copies in 1 ms; a decode step of any size costs 20 ms; 4 layers.
+    # One slot copies in 1 ms; a decode step of any size costs 20 ms.
     model = SimModel(num_layers=4, hidden_size=8, dtype_bytes=2, host_copy_bytes_per_ms=2 * 4 * 8 * 2,
                      overlap_copies=overlap)
     cost = CostModel(decode_base_ms=20.0, decode_ms_per_context_token=0.0, decode_ms_per_seq=0.0)
@@ -193,18 +193,17 @@ def _decode_item():
     return SimpleNamespace(seq=seq, num_new_tokens=1, start_position=2, samples=True)
 
 
-def _copy(num_slots: int):
+def _copy(kind: str, handle: int, num_slots: int):
     from worker_svc.block_allocator import SlotCopy
-    return [SlotCopy("to_host", 1, tuple(range(num_slots)))]
+    return SlotCopy(kind, handle, tuple(range(num_slots)))
 
 
-def _step_ms(runner, num_copy_slots: int, idle_ms: float = 0.0) -> float:
-    """Time from issuing the copies to the end of the step, minus the idle time between."""
+def _step_ms(runner, copies) -> float:
+    """Time from issuing the copies to the end of the step that follows them."""
     t0 = runner.clock.now_ms()
-    assert runner.apply_copies(_copy(num_copy_slots)) == pytest.approx(float(num_copy_slots))
-    runner.clock.sleep_ms(idle_ms)
+    assert runner.apply_copies(copies) == pytest.approx(float(sum(len(c.slots) for c in copies)))
     runner.execute([_decode_item()])
-    return runner.clock.now_ms() - t0 - idle_ms
+    return runner.clock.now_ms() - t0
 
 
 def test_sim_kv_bytes_per_slot_is_opt13b_fp16_by_default():
@@ -212,27 +211,35 @@ def test_sim_kv_bytes_per_slot_is_opt13b_fp16_by_default():
     assert SimModel().kv_bytes_per_slot == 2 * 40 * 5120 * 2 == 819_200
 
 
-def test_copies_shorter_than_the_step_hide_behind_it():
+def test_a_checkpoint_does_not_delay_the_step():
     runner = _runner(overlap=True)
-    assert _step_ms(runner, 10) == pytest.approx(20.0)
+    assert _step_ms(runner, [_copy("to_host", 1, 30)]) == pytest.approx(20.0)
 
 
-def test_copies_longer_than_the_step_delay_it_by_one_layer_past_the_last_copy():
+def test_a_restore_runs_in_line_before_the_step():
     runner = _runner(overlap=True)
-    assert _step_ms(runner, 30) == pytest.approx(30.0 + 20.0 / 4)
+    _step_ms(runner, [_copy("to_host", 1, 10)])     # lands 10 ms in, during the step
+    assert _step_ms(runner, [_copy("from_host", 1, 10)]) == pytest.approx(10.0 + 20.0)
 
 
-def test_copies_finish_in_the_background_while_the_worker_idles():
+def test_a_restore_waits_for_its_checkpoint_to_land():
     runner = _runner(overlap=True)
-    assert _step_ms(runner, 30, idle_ms=40.0) == pytest.approx(20.0)
-    # The engine queues behind copies already issued: 30 + 30 ms of copies, one step.
-    runner.apply_copies(_copy(30))
-    assert _step_ms(runner, 30) == pytest.approx(60.0 + 5.0)
+    # Two checkpoints queue on the copy stream (30 ms, then 30 more); restoring the second
+    # at once waits 60 ms for it, copies it back in 30, then steps.
+    steps = [_copy("to_host", 1, 30), _copy("to_host", 2, 30), _copy("from_host", 2, 30)]
+    assert _step_ms(runner, steps) == pytest.approx(60.0 + 30.0 + 20.0)
 
 
-def test_without_overlap_copies_run_before_the_step():
+def test_a_dropped_checkpoint_is_forgotten():
+    runner = _runner(overlap=True)
+    runner.apply_copies([_copy("to_host", 7, 5), _copy("drop_host", 7, 0)])
+    assert runner._host_ready_ms == {}
+
+
+def test_without_overlap_every_copy_runs_before_the_step():
     runner = _runner(overlap=False)
-    assert _step_ms(runner, 10) == pytest.approx(30.0)
+    assert _step_ms(runner, [_copy("to_host", 1, 10)]) == pytest.approx(30.0)
+    assert _step_ms(runner, [_copy("from_host", 1, 10)]) == pytest.approx(30.0)
 
 
 def test_worker_config_turns_overlap_off():

@@ -32,11 +32,16 @@ class KVCache:
         self.device = torch.device(device)
         # handle -> (k, v), each [layer, n, kv_head, head_dim] on the host, tokens in order.
         self.host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # CUDA only: checkpoints cross PCIe on a stream of their own (see _apply_cuda);
+        # handle -> the event that marks its copy landed in host memory.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._landed: dict[int, torch.cuda.Event] = {}
 
     def apply(self, copies: list[SlotCopy]) -> None:
         for c in copies:
             if c.kind == "drop_host":
                 self.host.pop(c.handle, None)
+                self._landed.pop(c.handle, None)  # pinned memory is held until its copy's event
                 continue
             idx = torch.tensor(c.slots, dtype=torch.long, device=self.device)
             if self.device.type == "cuda":
@@ -53,19 +58,32 @@ class KVCache:
                 raise ValueError(f"unknown copy kind {c.kind!r}")
 
     def _apply_cuda(self, c: SlotCopy, idx: torch.Tensor) -> None:
-        """One gather kernel into a contiguous device buffer, then one async DMA into
-        pinned host memory (and the reverse on restore). Everything is ordered on the
-        current stream, so the forward pass that overwrites the slots runs after the copy."""
+        """Checkpoint: one gather kernel into a contiguous device buffer, in the step's
+        stream, so the forward pass that reuses the slots runs after it; then the buffer
+        crosses PCIe into pinned host memory on the copy stream while the GPU computes
+        (the paper's background checkpoint; the sim worker times copies the same way).
+        Restore: waits for that copy to land, then one async DMA and a scatter, in the
+        step's stream, before the forward pass that reads the slots."""
         from kernels.slot_copy import gather_slots, scatter_slots
 
         if c.kind == "to_host":
             bufs = gather_slots(self.k, self.v, idx)
             host = tuple(torch.empty(b.shape, dtype=b.dtype, pin_memory=True) for b in bufs)
-            for h, b in zip(host, bufs):
-                h.copy_(b, non_blocking=True)
+            stream = self._copy_stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for h, b in zip(host, bufs):
+                    h.copy_(b, non_blocking=True)
+                    b.record_stream(stream)  # the allocator must not reuse b before the copy reads it
+                landed = torch.cuda.Event()
+                landed.record(stream)
             self.host[c.handle] = host
+            self._landed[c.handle] = landed
         elif c.kind == "from_host":
             k, v = self.host.pop(c.handle)
+            landed = self._landed.pop(c.handle, None)
+            if landed is not None:
+                torch.cuda.current_stream(self.device).wait_event(landed)
             scatter_slots(self.k, self.v, idx, k.to(self.device, non_blocking=True),
                           v.to(self.device, non_blocking=True))
         else:

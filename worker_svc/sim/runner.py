@@ -27,8 +27,8 @@ class SimModel:
     eos_token_id: int = 2
     # Host <-> device copy bandwidth for checkpoints (PCIe 4.0 x16, achieved), bytes/ms.
     host_copy_bytes_per_ms: float = 25e6
-    # Host copies run on the GPU's copy engine beside the forward pass (see SimRunner);
-    # False: they run before it, in line, as on a CPU worker.
+    # Checkpoint copies (to host) run on the GPU's copy engine beside the forward pass
+    # (see SimRunner); False: every copy runs in line, as on a CPU worker.
     overlap_copies: bool = True
 
     @property
@@ -43,20 +43,18 @@ class _SimDetokenizer:
 
 
 class SimRunner:
-    """Host copies and the forward pass, timed as on a GPU with a copy engine.
+    """The forward pass timed by the cost model; host copies timed as the torch worker
+    makes them on a GPU (worker_svc/kv_cache.py), at PCIe bandwidth:
 
-    The paper checkpoints BE KV to host "lazily, in the background", and a GPU's copy
-    engine moves data while the SMs compute. A step depends on the copies issued before
-    it (a checkpointed run's slots are about to be overwritten; a restored run is about
-    to be read), but only layer by layer: layer l waits for layer l's share of the copies.
-    With copies issued in layer order, a step that starts at t0 and computes for C ms
-    ends at
+    - to_host (a paused BE run checkpointed before its slots are reused): the slots are
+      gathered into a device buffer in the step's own stream (at HBM speed: not charged),
+      and the buffer goes to pinned host memory on a copy stream while the GPU computes.
+      This is the paper's lazy, background checkpoint. Nothing waits for it except a
+      later restore of the same run.
+    - from_host (a run restored for the step that reads it): in line, once its own
+      checkpoint has landed.
 
-        max(t0 + C, copies_done + C / num_layers)
-
-    where copies_done is when the copy engine finishes everything issued so far: it
-    cannot end before its own compute, nor less than one layer's compute after the last
-    layer's copy lands. Copies issued while the worker idles finish in the background.
+    With overlap_copies False (a CPU worker, no copy engine) every copy runs in line.
     """
     name = "sim"
 
@@ -71,19 +69,27 @@ class SimRunner:
         self.kv_bytes_per_slot = self.sim.kv_bytes_per_slot
         self.dtype_name, self.device = "float16", "sim"
         self.default_sampling = SamplingConfig(max_tokens=1, temperature=0.0)
-        self._copies_done_ms = 0.0    # when the copy engine finishes what was issued so far
+        self._d2h_free_ms = 0.0                  # when the copy stream's queue drains
+        self._host_ready_ms: dict[int, float] = {}  # checkpoint handle -> when it lands in host memory
 
     def apply_copies(self, copies: list[SlotCopy]) -> float:
-        """Issue the copies; returns how long they take on the copy engine."""
-        num_slots = sum(len(c.slots) for c in copies)
-        ms = num_slots * self.kv_bytes_per_slot / self.sim.host_copy_bytes_per_ms
-        if not ms:
-            return 0.0
-        if not self.sim.overlap_copies:
-            self.clock.sleep_ms(ms)
-            return ms
-        self._copies_done_ms = max(self._copies_done_ms, self.clock.now_ms()) + ms
-        return ms
+        """Issue the copies; returns their PCIe time, whether or not the step waits for it."""
+        total_ms = 0.0
+        for c in copies:
+            ms = len(c.slots) * self.kv_bytes_per_slot / self.sim.host_copy_bytes_per_ms
+            total_ms += ms
+            if c.kind == "drop_host":
+                self._host_ready_ms.pop(c.handle, None)
+            elif not self.sim.overlap_copies:
+                self.clock.sleep_ms(ms)
+            elif c.kind == "to_host":
+                self._d2h_free_ms = max(self._d2h_free_ms, self.clock.now_ms()) + ms
+                self._host_ready_ms[c.handle] = self._d2h_free_ms
+            else:  # from_host: the step reads these slots, so it waits for them
+                now = self.clock.now_ms()
+                ready = self._host_ready_ms.pop(c.handle, now)
+                self.clock.sleep_ms(max(ready, now) + ms - now)
+        return total_ms
 
     def new_detokenizer(self) -> _SimDetokenizer:
         return _SimDetokenizer()
@@ -97,9 +103,7 @@ class SimRunner:
         ms = self.cost.iteration_ms([i.num_new_tokens for i in prefill],
                                     [i.start_position + 1 for i in decode],
                                     [i.start_position for i in prefill])
-        start_ms = self.clock.now_ms()
-        end_ms = max(start_ms + ms, self._copies_done_ms + ms / self.sim.num_layers)
-        self.clock.sleep_ms(end_ms - start_ms)
+        self.clock.sleep_ms(ms)
         tokens = [self._token(i) for i in items if i.samples]
         return RunResult(tokens, ms, 0.0)
 
