@@ -41,7 +41,7 @@ class KVCache:
         for c in copies:
             if c.kind == "drop_host":
                 self.host.pop(c.handle, None)
-                self._landed.pop(c.handle, None)  # pinned memory is held until its copy's event
+                self._landed.pop(c.handle, None)  # torch's host allocator keeps the pinned buffer until its copy ends
                 continue
             idx = torch.tensor(c.slots, dtype=torch.long, device=self.device)
             if self.device.type == "cuda":

@@ -43,7 +43,7 @@ class VirtualConfig:
     """The simulated worker, and the driver's safety limits."""
     num_blocks: int | None = None       # None: the sim worker's default pool (sim_kv_cache_mb)
     sim_cost: str = "opt13b_a100"       # cost-model preset (worker_svc/sim/cost_model.py)
-    overlap_copies: bool = True         # host copies beside the forward pass (a GPU's copy engine)
+    overlap_copies: bool = WorkerConfig.sim_overlap_copies  # checkpoints beside the step (a GPU's copy engine)
     host_cache_mb: int = 1024           # host memory for checkpointed BE KV (worker default)
     max_model_len: int | None = None    # None: the sim model's context window
     recent_rt_window: int = 64          # RT outcomes kept for PlanInput.recent_rt
