@@ -37,6 +37,7 @@ class SchedulerConfig:
     bros_attainment_window: int = _P.bros_attainment_window
     bros_admit_headroom_tokens: int = _P.bros_admit_headroom_tokens
     bros_admit_headroom_sd: float = _P.bros_admit_headroom_sd
+    bros_prefill_switch_overheads: float = _P.bros_prefill_switch_overheads
     rt_ttft_ms: float = 1000.0               # default RT targets when a request sets none
     rt_tpot_ms: float = 200.0
     be_ttft_ms: float = 0.0                  # BE: no target (0), queue order by arrival only

@@ -102,6 +102,14 @@ class PlannerConfig:
     # that pays grows with how unpredictable BE growth is (48-64 tokens suit outputs of
     # 80 +- 28, ~256 suit 215 +- 187; docs/benchmarks.md, sim-arxiv). 0: always fixed.
     bros_admit_headroom_sd: float = 1.5
+    # bros: a BE prompt chunk that would turn a decode-only step serving RT into a step with
+    # prefill must hold at least this many times the tokens whose time equals that regime's
+    # overhead (as learned; on a CPU worker ~46 ms, ~38 tokens), or all the step budget would
+    # give it. RT banks slack between such steps, so fewer, larger chunks pay the overhead
+    # less often for the same RT deadlines (cpu-hybrid-virtual, 24 seeds: 1 -> 4 raised RT
+    # attainment and BE throughput, docs/benchmarks.md). 0: no minimum. No effect where the
+    # two regimes cost the same (a GPU).
+    bros_prefill_switch_overheads: float = 4.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -120,6 +128,8 @@ class PlannerConfig:
             raise ValueError("bros_admit_headroom_tokens must be >= 0 and bros_min_batched_tokens > 0")
         if self.bros_admit_headroom_sd < 0:
             raise ValueError("bros_admit_headroom_sd must be >= 0")
+        if self.bros_prefill_switch_overheads < 0:
+            raise ValueError("bros_prefill_switch_overheads must be >= 0")
 
 
 class Policy(Protocol):

@@ -42,13 +42,16 @@ def test_ignores_empty_and_negative_gaps():
     assert cost.decode.w == cost.prefill.w == 0
 
 
-def _plan_with_rt_slack(slack_ms: float, gate: bool):
+def _plan_with_rt_slack(slack_ms: float, gate: bool, token_budget: int | None = None, **knobs):
     p = make_policy("bros")
     p.slack_gate = gate
-    cfg = PlannerConfig(max_num_batched_tokens=256, bros_urgent_slack_ms=0, bros_urgent_iterations=0)
+    cfg = PlannerConfig(**{"max_num_batched_tokens": 256, "bros_urgent_slack_ms": 0, "bros_urgent_iterations": 0,
+                           **knobs})
     p.plan(PlanInput(now_ms=0, running=[], waiting=[], free_blocks=100, block_size=16), cfg)  # set up
     cpu_like(p.cost)
     p.long_iteration_ms = 0
+    if token_budget is not None:
+        p.token_budget = token_budget - cfg.bros_aimd_step_tokens   # the next plan grows it back
     now = 1000.0
     rt = SeqView("rt", RT, 0, 8, num_tokens=9, num_computed_tokens=8, ttft_deadline_ms=1e9, tpot_ms=100,
                  first_token_ms=now + slack_ms - 100, num_output_tokens=1)   # next token due at now + slack
@@ -67,7 +70,25 @@ def test_gate_sizes_a_be_chunk_to_the_banked_slack():
     # 200 ms banked: (200 - 72 - 1.23 * 1) / 1.23 -> a 101-token step, i.e. the whole 96-token prompt.
     d = dict(_plan_with_rt_slack(200, gate=True).scheduled)
     assert d["be"] == 96
-    # 150 ms: (150 - 72 - 1.23) / 1.23 = 62 tokens, more than the ~37 the regime change costs.
-    d = dict(_plan_with_rt_slack(150, gate=True).scheduled)
+    # 150 ms: (150 - 72 - 1.23) / 1.23 = 62 tokens, more than the ~37 the regime change
+    # costs, but under the default 4 x 37 and short of the rest of the prompt: it waits for
+    # RT to bank the slack for all 96 in one step.
+    assert "be" not in dict(_plan_with_rt_slack(150, gate=True).scheduled)
+    d = dict(_plan_with_rt_slack(150, gate=True, bros_prefill_switch_overheads=1).scheduled)
     assert 55 <= d["be"] <= 63
+
+
+def test_gate_waits_for_the_allowance_to_hold_a_chunk_worth_its_overhead():
+    # RT has slack to spare (so BE goes first), but BE's AIMD allowance holds only 40
+    # prompt tokens: not worth turning the step into a prefill one, unless the rule is off.
+    assert "be" not in dict(_plan_with_rt_slack(1000, gate=True, token_budget=40).scheduled)
+    d = dict(_plan_with_rt_slack(1000, gate=True, token_budget=40, bros_prefill_switch_overheads=0).scheduled)
+    assert d["be"] == 40
+
+
+def test_gate_takes_what_the_step_budget_holds_when_that_is_under_the_minimum():
+    # A 40-token step budget can never hold 4 x 37 tokens: a BE prompt must not wait for
+    # that forever, so all the budget holds is enough.
+    d = dict(_plan_with_rt_slack(1000, gate=True, max_num_batched_tokens=40, bros_min_batched_tokens=40).scheduled)
+    assert d["be"] == 40
 

@@ -153,7 +153,9 @@ class Bros:
         reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))
         step.tokens -= reserve
         time_left = self._time_left_ms(inp, rt_running, step) if self.slack_gate else math.inf
-        gate = None if math.isinf(time_left) else _TimeGate(self.cost, time_left, step, inp, waiting_ids)
+        gate = None if math.isinf(time_left) else _TimeGate(self.cost, time_left, step, inp, waiting_ids,
+                                                            cfg.bros_prefill_switch_overheads,
+                                                            step.tokens + reserve)
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate)
         step.tokens += reserve
         tried = scheduled | {s.request_id for s in urgent}
@@ -379,16 +381,19 @@ def _holds_prefill(scheduled: list[tuple[str, int]], running: dict[str, SeqView]
 class _TimeGate:
     """BE work in a step that serves RT (built only for one with an RT deadline) is bounded
     by RT's slack: the step, as StepCost predicts it, must end before the earliest RT
-    deadline it serves. A BE prompt chunk
-    that would turn a decode-only step into one with prefill must also be worth that
-    regime's overhead (at least as many tokens as the overhead costs in token time): on a
-    CPU worker a few BE tokens would otherwise cost an RT decode three times its time,
-    where waiting a few steps lets RT bank the slack for one large chunk."""
+    deadline it serves. A BE prompt chunk that would turn a decode-only step into one with
+    prefill must also be worth that regime's overhead: at least `overheads` times as many
+    tokens as the overhead costs in token time (fewer only if that is the rest of the
+    prompt, or all the step budget holds). On a CPU worker a few BE tokens would otherwise
+    cost an RT decode three times its time, and many small chunks (cut by RT's slack or by
+    BE's AIMD allowance) pay the overhead again and again; waiting a few steps lets RT bank
+    the slack, and the allowance grow, for one large chunk."""
 
     def __init__(self, cost: StepCost, time_left_ms: float, step: StepBudget, inp: PlanInput,
-                 waiting_ids: set[str]) -> None:
+                 waiting_ids: set[str], overheads: float, room_tokens: int) -> None:
         self.cost, self.time_left_ms = cost, time_left_ms
-        self.worth_tokens = cost.worth_tokens()    # the model does not change within a plan
+        self.worth_tokens = cost.worth_tokens(overheads)    # the model does not change within a plan
+        self.room_tokens = room_tokens    # the step budget's tokens left, before BE's allowance
         self.num_seqs = len(step.out.scheduled)
         self.num_tokens = sum(n for _, n in step.out.scheduled)
         self.prefill = _holds_prefill(step.out.scheduled, {s.request_id: s for s in inp.running}, waiting_ids)
@@ -401,11 +406,12 @@ class _TimeGate:
             ms = self.cost.predict(self.num_seqs + 1, self.num_tokens + 1, self.prefill)
             return n if ms <= self.time_left_ms else 0
         fit = min(n, self.cost.prefill_tokens_within(self.time_left_ms, self.num_seqs, self.num_tokens))
-        if not self.prefill and fit < min(n, self.worth_tokens):
+        if not self.prefill and fit < min(seq.num_uncomputed_tokens, self.worth_tokens, self.room_tokens):
             return 0
         return fit
 
     def took(self, seq: SeqView, n: int, is_new: bool = False) -> None:
         self.num_seqs += 1
         self.num_tokens += n
+        self.room_tokens -= n
         self.prefill = self.prefill or _is_prompt_work(n, is_new, seq)

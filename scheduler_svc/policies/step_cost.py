@@ -91,8 +91,9 @@ class StepCost:
             return 0
         return int((budget_ms - base) / slope) if slope > 0 else 1 << 30
 
-    def worth_tokens(self) -> int:
+    def worth_tokens(self, overheads: float = 1.0) -> int:
         """The smallest prompt chunk worth a decode-only step's change of regime: as many
-        tokens as the regime's overhead costs in token time (0 where it costs nothing)."""
+        tokens as `overheads` times the regime's overhead costs in token time (0 where it
+        costs nothing)."""
         per_token = self.ms_per_prefill_token()
-        return math.ceil(self.prefill_penalty_ms() / per_token) if per_token > 0 else 0
+        return math.ceil(overheads * self.prefill_penalty_ms() / per_token) if per_token > 0 else 0
