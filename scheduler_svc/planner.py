@@ -104,8 +104,9 @@ class PlannerConfig:
     bros_admit_headroom_sd: float = 1.5
     # bros: a BE prompt chunk that would turn a decode-only step serving RT into a step with
     # prefill must hold at least this many times the tokens whose time equals that regime's
-    # overhead (as learned; on a CPU worker ~46 ms, ~38 tokens), or all the step budget would
-    # give it. RT banks slack between such steps, so fewer, larger chunks pay the overhead
+    # overhead (as learned; on a CPU worker ~46 ms, ~38 tokens), or the rest of the prompt, or
+    # all the step budget holds, if less; a smaller chunk (cut by RT's slack or BE's allowance)
+    # waits. RT banks slack between such steps, so fewer, larger chunks pay the overhead
     # less often for the same RT deadlines (cpu-hybrid-virtual, 24 seeds: 1 -> 4 raised RT
     # attainment and BE throughput, docs/benchmarks.md). 0: no minimum. No effect where the
     # two regimes cost the same (a GPU).
