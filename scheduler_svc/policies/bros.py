@@ -155,7 +155,7 @@ class Bros:
         time_left = self._time_left_ms(inp, rt_running, step) if self.slack_gate else math.inf
         gate = None if math.isinf(time_left) else _TimeGate(self.cost, time_left, step, inp, waiting_ids,
                                                             cfg.bros_prefill_switch_overheads,
-                                                            step.tokens + reserve)
+                                                            cfg.max_num_batched_tokens)
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate)
         step.tokens += reserve
         tried = scheduled | {s.request_id for s in urgent}
@@ -390,10 +390,10 @@ class _TimeGate:
     the slack, and the allowance grow, for one large chunk."""
 
     def __init__(self, cost: StepCost, time_left_ms: float, step: StepBudget, inp: PlanInput,
-                 waiting_ids: set[str], overheads: float, room_tokens: int) -> None:
+                 waiting_ids: set[str], overheads: float, max_num_batched_tokens: int) -> None:
         self.cost, self.time_left_ms = cost, time_left_ms
         self.worth_tokens = cost.worth_tokens(overheads)    # the model does not change within a plan
-        self.room_tokens = room_tokens    # the step budget's tokens left, before BE's allowance
+        self.max_num_batched_tokens = max_num_batched_tokens   # the step budget, before BE's allowance
         self.num_seqs = len(step.out.scheduled)
         self.num_tokens = sum(n for _, n in step.out.scheduled)
         self.prefill = _holds_prefill(step.out.scheduled, {s.request_id: s for s in inp.running}, waiting_ids)
@@ -406,12 +406,12 @@ class _TimeGate:
             ms = self.cost.predict(self.num_seqs + 1, self.num_tokens + 1, self.prefill)
             return n if ms <= self.time_left_ms else 0
         fit = min(n, self.cost.prefill_tokens_within(self.time_left_ms, self.num_seqs, self.num_tokens))
-        if not self.prefill and fit < min(seq.num_uncomputed_tokens, self.worth_tokens, self.room_tokens):
+        room = self.max_num_batched_tokens - self.num_tokens   # what the budget still holds
+        if not self.prefill and fit < min(seq.num_uncomputed_tokens, self.worth_tokens, room):
             return 0
         return fit
 
     def took(self, seq: SeqView, n: int, is_new: bool = False) -> None:
         self.num_seqs += 1
         self.num_tokens += n
-        self.room_tokens -= n
         self.prefill = self.prefill or _is_prompt_work(n, is_new, seq)
