@@ -191,6 +191,12 @@ class StepBudget:
         self.seqs -= 1
         self.blocks -= self.new_blocks(seq, n)
 
+    def untake(self, seq: SeqView, n: int) -> None:
+        """Give back what take(seq, n) used (the sequence is preempted after all)."""
+        self.tokens += n
+        self.seqs += 1
+        self.blocks += self.new_blocks(seq, n)
+
     def release(self, seq: SeqView) -> None:
         """Credit the blocks of a sequence this step preempts by recompute."""
         self.blocks += blocks_of(seq.num_computed_tokens, self.block_size)

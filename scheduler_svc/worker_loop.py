@@ -320,7 +320,8 @@ class WorkerLoop:
         self._observe_claimed(full, inp.now_ms)
         for rid in decision.recompute:
             plan.recompute.append(rid)
-            self.seqs[rid].view.num_computed_tokens = 0
+            view = self.seqs[rid].view
+            view.num_computed_tokens, view.preempted = 0, False  # the worker resumes it empty
         for rid in decision.preempt:
             plan.preempt.append(rid)
             self.seqs[rid].view.preempted = True

@@ -27,6 +27,34 @@ def test_priority_puts_rt_first_and_recomputes_be_under_pressure():
     assert d.recompute == ["be-old"] and d.scheduled == [("rt", 1)]
 
 
+def test_priority_evicts_the_newest_be_for_a_waiting_rt_when_memory_is_short():
+    # 4 BE decodes fill the pool (2 blocks each of 16 tokens, room left in the second; no
+    # free block); an 8-token RT prompt needs one block, so the newest BE goes by recompute
+    # and the rest keep running.
+    running = [seq(f"be{i}", i, 24, BE, computed=24, produced=1) for i in range(4)]
+    d = make_policy("priority").plan(inp(running=running, waiting=[seq("rt", 9, 8, RT)], free_blocks=0),
+                                     PlannerConfig())
+    assert d.recompute == ["be3"] and d.admit == ["rt"]
+    assert [r for r, _ in d.scheduled] == ["be0", "be1", "be2", "rt"]
+    # A waiting BE request never evicts anyone, nor does RT evict RT.
+    d = make_policy("priority").plan(inp(running=running, waiting=[seq("be9", 9, 8, BE)], free_blocks=0),
+                                     PlannerConfig())
+    assert d.recompute == [] and d.admit == []
+    rt_running = [seq(f"rt{i}", i, 24, RT, computed=24, produced=1) for i in range(4)]
+    d = make_policy("priority").plan(inp(running=rt_running, waiting=[seq("rt9", 9, 8, RT)], free_blocks=0),
+                                     PlannerConfig())
+    assert d.recompute == [] and d.admit == []
+
+
+def test_priority_eviction_gives_back_the_victims_tokens_this_step():
+    # be0's 32-token chunk and be1's decode leave 7 tokens and no block: the RT prompt
+    # evicts be1, whose token and 4 blocks come back, and runs whole (8 tokens, not 7).
+    running = [seq("be0", 0, 64, BE, computed=32), seq("be1", 1, 60, BE, computed=60, produced=1)]
+    d = make_policy("priority").plan(inp(running=running, waiting=[seq("rt", 9, 8, RT)], free_blocks=2),
+                                     PlannerConfig(max_num_batched_tokens=40))
+    assert d.recompute == ["be1"] and d.scheduled == [("be0", 32), ("rt", 8)]
+
+
 def test_priority_keeps_vllms_gap_when_the_sequence_cap_is_full():
     running = [seq(f"be{i}", i, 8, BE, computed=8, produced=1) for i in range(4)]
     d = make_policy("priority").plan(inp(running=running, waiting=[seq("rt", 9, 8, RT)]),

@@ -4,19 +4,20 @@ from __future__ import annotations
 from ..planner import PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget
 
 
-def run_then_admit(running: list[SeqView], waiting: list[SeqView], step: StepBudget,
-                   max_resident: int) -> PlanDecision:
-    """Running sequences in the given order (preempting from the back by recompute when
-    the pool is short), then waiting ones in order while the budget, the resident cap
-    and the pool allow. Shared by fcfs and priority, which differ only in the order."""
-    running = list(running)
-    while running:
-        seq = running.pop(0)
+def run_in_order(running: list[SeqView], step: StepBudget) -> list[SeqView]:
+    """Running sequences in the given order, preempting from the back by recompute when
+    the pool is short. Returns the ones still resident (scheduled or left for a later
+    step by the token or sequence budget), in order."""
+    queue = list(running)
+    resident: list[SeqView] = []
+    while queue:
+        seq = queue[0]
         n = step.chunk(seq)
         if n == 0 or step.seqs == 0:
             break
-        while not step.fits(seq, n) and running:
-            victim = running.pop()  # the last in order gives way
+        queue.pop(0)
+        while not step.fits(seq, n) and queue:
+            victim = queue.pop()  # the last in order gives way
             step.out.recompute.append(victim.request_id)
             step.release(victim)
         if not step.fits(seq, n):
@@ -24,15 +25,27 @@ def run_then_admit(running: list[SeqView], waiting: list[SeqView], step: StepBud
             step.release(seq)
             break
         step.take(seq, n)
-    if step.out.recompute:
-        return step.out  # under memory pressure nothing new starts this step
-    resident = len(running) + len(step.out.scheduled)
+        resident.append(seq)
+    return resident + queue
+
+
+def admit_in_order(waiting: list[SeqView], step: StepBudget, num_resident: int, max_resident: int) -> None:
+    """Waiting requests in order while the budget, the resident cap and the pool allow."""
     for seq in waiting:
         n = step.chunk(seq)
-        if resident >= max_resident or not step.fits(seq, n):
+        if num_resident >= max_resident or not step.fits(seq, n):
             break  # strict order: a later, smaller request does not jump the queue
         step.take(seq, n, admit=True)
-        resident += 1
+        num_resident += 1
+
+
+def run_then_admit(running: list[SeqView], waiting: list[SeqView], step: StepBudget,
+                   max_resident: int) -> PlanDecision:
+    """Running sequences first, then waiting ones, each in the given order (fcfs and
+    partition, which differ only in the order and the budget)."""
+    resident = run_in_order(running, step)
+    if not step.out.recompute:  # under memory pressure nothing new starts this step
+        admit_in_order(waiting, step, len(resident), max_resident)
     return step.out
 
 
