@@ -26,7 +26,7 @@ from bros.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 from .keys import BEST_EFFORT
 from .placement import RoomBoard
-from .planner import PlanInput, PlannerConfig, Policy, SeqView
+from .planner import BE, RT, PlanInput, PlannerConfig, Policy, SeqView
 from .store import RequestRecord, Store
 
 if TYPE_CHECKING:
@@ -60,12 +60,28 @@ class LoopStats:
     # when the OS runs something else mid-plan (on a box shared with its workers).
     planner_ms: deque = field(default_factory=lambda: deque(maxlen=2000))
     planner_cpu_ms: deque = field(default_factory=lambda: deque(maxlen=2000))
+    # What the loop's plans did: steps that ran anything, the sequences in them, and the
+    # preempt / checkpoint / recompute items issued.
+    num_steps: int = 0
+    num_scheduled_seqs: int = 0
+    preemptions: int = 0
+    # Output tokens written to Redis and requests finished, per class (RT, BE).
+    output_tokens: dict = field(default_factory=lambda: {RT: 0, BE: 0})
+    finished: dict = field(default_factory=lambda: {RT: 0, BE: 0})
+
+    @staticmethod
+    def count(per_class: dict, service_class: int, n: int) -> None:
+        per_class[service_class] = per_class.get(service_class, 0) + n
 
     def summary(self) -> dict:
         wall, cpu = _quantiles(self.planner_ms), _quantiles(self.planner_cpu_ms)
         return {"iterations": self.iterations, "planner_p50_ms": wall(0.5), "planner_p99_ms": wall(0.99),
                 "planner_cpu_p50_ms": cpu(0.5), "planner_cpu_p99_ms": cpu(0.99),
-                "redis_round_trips_per_iter": self.round_trips / max(1, self.iterations)}
+                "redis_round_trips_per_iter": self.round_trips / max(1, self.iterations),
+                "num_steps": self.num_steps, "num_scheduled_seqs": self.num_scheduled_seqs,
+                "preemptions": self.preemptions,
+                "rt_output_tokens": self.output_tokens.get(RT, 0), "be_output_tokens": self.output_tokens.get(BE, 0),
+                "rt_finished": self.finished.get(RT, 0), "be_finished": self.finished.get(BE, 0)}
 
 
 def _quantiles(values) -> Callable[[float], float]:
@@ -338,6 +354,9 @@ class WorkerLoop:
                 self.seqs[rid].view.preempted = False  # scheduling resumes it on the worker
         if self._needs_resync:
             plan.list_resident = True
+        self.stats.num_steps += bool(plan.scheduled)
+        self.stats.num_scheduled_seqs += len(plan.scheduled)
+        self.stats.preemptions += len(plan.preempt) + len(plan.checkpoint) + len(plan.recompute)
         self._observe_plan(plan)
         return plan
 
@@ -406,9 +425,11 @@ class WorkerLoop:
                     b.append_tokens(out.seq_id, run.num_output_tokens, list(out.token_ids),
                                     [out.text] + [""] * (len(out.token_ids) - 1), t)
                     run.num_output_tokens += len(out.token_ids)
+                    self.stats.count(self.stats.output_tokens, run.view.service_class, len(out.token_ids))
                 if out.finished:
                     b.finish(out.seq_id, _FINISH_NAMES.get(out.finish_reason, "stop"), t)
                     finished.append(out.seq_id)
+                    self.stats.count(self.stats.finished, run.view.service_class, 1)
             b.set_worker_state(self.address, {
                 "leased_by": self.replica_id, "running": len(self.seqs) - len(finished),
                 "last_step_ms": report.timings.step_ms, **self.stats.summary(), **self.status.occupancy})

@@ -211,17 +211,35 @@ def test_percentile_interpolates_like_numpy():
 
 def test_bench_flags_reach_the_planner_config():
     from scheduler_svc.bench.__main__ import configure, parse_args
-    scn = configure(parse_args(["--scenario", "sim-arxiv", "--bros-admit-headroom-sd", "1.5", "--rates", "0.3"]))
-    assert scn.planner().bros_admit_headroom_sd == 1.5 and scn.rate_fracs == (0.3,)
-    assert configure(parse_args(["--scenario", "sim-arxiv", "--bros-admit-headroom-sd", "0"])
-                     ).planner().bros_admit_headroom_sd == 0.0
+    scn = configure(parse_args(["--bros-admit-headroom-sd", "2.5", "--rates", "0.3"]), "sim-arxiv")
+    assert scn.planner().bros_admit_headroom_sd == 2.5 and scn.rate_fracs == (0.3,)   # the default is 1.5
+    assert configure(parse_args(["--bros-admit-headroom-sd", "0"]), "sim-arxiv").planner().bros_admit_headroom_sd == 0.0
 
 
 def test_overlap_copies_flag_reaches_the_sim_worker():
     from scheduler_svc.bench.__main__ import configure, parse_args
     from scheduler_svc.bench.cpu_hybrid import VIRTUAL
-    default = configure(parse_args(["--scenario", "sim-paper"]))
-    off = configure(parse_args(["--scenario", "sim-paper", "--no-overlap-copies"]))
+    default = configure(parse_args([]), "sim-paper")
+    off = configure(parse_args(["--no-overlap-copies"]), "sim-paper")
     assert default.virtual().worker_config(default.planner()).sim_overlap_copies
     assert not off.virtual().worker_config(off.planner()).sim_overlap_copies
     assert not VIRTUAL.overlap_copies   # the CPU worker copies in line
+
+
+def test_bench_runs_every_scenario_when_none_is_named(monkeypatch):
+    from scheduler_svc.bench import __main__ as bench
+    ran = []
+    monkeypatch.setattr(bench, "run_scenario", lambda name, args: ran.append((name, args.policies)))
+    bench.main(["--policies", "bros,fcfs"])
+    assert ran == [(name, ["bros", "fcfs"]) for name in bench.ALL_SCENARIOS]
+    assert set(bench.ALL_SCENARIOS) == set(bench.SCENARIOS) | {"cpu-hybrid", "cpu-hybrid-virtual", "sim-scale"}
+    ran.clear()
+    bench.main(["--scenario", "sim-arxiv"])
+    assert ran == [("sim-arxiv", None)]
+
+
+def test_bench_refuses_an_unknown_policy_before_running_anything(monkeypatch):
+    from scheduler_svc.bench import __main__ as bench
+    monkeypatch.setattr(bench, "run_scenario", lambda name, args: pytest.fail("ran"))
+    with pytest.raises(SystemExit, match="--policies: unknown \\['nope'\\]"):
+        bench.main(["--scenario", "sim-scale", "--policies", "bros,nope"])

@@ -22,9 +22,14 @@ from .metrics import BenchMetrics
 from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workload, capacity, policy_names, run_policy
 
 
+# Every scenario, in the order `bench` runs them when none is named: virtual ones first.
+ALL_SCENARIOS = ["sim-paper", "sim-paper-backlog", "sim-arxiv", "cpu-hybrid-virtual", "sim-scale", "cpu-hybrid"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scheduler_svc.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--scenario", choices=sorted(SCENARIOS) + ["cpu-hybrid", "cpu-hybrid-virtual", "sim-scale"], default="sim-paper")
+    p.add_argument("--scenario", choices=ALL_SCENARIOS, default=None,
+                   help="one scenario; default: every one, in the order listed")
     p.add_argument("--policies", type=_csv(str), default=None, help="comma-separated; default: all registered")
     p.add_argument("--duration-s", type=float, default=None, help="arrival window in virtual seconds")
     p.add_argument("--rates", type=_csv(float), default=None,
@@ -54,8 +59,8 @@ def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
-def configure(args: argparse.Namespace) -> Scenario:
-    scn = SCENARIOS[args.scenario]
+def configure(args: argparse.Namespace, name: str) -> Scenario:
+    scn = SCENARIOS[name]
     given = {"duration_s": args.duration_s, "max_num_seqs": args.max_num_seqs,
              "max_num_batched_tokens": args.max_num_batched_tokens, "num_blocks": args.num_blocks,
              "sim_cost": args.sim_cost, "max_model_len": args.max_model_len,
@@ -66,21 +71,29 @@ def configure(args: argparse.Namespace) -> Scenario:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.scenario == "sim-scale":  # live: processes, not the virtual driver
-        from .scale import run_scale
-        run_scale(window_s=args.duration_s or 30.0, out=args.out, seed=args.seed, own_core=not args.shared_cores)
-        return
-    if args.scenario in ("cpu-hybrid", "cpu-hybrid-virtual"):  # the real model on this CPU, or its replica
-        from .cpu_hybrid import run_cpu_hybrid
-        run_cpu_hybrid(args.policies or ["fcfs", "priority", "partition", "bros"],
-                       duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds, out=args.out,
-                       mode="live" if args.scenario == "cpu-hybrid" else "virtual")
-        return
-    scn = configure(args)
-    policies = args.policies or policy_names()
-    unknown = sorted(set(policies) - set(policy_names()))
+    unknown = sorted(set(args.policies or ()) - set(policy_names()))
     if unknown:
-        sys.exit(f"unknown policies {unknown}; registered: {policy_names()}")
+        sys.exit(f"--policies: unknown {unknown}; registered: {policy_names()}")
+    for name in [args.scenario] if args.scenario else ALL_SCENARIOS:
+        run_scenario(name, args)
+
+
+def run_scenario(name: str, args: argparse.Namespace) -> None:
+    policies = args.policies or policy_names()
+    if name == "sim-scale":  # live: processes, not the virtual driver
+        from .scale import run_scale
+        run_scale(policies, window_s=args.duration_s or 30.0, out=args.out, seed=args.seed,
+                  own_core=not args.shared_cores)
+        return
+    if name in ("cpu-hybrid", "cpu-hybrid-virtual"):  # the real model on this CPU, or its replica
+        from .cpu_hybrid import run_cpu_hybrid
+        run_cpu_hybrid(policies, duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds,
+                       out=args.out, mode="live" if name == "cpu-hybrid" else "virtual")
+        return
+    run_sim(configure(args, name), policies, args)
+
+
+def run_sim(scn: Scenario, policies: list[str], args: argparse.Namespace) -> None:
     cap = capacity(scn)
     _log(f"{scn.name}: {scn.description}")
     _log(f"pool {cap.pool_tokens} tokens; capacity RT {cap.rt_req_s:.2f} req/s, BE {cap.be_req_s:.2f} req/s; "

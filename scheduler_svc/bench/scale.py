@@ -35,32 +35,41 @@ def split_cpus() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[-1]}, set(cpus[:-1])
 
 
-def run_scale(num_workers: int = 8, num_be: int = 10_000, window_s: float = 30.0, policy: str = "bros",
+def run_scale(policies: list[str], num_workers: int = 8, num_be: int = 10_000, window_s: float = 30.0,
               out: Path = Path("bench/out"), seed: int = 0, own_core: bool = True) -> dict:
-    rng = random.Random(seed)
-    log_dir = Path(tempfile.mkdtemp(prefix="bros-scale-"))
+    """Each policy in turn on a fresh stack (Redis, workers, scheduler) and the same
+    seeded backlog; writes <out>/sim-scale.json in the benchmark's points/policies shape
+    (one point, no RT: rt_rate 0) and a planner-time plot."""
     # The scheduler gets a core of its own, as its Deployment's CPU request gives it in a
     # cluster; everything else (Redis, the 8 workers that stand for GPU hosts, this
     # driver) shares the rest. Sharing all cores, the wall-clock tail of a plan is the
     # operating system's: a plan descheduled mid-call is timed whole (docs/benchmarks.md).
     sched_cpus, other_cpus = split_cpus() if own_core else (None, None)
     all_cpus = os.sched_getaffinity(0) if other_cpus else None
+    results = {}
     if other_cpus:
         os.sched_setaffinity(0, other_cpus)   # inherited by Redis and the workers
     try:
-        result, submit_s = _serve(num_workers, num_be, window_s, policy, rng, log_dir, sched_cpus)
+        for i, policy in enumerate(policies):
+            log_dir = Path(tempfile.mkdtemp(prefix=f"bros-scale-{policy}-"))
+            print(f"[{i + 1}/{len(policies)}] sim-scale {policy}: {num_workers} workers, {num_be} BE queued, "
+                  f"{window_s:.0f} s (logs in {log_dir})", file=sys.stderr, flush=True)
+            results[policy] = _serve(num_workers, num_be, window_s, policy, random.Random(seed), log_dir, sched_cpus)
+            print(f"[{i + 1}/{len(policies)}] {policy}: planner p99 {results[policy]['planner_p99_ms']:.3f} ms, "
+                  f"BE {results[policy]['be_tok_s']:.0f} tok/s", file=sys.stderr, flush=True)
     finally:
         if all_cpus:
             os.sched_setaffinity(0, all_cpus)
-    result.update(scenario="sim-scale", policy=policy, num_workers=num_workers, num_be=num_be,
-                  window_s=window_s, admit_s=submit_s,
-                  scheduler_cpus=sorted(sched_cpus) if sched_cpus else "shared")
-    _report(result, out)
-    return result
+    doc = {"scenario": "sim-scale", "seed": seed,
+           "config": {"num_workers": num_workers, "num_be": num_be, "window_s": window_s,
+                      "scheduler_cpus": sorted(sched_cpus) if sched_cpus else "shared"},
+           "points": [{"rt_rate": 0.0, "rt_rate_frac": 0.0, "num_requests": num_be, "policies": results}]}
+    _report(doc, out)
+    return doc
 
 
 def _serve(num_workers: int, num_be: int, window_s: float, policy: str, rng: random.Random, log_dir: Path,
-           sched_cpus: set[int] | None) -> tuple[dict, float]:
+           sched_cpus: set[int] | None) -> dict:
     with EmbeddedRedis() as redis_server:
         procs = []
         try:
@@ -72,22 +81,24 @@ def _serve(num_workers: int, num_be: int, window_s: float, policy: str, rng: ran
                               "--backend", "sim", "--sim-clock", "real", nice=WORKER_NICE)
                        for i in range(num_workers)]
             # The backlog goes straight into Redis (the same admission script Submit runs),
-            # so all 10,000 are queued before the first plan; one Submit through gRPC
+            # so all of it is queued before the first plan; one Submit through gRPC
             # checks the client path too.
             t0 = time.monotonic()
             asyncio.run(_prefill(redis_server.url, num_be - 1, rng))
-            submit_s = time.monotonic() - t0
+            admit_s = time.monotonic() - t0
+            t_start = time.monotonic()
             sched = _start(procs, log_dir / "scheduler.log", "scheduler_svc", "bros.v1.Inference", 60,
                            "--redis-url", redis_server.url, "--workers", ",".join(workers), "--policy", policy,
                            cpus=sched_cpus)
             with Client(sched, timeout=30) as client:
                 client.submit(list(range(100, 612)), service_class="be", max_tokens=64, temperature=0.0)
             time.sleep(window_s)
-            result = asyncio.run(_collect(redis_server.url, workers))
+            result = asyncio.run(_collect(redis_server.url, workers, time.monotonic() - t_start))
         finally:
             for p in reversed(procs):
                 _stop(p)
-    return result, submit_s
+    result["admit_s"] = admit_s
+    return result
 
 
 async def _prefill(url: str, n: int, rng: random.Random) -> None:
@@ -107,7 +118,14 @@ async def _prefill(url: str, n: int, rng: random.Random) -> None:
         await client.aclose()
 
 
-async def _collect(url: str, workers: list[str]) -> dict:
+# The benchmark's per-policy fields that need RT requests: sim-scale queues none.
+_RT_FIELDS = ("rt_ttft_p50_ms", "rt_ttft_p99_ms", "rt_tpot_p50_ms", "rt_tpot_p99_ms", "rt_attain_ttft",
+              "rt_attain_tpot", "rt_attain_both", "rt_norm_latency_ms")
+
+
+async def _collect(url: str, workers: list[str], elapsed_s: float) -> dict:
+    """The loops' own figures from the worker state hashes: planner time (the worst
+    loop's quantiles), round trips, and what the plans did, summed over the loops."""
     client = aioredis.from_url(url)
     try:
         load = await Store(client).load(workers)
@@ -115,30 +133,71 @@ async def _collect(url: str, workers: list[str]) -> dict:
         await client.aclose()
     states = [load["workers"][w].state for w in workers]
     num = lambda st, k: float(st.get(k, 0) or 0)  # noqa: E731
+    worst = lambda k: max(num(st, k) for st in states)  # noqa: E731
+    total = lambda k: int(sum(num(st, k) for st in states))  # noqa: E731
     be = load["classes"][2]
+    num_steps = total("num_steps")
     return {
-        "planner_p50_ms": max(num(st, "planner_p50_ms") for st in states),
-        "planner_p99_ms": max(num(st, "planner_p99_ms") for st in states),
-        "planner_cpu_p50_ms": max(num(st, "planner_cpu_p50_ms") for st in states),
-        "planner_cpu_p99_ms": max(num(st, "planner_cpu_p99_ms") for st in states),
+        **dict.fromkeys(_RT_FIELDS),
+        "be_req_s": total("be_finished") / elapsed_s,
+        "be_tok_s": total("be_output_tokens") / elapsed_s,
+        "total_tok_s": (total("be_output_tokens") + total("rt_output_tokens")) / elapsed_s,
+        "preemptions": total("preemptions"),
+        "mean_batch_size": total("num_scheduled_seqs") / num_steps if num_steps else None,
+        "planner_p50_ms": worst("planner_p50_ms"),
+        "planner_p99_ms": worst("planner_p99_ms"),
+        "planner_cpu_p50_ms": worst("planner_cpu_p50_ms"),
+        "planner_cpu_p99_ms": worst("planner_cpu_p99_ms"),
         "redis_round_trips_per_iter": sum(num(st, "redis_round_trips_per_iter") for st in states) / len(states),
-        "iterations": int(sum(num(st, "iterations") for st in states)),
+        "iterations": total("iterations"),
+        "elapsed_s": elapsed_s,
         "be_queued_at_end": be.queued_requests,
         "be_running_at_end": be.running_requests,
-        "be_finished_recent": be.recent_finished,
     }
 
 
-def _report(r: dict, out: Path) -> None:
-    cpus = r["scheduler_cpus"]
+def _report(doc: dict, out: Path) -> None:
+    cfg, results = doc["config"], doc["points"][0]["policies"]
+    cpus = cfg["scheduler_cpus"]
     where = f"the scheduler alone on CPU {cpus}" if cpus != "shared" else "the scheduler sharing every CPU"
-    print(f"\nsim-scale: {r['num_workers']} sim workers, {r['num_be']} BE queued, policy {r['policy']}, "
-          f"{r['window_s']:.0f} s window, {where}")
+    print(f"\nsim-scale: {cfg['num_workers']} sim workers, {cfg['num_be']} BE queued, "
+          f"{cfg['window_s']:.0f} s window, {where}")
     print("planner time per iteration, the worst of the loops: wall clock, and CPU time of the planning thread")
-    print("| planner p50 | planner p99 | CPU p50 | CPU p99 | Redis round trips / iter | iterations | BE queued at end |")
-    print(f"| {r['planner_p50_ms']:.3f} ms | {r['planner_p99_ms']:.3f} ms | {r['planner_cpu_p50_ms']:.3f} ms "
-          f"| {r['planner_cpu_p99_ms']:.3f} ms | {r['redis_round_trips_per_iter']:.2f} "
-          f"| {r['iterations']} | {r['be_queued_at_end']} |")
+    print("| policy | planner p50 | planner p99 | CPU p50 | CPU p99 | Redis round trips / iter | iterations "
+          "| mean batch | BE tok/s | BE queued at end |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        batch = "-" if r["mean_batch_size"] is None else f"{r['mean_batch_size']:.1f}"
+        print(f"| {name} | {r['planner_p50_ms']:.3f} ms | {r['planner_p99_ms']:.3f} ms | {r['planner_cpu_p50_ms']:.3f} ms "
+              f"| {r['planner_cpu_p99_ms']:.3f} ms | {r['redis_round_trips_per_iter']:.2f} | {r['iterations']} "
+              f"| {batch} | {r['be_tok_s']:.0f} | {r['be_queued_at_end']} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sim-scale.json").write_text(json.dumps(r, indent=2))
-    print(f"wrote {out / 'sim-scale.json'}")
+    path = out / "sim-scale.json"
+    path.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {path}")
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    _plot_planner(out / "sim-scale-planner.png", results, cfg)
+
+
+def _plot_planner(path: Path, results: dict, cfg: dict) -> None:
+    """Planner p50 and p99 per policy (wall clock), against the 1 ms bar."""
+    import matplotlib.pyplot as plt
+    names = list(results)
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([x - 0.2 for x in xs], [results[n]["planner_p50_ms"] for n in names], width=0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], [results[n]["planner_p99_ms"] for n in names], width=0.4, label="p99")
+    ax.axhline(1.0, color="grey", linestyle=":", label="1 ms")
+    ax.set_xticks(list(xs), names, rotation=20, fontsize="small")
+    ax.set(ylabel="planner time per iteration (ms)",
+           title=f"sim-scale: {cfg['num_workers']} workers, {cfg['num_be']:,} BE queued")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
