@@ -38,6 +38,10 @@ class SchedulerConfig:
     bros_admit_headroom_tokens: int = _P.bros_admit_headroom_tokens
     bros_admit_headroom_sd: float = _P.bros_admit_headroom_sd
     bros_prefill_switch_overheads: float = _P.bros_prefill_switch_overheads
+    # Several workers: a loop takes a class's queued work only while its worker's room for
+    # that class (its last report) is at least this share of the roomiest worker's; an
+    # idle worker takes BE regardless (scheduler_svc/placement.py).
+    placement_tolerance: float = 0.9
     rt_ttft_ms: float = 1000.0               # default RT targets when a request sets none
     rt_tpot_ms: float = 200.0
     be_ttft_ms: float = 0.0                  # BE: no target (0), queue order by arrival only
@@ -102,6 +106,8 @@ class SchedulerConfig:
             (self.rt_infeasible in ("reject", "flag"), "rt_infeasible", "must be reject or flag"),
             (self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0"),
             (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
+            (self.policy in _policy_names(), "policy", f"must be one of {', '.join(_policy_names())}"),
+            (0 < self.placement_tolerance <= 1, "placement_tolerance", "must be in (0, 1]"),
             *telemetry_checks(self),
         ]
         try:
@@ -137,3 +143,8 @@ class SchedulerConfig:
 
 
 _PROCESS_REPLICA_ID = f"replica-{uuid.uuid4().hex[:12]}"
+
+
+def _policy_names() -> list[str]:
+    from .policies import POLICIES  # the registry imports the planner, which imports nothing here
+    return sorted(POLICIES)

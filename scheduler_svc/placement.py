@@ -19,6 +19,7 @@ ROOM_FIELD = {RT: "rt_available_slots_with_preempt", BE: "be_available_slots"}
 @dataclass
 class RoomBoard:
     tolerance: float = 0.9          # take work when own room >= tolerance x the best room
+                                    # (SchedulerConfig.placement_tolerance sets it)
     rooms: dict[str, dict] = field(default_factory=dict)  # worker -> last occupancy
 
     def report(self, worker: str, occupancy: dict) -> None:

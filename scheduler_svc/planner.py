@@ -53,8 +53,6 @@ class PlanInput:
     block_size: int
     # The worker's last PoolOccupancy as a dict (rt_available_slots, be_slots, ...).
     occupancy: dict = field(default_factory=dict)
-    # Recent RT outcomes seen by this loop, newest last: (ttft_met, tpot_met) (AIMD input).
-    recent_rt: list = field(default_factory=list)
 
 
 @dataclass

@@ -44,7 +44,7 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
         raise SystemExit(f"scheduler: {e}") from None
     store = Store(client, prefix=cfg.key_prefix, result_ttl_s=cfg.result_ttl_s)
     planner_cfg = cfg.planner_config()
-    board = RoomBoard()
+    board = RoomBoard(tolerance=cfg.placement_tolerance)
     loops = [WorkerLoop(addr, store, make_policy(cfg.policy), planner_cfg, cfg.resolved_replica_id,
                         lease_ttl_ms=cfg.lease_ttl_ms, board=board, step_timeout_ms=cfg.step_timeout_ms,
                         requeue_after_ms=cfg.worker_requeue_after_ms,

@@ -18,7 +18,7 @@ from scheduler_svc.planner import RT
 
 from .criteria import check, format_rows
 from .plots import plot_ttft_cdf
-from .metrics import BenchMetrics
+from .metrics import BenchMetrics, json_safe
 from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workload, capacity, policy_names, run_policy
 
 
@@ -131,17 +131,12 @@ def _summary(res: PointResult) -> str:
 
 
 def _policy_entry(res: PointResult) -> dict:
-    entry = {k: _finite(v) for k, v in res.metrics.to_dict().items()}
+    entry = json_safe(res.metrics.to_dict())
     entry.update(stop_reason=res.run.stop_reason, wall_s=res.wall_s, num_iterations=len(res.run.iterations),
                  num_dropped=res.run.num_dropped, num_retries=res.run.num_retries,
                  error_fields=res.run.error_fields, error_examples=res.run.error_examples,
                  end_s=res.run.end_ms / 1e3)
     return entry
-
-
-def _finite(v):
-    # JSON has no NaN: an undefined metric (e.g. no RT request finished) is null.
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 _COLUMNS = (("rate", 6), ("req/s", 7), ("policy", 18), ("both", 6), ("ttft", 6), ("tpot", 6),
@@ -171,7 +166,7 @@ def write_outputs(out: Path, scn: Scenario, cap: Capacity, seed: int, points: li
                   ttfts: dict[str, list[float | None]], cdf_frac: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     doc = {"scenario": scn.name, "description": scn.description, "seed": seed,
-           "config": {k: _finite(v) for k, v in vars(scn).items() if k not in ("name", "description")},
+           "config": json_safe({k: v for k, v in vars(scn).items() if k not in ("name", "description")}),
            "capacity": vars(cap), "metric_fields": list(BenchMetrics.__dataclass_fields__), "points": points}
     path = out / f"{scn.name}.json"
     path.write_text(json.dumps(doc, indent=1))

@@ -34,8 +34,8 @@ from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
 
 from ..planner import RT, PlannerConfig, make_policy
 from . import virtual, workload
-from .live import replay_live
-from .metrics import BenchMetrics, compute
+from .live import replay_live, with_steps
+from .metrics import BenchMetrics, compute, json_safe
 from .plots import plot_ttft_cdf
 
 LENGTH_SCALE = 8
@@ -81,11 +81,10 @@ def build(duration_s: float, seed: int, ttft_ms: float, tpot_ms: float) -> list[
 
 def serve(reqs: list[workload.Request], policy: str, mode: str) -> tuple[BenchMetrics, list]:
     """`policy`'s metrics and every request's record after it served `reqs`, live or in
-    virtual time. Live, the clients see requests, not steps: preemptions are None and the
-    batch size NaN (not measured), where 0 would read as "none happened"."""
+    virtual time. Live, preemptions and batch size are the worker loop's own counts."""
     if mode == "live":
-        records = replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER, scheduler_args=SCHEDULER_ARGS)
-        return replace(compute(records, []), preemptions=None), records
+        records, steps = replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER, scheduler_args=SCHEDULER_ARGS)
+        return with_steps(compute(records, []), steps), records
     result = virtual.run(reqs, make_policy(policy), PLANNER, VIRTUAL)
     if result.stop_reason != "done":
         raise RuntimeError(f"cpu-hybrid-virtual: {policy} stopped early ({result.stop_reason})")
@@ -149,7 +148,7 @@ def _report(r: dict, out: Path, ttfts: dict[str, list]) -> None:
               f"{m['rt_ttft_p99_ms']:.0f} | {m['rt_tpot_p99_ms']:.0f} | {m['rt_norm_latency_ms']:.1f} | "
               f"{m['be_req_s']:.2f} | {m['be_tok_s']:.1f} | {m['total_tok_s']:.1f} |")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(r, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(json_safe(r), indent=2, allow_nan=False))
     print(f"wrote {out / f'{name}.json'}")
     _plot_cdf(out / f"{name}-ttft-cdf.png", ttfts, t["ttft"], name)
 

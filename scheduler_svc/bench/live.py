@@ -5,6 +5,8 @@ length, and it measures what a client sees: TTFT and TPOT from the client's side
 """
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import signal
 import socket
@@ -13,29 +15,56 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import redis.asyncio as aioredis
 
 from bros.client import Chunk, Client, Final
 from bros.health import wait_serving
 from bros.redis_server import EmbeddedRedis
 
 from ..planner import PlannerConfig, RT
+from ..store import Store
+from ..worker_loop import LoopStats
 from .metrics import BenchMetrics, RequestRecord, compute
 from .workload import Request
 
 
 def run_live(requests: list[Request], policy: str, planner: PlannerConfig, **kwargs) -> BenchMetrics:
     """The metrics of one live replay (keyword arguments: replay_live's)."""
-    return compute(replay_live(requests, policy, planner, **kwargs), [])
+    records, steps = replay_live(requests, policy, planner, **kwargs)
+    return with_steps(compute(records, []), steps)
+
+
+def with_steps(m: BenchMetrics, steps: list[dict]) -> BenchMetrics:
+    """The step figures a client cannot see, from the loops' own counts (read_loop_stats)."""
+    num_steps = sum(st["num_steps"] for st in steps)
+    return replace(m, preemptions=int(sum(st["preemptions"] for st in steps)),
+                   mean_batch_size=sum(st["num_scheduled_seqs"] for st in steps) / num_steps if num_steps else math.nan)
+
+
+def read_loop_stats(redis_url: str, workers: list[str]) -> list[dict]:
+    """Each worker loop's LoopStats summary, as it last published it in the worker's
+    state hash in Redis (numbers; a loop that never reported gives zeros)."""
+    async def read() -> list[dict]:
+        client = aioredis.from_url(redis_url)
+        try:
+            load = await Store(client).load(workers)
+        finally:
+            await client.aclose()
+        return [load["workers"][w].state for w in workers]
+    keys = LoopStats().summary()
+    return [{k: float(st.get(k, 0) or 0) for k in keys} for st in asyncio.run(read())]
 
 
 def replay_live(requests: list[Request], policy: str, planner: PlannerConfig, num_blocks: int | None = None,
                 num_workers: int = 1, sim_cost: str = "opt13b_a100", log_dir: str | None = None,
                 worker_args: tuple[str, ...] | None = None,
-                scheduler_args: tuple[str, ...] = ()) -> list[RequestRecord]:
-    """Every request's record, as its client saw it. worker_args replaces the sim
-    worker's backend flags (e.g. the torch backend); scheduler_args are added to the
-    scheduler's (e.g. policy knobs)."""
+                scheduler_args: tuple[str, ...] = ()) -> tuple[list[RequestRecord], list[dict]]:
+    """Every request's record, as its client saw it, and each worker loop's own counts
+    (read_loop_stats). worker_args replaces the sim worker's backend flags (e.g. the
+    torch backend); scheduler_args are added to the scheduler's (e.g. policy knobs)."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bros-live-"))
     with EmbeddedRedis() as redis_server:
         procs = []
@@ -50,7 +79,8 @@ def replay_live(requests: list[Request], policy: str, planner: PlannerConfig, nu
                            "--redis-url", redis_server.url, "--workers", ",".join(workers), "--policy", policy,
                            "--max-num-seqs", str(planner.max_num_seqs),
                            "--max-num-batched-tokens", str(planner.max_num_batched_tokens), *scheduler_args)
-            return _replay(sched, requests)
+            records = _replay(sched, requests)
+            return records, read_loop_stats(redis_server.url, workers)
         finally:
             for p in reversed(procs):
                 _stop(p)

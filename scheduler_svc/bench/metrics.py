@@ -148,3 +148,15 @@ def compute(records: list[RequestRecord], iterations: list[IterationRecord]) -> 
         rt_unfinished=sum(not r.finished for r in rt), be_unfinished=sum(not r.finished for r in be),
         makespan_s=span_s,
     )
+
+
+def json_safe(obj):
+    """obj with every non-finite float as None: JSON has no NaN, and an undefined metric
+    (e.g. no RT request finished) is null, not 0."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -21,7 +21,8 @@ from bros.redis_server import EmbeddedRedis
 from bros.v1 import types_pb2
 
 from ..store import RequestRecord, Store
-from .live import _start, _stop
+from .live import _start, _stop, read_loop_stats
+from .metrics import json_safe
 
 WORKER_NICE = 10
 
@@ -93,7 +94,7 @@ def _serve(num_workers: int, num_be: int, window_s: float, policy: str, rng: ran
             with Client(sched, timeout=30) as client:
                 client.submit(list(range(100, 612)), service_class="be", max_tokens=64, temperature=0.0)
             time.sleep(window_s)
-            result = asyncio.run(_collect(redis_server.url, workers, time.monotonic() - t_start))
+            result = _collect(redis_server.url, workers, time.monotonic() - t_start)
         finally:
             for p in reversed(procs):
                 _stop(p)
@@ -123,19 +124,13 @@ _RT_FIELDS = ("rt_ttft_p50_ms", "rt_ttft_p99_ms", "rt_tpot_p50_ms", "rt_tpot_p99
               "rt_attain_tpot", "rt_attain_both", "rt_norm_latency_ms")
 
 
-async def _collect(url: str, workers: list[str], elapsed_s: float) -> dict:
-    """The loops' own figures from the worker state hashes: planner time (the worst
-    loop's quantiles), round trips, and what the plans did, summed over the loops."""
-    client = aioredis.from_url(url)
-    try:
-        load = await Store(client).load(workers)
-    finally:
-        await client.aclose()
-    states = [load["workers"][w].state for w in workers]
-    num = lambda st, k: float(st.get(k, 0) or 0)  # noqa: E731
-    worst = lambda k: max(num(st, k) for st in states)  # noqa: E731
-    total = lambda k: int(sum(num(st, k) for st in states))  # noqa: E731
-    be = load["classes"][2]
+def _collect(url: str, workers: list[str], elapsed_s: float) -> dict:
+    """The loops' own figures (read_loop_stats): planner time as the worst loop's
+    quantiles, what the plans did summed over the loops; and the BE queue at the end."""
+    states = read_loop_stats(url, workers)
+    worst = lambda k: max(st[k] for st in states)  # noqa: E731
+    total = lambda k: int(sum(st[k] for st in states))  # noqa: E731
+    be = asyncio.run(_be_queue(url, workers))
     num_steps = total("num_steps")
     return {
         **dict.fromkeys(_RT_FIELDS),
@@ -148,12 +143,20 @@ async def _collect(url: str, workers: list[str], elapsed_s: float) -> dict:
         "planner_p99_ms": worst("planner_p99_ms"),
         "planner_cpu_p50_ms": worst("planner_cpu_p50_ms"),
         "planner_cpu_p99_ms": worst("planner_cpu_p99_ms"),
-        "redis_round_trips_per_iter": sum(num(st, "redis_round_trips_per_iter") for st in states) / len(states),
+        "redis_round_trips_per_iter": sum(st["redis_round_trips_per_iter"] for st in states) / len(states),
         "iterations": total("iterations"),
         "elapsed_s": elapsed_s,
         "be_queued_at_end": be.queued_requests,
         "be_running_at_end": be.running_requests,
     }
+
+
+async def _be_queue(url: str, workers: list[str]):
+    client = aioredis.from_url(url)
+    try:
+        return (await Store(client).load(workers))["classes"][2]
+    finally:
+        await client.aclose()
 
 
 def _report(doc: dict, out: Path) -> None:
@@ -173,7 +176,7 @@ def _report(doc: dict, out: Path) -> None:
               f"| {batch} | {r['be_tok_s']:.0f} | {r['be_queued_at_end']} |")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sim-scale.json"
-    path.write_text(json.dumps(doc, indent=2))
+    path.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False))
     print(f"wrote {path}")
     try:
         import matplotlib

@@ -46,7 +46,6 @@ class VirtualConfig:
     overlap_copies: bool = WorkerConfig.sim_overlap_copies  # checkpoints beside the step (a GPU's copy engine)
     host_cache_mb: int = 1024           # host memory for checkpointed BE KV (worker default)
     max_model_len: int | None = None    # None: the sim model's context window
-    recent_rt_window: int = 64          # RT outcomes kept for PlanInput.recent_rt
     idle_tick_ms: float = 5.0           # an empty step waits this long (the live idle sleep)
     stall_ms: float = 30_000.0          # work is in flight but nothing ran for this long: give up
     max_virtual_ms: float | None = None  # None: 4x the last arrival + 10 min
@@ -100,7 +99,6 @@ class _Driver:
         self.resident: dict[str, _Resident] = {}
         self.pending_free: list[str] = []
         self.occupancy: dict = {}
-        self.recent_rt: deque = deque(maxlen=cfg.recent_rt_window)
         self.iterations: list[IterationRecord] = []
         self.num_done = 0
         self.idle_since_ms: float | None = None
@@ -184,8 +182,7 @@ class _Driver:
         return PlanInput(now_ms=self.clock.now_ms(), running=[r.view for r in self.resident.values()],
                          waiting=waiting,
                          free_blocks=self.occupancy.get("free_blocks", self.engine.limits.num_blocks),
-                         block_size=self.engine.limits.block_size, occupancy=dict(self.occupancy),
-                         recent_rt=list(self.recent_rt))
+                         block_size=self.engine.limits.block_size, occupancy=dict(self.occupancy))
 
     # ---- decision -> plan ----------------------------------------------------------------
 
@@ -269,8 +266,6 @@ class _Driver:
         rec = res.record
         rec.first_token_ms, rec.finish_ms = res.view.first_token_ms, t
         rec.num_output_tokens = res.view.num_output_tokens
-        if rec.request.service_class == RT:
-            self.recent_rt.append((rec.ttft_met(), rec.tpot_met()))
         del self.resident[rec.request.request_id]
         self.pending_free.append(rec.request.request_id)  # freed with the next plan, as live
         self.num_done += 1
