@@ -18,6 +18,7 @@ from bros.v1 import inference_pb2, inference_pb2_grpc, types_pb2, worker_pb2, wo
 
 from .auth import caller
 from .config import SchedulerConfig
+from .policies import POLICIES
 from .store import AdmissionBounds, QueuesFull, RequestRecord, Store, TargetInfeasible
 from .stream_hub import StreamHub
 from .validation import InvalidArgument, check_generate, check_length, check_lookup
@@ -136,8 +137,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     await self._require_owner(existing, context)
                     return request.request_id, False
             prompt = await self._tokenize(request, context)
-            check_length(len(prompt), request.sampling.max_tokens, info.max_model_len,
-                         request.WhichOneof("prompt"))
+            limit, limit_name = self._context_limit(info)
+            check_length(len(prompt), request.sampling.max_tokens, limit, request.WhichOneof("prompt"), limit_name)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rec = self._record(request, prompt, submitted, info.default_sampling)
@@ -230,6 +231,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if remaining_s is not None:
             candidates.append(arrival_ms + remaining_s * 1e3)
         return min(candidates) if candidates else None
+
+    def _context_limit(self, info: worker_pb2.WorkerInfo) -> tuple[int, str]:
+        """The most tokens a request may span. A policy that runs each prompt whole
+        (bros-no-chunking) can never run one over the step budget, nor re-run a
+        recomputed sequence over it, so the budget caps it too (vLLM refuses such a
+        configuration outright)."""
+        budget = self.cfg.max_num_batched_tokens
+        if not getattr(POLICIES[self.cfg.policy], "chunked", True) and budget < info.max_model_len:
+            return budget, f"max_num_batched_tokens (--policy {self.cfg.policy} runs each prompt whole)"
+        return info.max_model_len, "max_model_len"
 
     def _any_worker_info(self) -> worker_pb2.WorkerInfo | None:
         infos = [loop.info for loop in self.loops if loop.info is not None]

@@ -135,11 +135,13 @@ def _check_sampling(s: types_pb2.SamplingParams, limits: Limits, vocab_size: int
                                                f"{limits.max_stop_string_chars}")
 
 
-def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int, prompt_field: str = "prompt") -> None:
-    """After tokenizing: the prompt and all requested tokens must fit the context."""
+def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int, prompt_field: str = "prompt",
+                 limit_name: str = "max_model_len") -> None:
+    """After tokenizing: the prompt and all requested tokens must fit the context (or
+    limit_name's smaller limit)."""
     if num_prompt_tokens >= max_model_len:
         raise InvalidArgument(prompt_field, f"the prompt's {num_prompt_tokens} tokens leave no room for output in "
-                                            f"max_model_len {max_model_len}")
+                                            f"{limit_name} {max_model_len}")
     if num_prompt_tokens + max_tokens > max_model_len:
         raise InvalidArgument("sampling.max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens "
-                                                     f"({max_tokens}) exceed max_model_len {max_model_len}")
+                                                     f"({max_tokens}) exceed {limit_name} {max_model_len}")

@@ -249,6 +249,31 @@ def test_every_policy_serves_a_mixed_load_end_to_end(tmp, redis_server, policy):
         state = asyncio.run(_worker_state(redis_server.url, f"bros-{policy}", worker.address))
         assert int(state["iterations"]) > 0
         assert 0 < float(state["planner_cpu_p50_ms"]) <= float(state["planner_p99_ms"]) + 0.05, state
+        # ... and what its plans did, counted as the tokens reached Redis (live benchmarks read it).
+        assert int(state["rt_output_tokens"]) == sum(10 + i for i in range(0, 12, 3))
+        assert int(state["be_output_tokens"]) == sum(10 + i for i in range(12) if i % 3)
+        assert (int(state["rt_finished"]), int(state["be_finished"])) == (4, 8)
+        assert int(state["num_scheduled_seqs"]) >= int(state["num_steps"]) > 0
+    finally:
+        sched.stop()
+        worker.stop()
+
+
+def test_a_policy_without_chunked_prefill_refuses_what_its_step_cannot_hold(tmp, redis_server):
+    """bros-no-chunking runs each prompt whole, so a request that could not fit one step
+    (prompt + max_tokens: a recompute re-runs the output too) would wait forever:
+    refused up front, naming the field and the limit."""
+    worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name="nochunk").start()
+    sched = Scheduler(tmp, redis_server.url, [worker.address], "--policy", "bros-no-chunking",
+                      "--max-num-batched-tokens", "128", prefix="bros-nochunk").start()
+    try:
+        s = stub_for(sched.address)
+        with pytest.raises(grpc.RpcError) as e:
+            collect(s.Generate(request(ids=[7] * 120, cls=BE, max_tokens=16), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("sampling.max_tokens:") and "max_num_batched_tokens" in e.value.details()
+        tokens, final = collect(s.Generate(request(ids=[7] * 100, cls=BE, max_tokens=16), timeout=30))
+        assert len(tokens) == 16 == final.num_output_tokens
     finally:
         sched.stop()
         worker.stop()
