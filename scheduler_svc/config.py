@@ -38,6 +38,13 @@ class SchedulerConfig:
     bros_admit_headroom_tokens: int = _P.bros_admit_headroom_tokens
     bros_admit_headroom_sd: float = _P.bros_admit_headroom_sd
     bros_prefill_switch_overheads: float = _P.bros_prefill_switch_overheads
+    bros_first_step_ms: float = _P.bros_first_step_ms
+    bros_step_time_smoothing: float = _P.bros_step_time_smoothing
+    bros_long_step_memory: float = _P.bros_long_step_memory
+    bros_step_cost_decay: float = _P.bros_step_cost_decay
+    bros_step_cost_min_weight: float = _P.bros_step_cost_min_weight
+    bros_output_length_window: int = _P.bros_output_length_window
+    bros_output_length_min_samples: int = _P.bros_output_length_min_samples
     # Several workers: a loop takes a class's queued work only while its worker's room for
     # that class (its last report) is at least this share of the roomiest worker's; an
     # idle worker takes BE regardless (scheduler_svc/placement.py).

@@ -109,6 +109,23 @@ class PlannerConfig:
     # attainment and BE throughput, docs/benchmarks.md). 0: no minimum. No effect where the
     # two regimes cost the same (a GPU).
     bros_prefill_switch_overheads: float = 4.0
+    # bros' estimators, learned online from the gaps between plans (no I/O):
+    # the step time assumed until one is measured (ms);
+    bros_first_step_ms: float = 50.0
+    # the weight of each new gap in the running means of ms per token and per step;
+    bros_step_time_smoothing: float = 0.1
+    # the longest recent step decays by 1/this per step (halves in ~0.7x as many), so an
+    # RT request yields its place only if it survives a step as long as recent ones;
+    bros_long_step_memory: float = 64.0
+    # the step-time model (per regime: decode-only, with prefill; a weighted least-squares
+    # line): the weight kept by older gaps per new one (0.97: ~30 steps of memory), and
+    # the weight a regime needs before its own line is used instead of a prior;
+    bros_step_cost_decay: float = 0.97
+    bros_step_cost_min_weight: float = 4.0
+    # the spread of finished BE output lengths (bros_admit_headroom_sd): over the last
+    # this many, once at least min_samples have finished.
+    bros_output_length_window: int = 256
+    bros_output_length_min_samples: int = 32
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -129,6 +146,14 @@ class PlannerConfig:
             raise ValueError("bros_admit_headroom_sd must be >= 0")
         if self.bros_prefill_switch_overheads < 0:
             raise ValueError("bros_prefill_switch_overheads must be >= 0")
+        if self.bros_first_step_ms <= 0 or not 0 < self.bros_step_time_smoothing <= 1:
+            raise ValueError("bros_first_step_ms must be > 0 and bros_step_time_smoothing in (0, 1]")
+        if self.bros_long_step_memory < 1 or not 0 < self.bros_step_cost_decay < 1:
+            raise ValueError("bros_long_step_memory must be >= 1 and bros_step_cost_decay in (0, 1)")
+        if self.bros_step_cost_min_weight <= 0:
+            raise ValueError("bros_step_cost_min_weight must be > 0")
+        if not 0 < self.bros_output_length_min_samples <= self.bros_output_length_window:
+            raise ValueError("bros_output_length_min_samples must be in [1, bros_output_length_window]")
 
 
 class Policy(Protocol):

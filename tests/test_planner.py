@@ -67,3 +67,17 @@ def test_budget_and_cap_hold_for_random_inputs():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("nope")
+
+
+def test_every_planner_knob_is_a_documented_scheduler_flag():
+    """Every constant a policy uses lives in PlannerConfig; each one must be a scheduler
+    flag with the same default and a row in docs/scheduler.md's table."""
+    from pathlib import Path
+
+    from scheduler_svc.config import SchedulerConfig
+    from scheduler_svc.planner import PlannerConfig
+
+    doc = (Path(__file__).parent.parent / "docs" / "scheduler.md").read_text()
+    for name, f in PlannerConfig.__dataclass_fields__.items():
+        assert getattr(SchedulerConfig(), name) == f.default, name
+        assert f"| `--{name.replace('_', '-')}` |" in doc, f"docs/scheduler.md has no row for --{name}"

@@ -57,13 +57,15 @@ class Bros:
         # Running RT whose first token was counted -> when a TPOT miss was last counted.
         self._judged: dict[str, float | None] = {}
         self._window: deque[bool] = deque()       # recent RT outcomes, on time or not
-        self.be_lengths = FinishedLengths()       # only with bros_admit_headroom_sd > 0
+        self.be_lengths: FinishedLengths | None = None   # only with bros_admit_headroom_sd > 0
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         self._learn(inp.now_ms, cfg)
         by_id = {s.request_id: s for s in inp.running}
         self._note_refusals(inp, by_id)
         if cfg.bros_admit_headroom_sd > 0:
+            if self.be_lengths is None:
+                self.be_lengths = FinishedLengths(cfg.bros_output_length_window, cfg.bros_output_length_min_samples)
             self.be_lengths.observe(inp.running)
         out = self._plan(inp, cfg)
         self._last = (inp.now_ms, len(out.scheduled), sum(n for _, n in out.scheduled),
@@ -91,18 +93,20 @@ class Bros:
     def _learn(self, now_ms: float, cfg: PlannerConfig) -> None:
         if self._last is None:
             self.ms_per_token = self.ms_per_token or cfg.bros_prefill_ms_per_token
-            self.iteration_ms = self.iteration_ms or cfg.bros_urgent_slack_ms / 3
-            self.cost = self.cost or StepCost(self.iteration_ms, cfg.bros_prefill_ms_per_token)
+            self.iteration_ms = self.iteration_ms or cfg.bros_first_step_ms
+            self.cost = self.cost or StepCost(self.iteration_ms, cfg.bros_prefill_ms_per_token,
+                                              cfg.bros_step_cost_decay, cfg.bros_step_cost_min_weight)
             return
         then, seqs, tokens, prefill = self._last
         dt = now_ms - then
         if tokens > 0 and dt > 0:
             self.cost.observe(dt, seqs, tokens, prefill)
-            self.ms_per_token += 0.1 * (dt / tokens - self.ms_per_token)
-            self.iteration_ms += 0.1 * (dt - self.iteration_ms)
-            # A decaying maximum (halves in ~44 iterations): how long the next step may
-            # take if BE fills it, which is what an RT yielding its place must survive.
-            self.long_iteration_ms = max(dt, self.long_iteration_ms * (1 - 1 / 64))
+            a = cfg.bros_step_time_smoothing
+            self.ms_per_token += a * (dt / tokens - self.ms_per_token)
+            self.iteration_ms += a * (dt - self.iteration_ms)
+            # A decaying maximum (at the default 64, halves in ~44 iterations): how long the
+            # next step may take if BE fills it, which is what an RT yielding its place must survive.
+            self.long_iteration_ms = max(dt, self.long_iteration_ms * (1 - 1 / cfg.bros_long_step_memory))
 
     def _urgent_slack_ms(self, cfg: PlannerConfig) -> float:
         """RT with less slack than this runs first: the configured floor, or a few of the
@@ -338,7 +342,7 @@ class Bros:
         finished BE outputs vary, once enough have finished (else the fixed headroom), and
         never less than a block: outputs that never vary (a batch job with one max_tokens
         and ignore_eos) still grow, a block at a time."""
-        spread = self.be_lengths.stdev() if cfg.bros_admit_headroom_sd > 0 else None
+        spread = self.be_lengths.stdev() if self.be_lengths is not None and cfg.bros_admit_headroom_sd > 0 else None
         if spread is None:
             return cfg.bros_admit_headroom_tokens
         return max(block_size, cfg.bros_admit_headroom_sd * spread)

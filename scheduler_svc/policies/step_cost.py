@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DECAY = 0.97        # weight of older observations per new one (memory of ~30 steps)
-MIN_SAMPLES = 4.0   # weight below which a regime borrows the other's line
+# Below this variance of x (tokens or sequences, squared) the x values seen barely
+# differ and a fitted slope would be noise: the prior slope stands in (a numeric guard,
+# not a tuning knob).
+MIN_X_VARIANCE = 1.0
 
 
 @dataclass
@@ -27,6 +29,7 @@ class _Line:
     """y = base + slope * x, exponentially weighted least squares; slope falls back to a
     prior while the x values seen so far barely differ."""
     prior_slope: float
+    decay: float
     w: float = 0.0
     sx: float = 0.0
     sy: float = 0.0
@@ -34,23 +37,28 @@ class _Line:
     sxy: float = 0.0
 
     def add(self, x: float, y: float) -> None:
-        self.w, self.sx, self.sy = DECAY * self.w + 1, DECAY * self.sx + x, DECAY * self.sy + y
-        self.sxx, self.sxy = DECAY * self.sxx + x * x, DECAY * self.sxy + x * y
+        d = self.decay
+        self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + x, d * self.sy + y
+        self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
 
     def fit(self) -> tuple[float, float]:
         """(base, slope), both >= 0; requires w > 0."""
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
-        slope = (self.sxy / self.w - mx * my) / var if var > 1.0 else self.prior_slope
+        slope = (self.sxy / self.w - mx * my) / var if var > MIN_X_VARIANCE else self.prior_slope
         slope = max(0.0, slope)
         return max(0.0, my - slope * mx), slope
 
 
 class StepCost:
-    def __init__(self, first_step_ms: float, prefill_ms_per_token: float) -> None:
+    def __init__(self, first_step_ms: float, prefill_ms_per_token: float, decay: float = 0.97,
+                 min_weight: float = 4.0) -> None:
+        """decay: the weight older gaps keep per new one; min_weight: the weight a regime
+        needs before its own line is used (PlannerConfig.bros_step_cost_*)."""
         self.first_step_ms = first_step_ms
-        self.decode = _Line(prior_slope=0.0)
-        self.prefill = _Line(prior_slope=prefill_ms_per_token)
+        self.min_weight = min_weight
+        self.decode = _Line(prior_slope=0.0, decay=decay)
+        self.prefill = _Line(prior_slope=prefill_ms_per_token, decay=decay)
 
     def observe(self, gap_ms: float, num_seqs: int, num_tokens: int, has_prefill: bool) -> None:
         if gap_ms <= 0 or num_seqs <= 0:
@@ -63,21 +71,21 @@ class StepCost:
     def predict(self, num_seqs: int, num_tokens: int, has_prefill: bool) -> float:
         own, other = (self.prefill, self.decode) if has_prefill else (self.decode, self.prefill)
         x = num_tokens if has_prefill else num_seqs
-        if own.w >= MIN_SAMPLES:
+        if own.w >= self.min_weight:
             base, slope = own.fit()
-        elif other.w >= MIN_SAMPLES:
+        elif other.w >= self.min_weight:
             base, slope = other.fit()[0], own.prior_slope   # the other regime's overhead
         else:
             base, slope = self.first_step_ms, own.prior_slope
         return base + slope * x
 
     def ms_per_prefill_token(self) -> float:
-        return self.prefill.fit()[1] if self.prefill.w >= MIN_SAMPLES else self.prefill.prior_slope
+        return self.prefill.fit()[1] if self.prefill.w >= self.min_weight else self.prefill.prior_slope
 
     def prefill_penalty_ms(self) -> float:
         """What turning a decode-only step into one with prefill costs beyond its tokens
         (the eager path's overhead on a CPU worker; about nothing on a GPU)."""
-        if self.prefill.w < MIN_SAMPLES or self.decode.w < MIN_SAMPLES:
+        if self.prefill.w < self.min_weight or self.decode.w < self.min_weight:
             return 0.0
         return max(0.0, self.prefill.fit()[0] - self.decode.fit()[0])
 
