@@ -25,6 +25,9 @@ from .live import _start, _stop, read_loop_stats
 from .metrics import json_safe
 
 WORKER_NICE = 10
+# The sim worker's step budget, as in the sim scenarios: the queued prompts (512-1024
+# tokens) then fit one step, so bros-no-chunking, which runs prompts whole, serves them too.
+MAX_NUM_BATCHED_TOKENS = 2048
 
 
 def split_cpus() -> tuple[set[int] | None, set[int] | None]:
@@ -63,6 +66,7 @@ def run_scale(policies: list[str], num_workers: int = 8, num_be: int = 10_000, w
             os.sched_setaffinity(0, all_cpus)
     doc = {"scenario": "sim-scale", "seed": seed,
            "config": {"num_workers": num_workers, "num_be": num_be, "window_s": window_s,
+                      "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
                       "scheduler_cpus": sorted(sched_cpus) if sched_cpus else "shared"},
            "points": [{"rt_rate": 0.0, "rt_rate_frac": 0.0, "num_requests": num_be, "policies": results}]}
     _report(doc, out)
@@ -90,7 +94,7 @@ def _serve(num_workers: int, num_be: int, window_s: float, policy: str, rng: ran
             t_start = time.monotonic()
             sched = _start(procs, log_dir / "scheduler.log", "scheduler_svc", "bros.v1.Inference", 60,
                            "--redis-url", redis_server.url, "--workers", ",".join(workers), "--policy", policy,
-                           cpus=sched_cpus)
+                           "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), cpus=sched_cpus)
             with Client(sched, timeout=30) as client:
                 client.submit(list(range(100, 612)), service_class="be", max_tokens=64, temperature=0.0)
             time.sleep(window_s)
