@@ -79,7 +79,7 @@ class BenchMetrics:
     be_req_s: float
     be_tok_s: float
     total_tok_s: float
-    preemptions: int | None           # None: not measured (a live run's clients see no steps)
+    preemptions: int | None           # live: the worker loops' own counts (live.with_steps)
     mean_batch_size: float
     planner_p50_ms: float
     planner_p99_ms: float
