@@ -397,6 +397,12 @@ class WorkerLoop:
 
     # ---- the report --------------------------------------------------------------------
 
+    def _free_seats_after(self, report: worker_pb2.StepReport) -> int:
+        """Unpaused seats left once this report's finished sequences are freed."""
+        finished = {out.seq_id for out in report.outputs if out.finished}
+        held = sum(not run.view.preempted for rid, run in self.seqs.items() if rid not in finished)
+        return max(0, self.cfg.max_num_seqs - held)
+
     async def _absorb(self, report: worker_pb2.StepReport) -> None:
         """Everything the report says goes to Redis in one round trip; only then are the
         finished sequences freed on the worker (next plan)."""
@@ -404,7 +410,7 @@ class WorkerLoop:
                                  for f in report.occupancy.DESCRIPTOR.fields}
         self.status.last_step_ms = report.timings.step_ms
         self._measure_prefill(report.timings.step_ms)
-        self.board.report(self.address, self.status.occupancy)
+        self.board.report(self.address, self.status.occupancy, self._free_seats_after(report))
         self._resync(report)
         finished: list[str] = []
         t = now_ms()

@@ -23,6 +23,16 @@ def test_board_prefers_the_roomiest_worker_and_lets_idle_ones_take_be():
     assert board.takes("small", RT, idle=False)
 
 
+def test_a_roomy_worker_with_every_seat_taken_does_not_hold_work_back():
+    board = RoomBoard(tolerance=0.9)
+    board.report("big", {"rt_available_slots_with_preempt": 8000, "be_available_slots": 8000}, free_seats=0)
+    board.report("small", {"rt_available_slots_with_preempt": 1000, "be_available_slots": 1000}, free_seats=4)
+    assert board.takes("small", RT, idle=False) and board.takes("small", BE, idle=False)
+    assert board.takes("big", RT, idle=False)        # its own policy decides (bros may pause BE)
+    board.report("big", {"rt_available_slots_with_preempt": 8000, "be_available_slots": 8000}, free_seats=1)
+    assert not board.takes("small", RT, idle=False)  # a seat frees up: the room decides again
+
+
 def test_rt_requests_land_on_the_worker_with_room(tmp_path):
     with EmbeddedRedis() as redis_server:
         small = Worker(tmp_path, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name="small").start()
