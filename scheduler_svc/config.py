@@ -11,6 +11,7 @@ from bros.telemetry import telemetry_checks
 from bros.tls import check_pair
 
 from .planner import PlannerConfig
+from .policies import POLICIES
 
 _P = PlannerConfig  # the policies' knobs: defaults and their meaning live in planner.py
 
@@ -113,7 +114,7 @@ class SchedulerConfig:
             (self.rt_infeasible in ("reject", "flag"), "rt_infeasible", "must be reject or flag"),
             (self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0"),
             (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
-            (self.policy in _policy_names(), "policy", f"must be one of {', '.join(_policy_names())}"),
+            (self.policy in POLICIES, "policy", f"must be one of {', '.join(sorted(POLICIES))}"),
             (0 < self.placement_tolerance <= 1, "placement_tolerance", "must be in (0, 1]"),
             *telemetry_checks(self),
         ]
@@ -150,8 +151,3 @@ class SchedulerConfig:
 
 
 _PROCESS_REPLICA_ID = f"replica-{uuid.uuid4().hex[:12]}"
-
-
-def _policy_names() -> list[str]:
-    from .policies import POLICIES  # the registry imports the planner, which imports nothing here
-    return sorted(POLICIES)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -66,12 +66,8 @@ class LoopStats:
     num_scheduled_seqs: int = 0
     preemptions: int = 0
     # Output tokens written to Redis and requests finished, per class (RT, BE).
-    output_tokens: dict = field(default_factory=lambda: {RT: 0, BE: 0})
-    finished: dict = field(default_factory=lambda: {RT: 0, BE: 0})
-
-    @staticmethod
-    def count(per_class: dict, service_class: int, n: int) -> None:
-        per_class[service_class] = per_class.get(service_class, 0) + n
+    output_tokens: Counter = field(default_factory=Counter)
+    finished: Counter = field(default_factory=Counter)
 
     def summary(self) -> dict:
         wall, cpu = _quantiles(self.planner_ms), _quantiles(self.planner_cpu_ms)
@@ -80,8 +76,8 @@ class LoopStats:
                 "redis_round_trips_per_iter": self.round_trips / max(1, self.iterations),
                 "num_steps": self.num_steps, "num_scheduled_seqs": self.num_scheduled_seqs,
                 "preemptions": self.preemptions,
-                "rt_output_tokens": self.output_tokens.get(RT, 0), "be_output_tokens": self.output_tokens.get(BE, 0),
-                "rt_finished": self.finished.get(RT, 0), "be_finished": self.finished.get(BE, 0)}
+                "rt_output_tokens": self.output_tokens[RT], "be_output_tokens": self.output_tokens[BE],
+                "rt_finished": self.finished[RT], "be_finished": self.finished[BE]}
 
 
 def _quantiles(values) -> Callable[[float], float]:
@@ -220,7 +216,7 @@ class WorkerLoop:
                 n = self.cfg.max_num_seqs
                 # Only as many queued BE requests as could start now; RT is always looked
                 # at in full (bros may pause BE to make room for it).
-                free_seats = max(0, n - sum(not s.view.preempted for s in self.seqs.values()))
+                free_seats = self._free_seats()
                 held, aborts, waiting_rt, waiting_be = await self.store.loop_inputs(
                     self.address, self.replica_id, self.lease_ttl_ms, n, free_seats)
                 self.stats.iterations += 1
@@ -397,10 +393,9 @@ class WorkerLoop:
 
     # ---- the report --------------------------------------------------------------------
 
-    def _free_seats_after(self, report: worker_pb2.StepReport) -> int:
-        """Unpaused seats left once this report's finished sequences are freed."""
-        finished = {out.seq_id for out in report.outputs if out.finished}
-        held = sum(not run.view.preempted for rid, run in self.seqs.items() if rid not in finished)
+    def _free_seats(self, leaving: frozenset[str] = frozenset()) -> int:
+        """Seats not held by an unpaused resident sequence (those in `leaving` excepted)."""
+        held = sum(not run.view.preempted for rid, run in self.seqs.items() if rid not in leaving)
         return max(0, self.cfg.max_num_seqs - held)
 
     async def _absorb(self, report: worker_pb2.StepReport) -> None:
@@ -410,7 +405,8 @@ class WorkerLoop:
                                  for f in report.occupancy.DESCRIPTOR.fields}
         self.status.last_step_ms = report.timings.step_ms
         self._measure_prefill(report.timings.step_ms)
-        self.board.report(self.address, self.status.occupancy, self._free_seats_after(report))
+        finishing = frozenset(out.seq_id for out in report.outputs if out.finished)
+        self.board.report(self.address, self.status.occupancy, self._free_seats(finishing))
         self._resync(report)
         finished: list[str] = []
         t = now_ms()
@@ -431,11 +427,11 @@ class WorkerLoop:
                     b.append_tokens(out.seq_id, run.num_output_tokens, list(out.token_ids),
                                     [out.text] + [""] * (len(out.token_ids) - 1), t)
                     run.num_output_tokens += len(out.token_ids)
-                    self.stats.count(self.stats.output_tokens, run.view.service_class, len(out.token_ids))
+                    self.stats.output_tokens[run.view.service_class] += len(out.token_ids)
                 if out.finished:
                     b.finish(out.seq_id, _FINISH_NAMES.get(out.finish_reason, "stop"), t)
                     finished.append(out.seq_id)
-                    self.stats.count(self.stats.finished, run.view.service_class, 1)
+                    self.stats.finished[run.view.service_class] += 1
             b.set_worker_state(self.address, {
                 "leased_by": self.replica_id, "running": len(self.seqs) - len(finished),
                 "last_step_ms": report.timings.step_ms, **self.stats.summary(), **self.status.occupancy})

@@ -17,7 +17,7 @@ from pathlib import Path
 from scheduler_svc.planner import RT
 
 from .criteria import check, format_rows
-from .plots import plot_ttft_cdf
+from .plots import plot_ttft_cdf, ready, save
 from .metrics import BenchMetrics, json_safe
 from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workload, capacity, policy_names, run_policy
 
@@ -171,19 +171,10 @@ def write_outputs(out: Path, scn: Scenario, cap: Capacity, seed: int, points: li
     path = out / f"{scn.name}.json"
     path.write_text(json.dumps(doc, indent=1))
     _log(f"wrote {path}")
-    try:
-        import matplotlib
-    except ImportError:
-        _log("matplotlib not installed: no plots")
-        return
-    matplotlib.use("Agg")
-    _plot_cdf(out / f"{scn.name}-ttft-cdf.png", scn, ttfts, cdf_frac)
-    _plot_vs_rate(out / f"{scn.name}-vs-rate.png", scn, points, policies)
-
-
-def _plot_cdf(path: Path, scn: Scenario, ttfts: dict[str, list[float | None]], frac: float) -> None:
-    plot_ttft_cdf(path, ttfts, scn.rt_ttft_ms, f"{scn.name}: RT TTFT CDF at {frac:.2f} of RT capacity")
-    _log(f"wrote {path}")
+    if ready():
+        plot_ttft_cdf(out / f"{scn.name}-ttft-cdf.png", ttfts, scn.rt_ttft_ms,
+                      f"{scn.name}: RT TTFT CDF at {cdf_frac:.2f} of RT capacity")
+        _plot_vs_rate(out / f"{scn.name}-vs-rate.png", scn, points, policies)
 
 
 def _plot_vs_rate(path: Path, scn: Scenario, points: list[dict], policies: list[str]) -> None:
@@ -198,10 +189,7 @@ def _plot_vs_rate(path: Path, scn: Scenario, points: list[dict], policies: list[
     right.set(xlabel="RT rate (req/s)", ylabel="BE throughput (req/s)", ylim=(0, None),
               title=f"{scn.name}: BE throughput")
     left.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    _log(f"wrote {path}")
+    save(fig, path)
 
 
 def _series(points: list[dict], policy: str, key: str) -> list[float]:

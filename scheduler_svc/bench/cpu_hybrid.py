@@ -36,7 +36,7 @@ from ..planner import RT, PlannerConfig, make_policy
 from . import virtual, workload
 from .live import replay_live, with_steps
 from .metrics import BenchMetrics, compute, json_safe
-from .plots import plot_ttft_cdf
+from .plots import plot_ttft_cdf, ready
 
 LENGTH_SCALE = 8
 TARGET_FACTOR = 2.0
@@ -154,11 +154,5 @@ def _report(r: dict, out: Path, ttfts: dict[str, list]) -> None:
 
 
 def _plot_cdf(path: Path, ttfts: dict[str, list], target_ms: float, name: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        _log("matplotlib not installed: no plot")
-        return
-    matplotlib.use("Agg")
-    plot_ttft_cdf(path, ttfts, target_ms, f"{name}: RT TTFT CDF")
-    _log(f"wrote {path}")
+    if ready():
+        plot_ttft_cdf(path, ttfts, target_ms, f"{name}: RT TTFT CDF")

@@ -38,24 +38,28 @@ def run_live(requests: list[Request], policy: str, planner: PlannerConfig, **kwa
 
 
 def with_steps(m: BenchMetrics, steps: list[dict]) -> BenchMetrics:
-    """The step figures a client cannot see, from the loops' own counts (read_loop_stats)."""
+    """The step figures a client cannot see, from the loops' own counts (loop_stats)."""
     num_steps = sum(st["num_steps"] for st in steps)
     return replace(m, preemptions=int(sum(st["preemptions"] for st in steps)),
                    mean_batch_size=sum(st["num_scheduled_seqs"] for st in steps) / num_steps if num_steps else math.nan)
 
 
-def read_loop_stats(redis_url: str, workers: list[str]) -> list[dict]:
-    """Each worker loop's LoopStats summary, as it last published it in the worker's
-    state hash in Redis (numbers; a loop that never reported gives zeros)."""
-    async def read() -> list[dict]:
+def read_load(redis_url: str, workers: list[str]) -> dict:
+    """Store.load from outside the scheduler: the queues per class and each worker's state hash."""
+    async def read() -> dict:
         client = aioredis.from_url(redis_url)
         try:
-            load = await Store(client).load(workers)
+            return await Store(client).load(workers)
         finally:
             await client.aclose()
-        return [load["workers"][w].state for w in workers]
+    return asyncio.run(read())
+
+
+def loop_stats(load: dict, workers: list[str]) -> list[dict]:
+    """Each worker loop's LoopStats summary, as it last published it in the worker's
+    state hash (numbers; a loop that never reported gives zeros)."""
     keys = LoopStats().summary()
-    return [{k: float(st.get(k, 0) or 0) for k in keys} for st in asyncio.run(read())]
+    return [{k: float(load["workers"][w].state.get(k, 0) or 0) for k in keys} for w in workers]
 
 
 def replay_live(requests: list[Request], policy: str, planner: PlannerConfig, num_blocks: int | None = None,
@@ -63,7 +67,7 @@ def replay_live(requests: list[Request], policy: str, planner: PlannerConfig, nu
                 worker_args: tuple[str, ...] | None = None,
                 scheduler_args: tuple[str, ...] = ()) -> tuple[list[RequestRecord], list[dict]]:
     """Every request's record, as its client saw it, and each worker loop's own counts
-    (read_loop_stats). worker_args replaces the sim worker's backend flags (e.g. the
+    (loop_stats). worker_args replaces the sim worker's backend flags (e.g. the
     torch backend); scheduler_args are added to the scheduler's (e.g. policy knobs)."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="bros-live-"))
     with EmbeddedRedis() as redis_server:
@@ -80,7 +84,7 @@ def replay_live(requests: list[Request], policy: str, planner: PlannerConfig, nu
                            "--max-num-seqs", str(planner.max_num_seqs),
                            "--max-num-batched-tokens", str(planner.max_num_batched_tokens), *scheduler_args)
             records = _replay(sched, requests)
-            return records, read_loop_stats(redis_server.url, workers)
+            return records, loop_stats(read_load(redis_server.url, workers), workers)
         finally:
             for p in reversed(procs):
                 _stop(p)

@@ -1,7 +1,27 @@
-"""Plots shared by the benchmark's scenarios (matplotlib, imported by the caller first)."""
+"""Plots shared by the benchmark's scenarios (matplotlib; call ready() first)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+
+def ready() -> bool:
+    """matplotlib is installed (it is optional); selects the file-only backend."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    return True
+
+
+def save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def plot_ttft_cdf(path: Path, ttfts: dict[str, list[float | None]], target_ms: float, title: str) -> None:
@@ -14,6 +34,19 @@ def plot_ttft_cdf(path: Path, ttfts: dict[str, list[float | None]], target_ms: f
     ax.axvline(target_ms, color="grey", linestyle=":", label="TTFT target")
     ax.set(xscale="log", xlabel="RT TTFT (ms)", ylabel="fraction of RT requests", title=title)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
+
+
+def plot_planner_time(path: Path, results: dict[str, dict], title: str) -> None:
+    """Planner p50 and p99 per policy (wall clock), against the 1 ms bar."""
+    import matplotlib.pyplot as plt
+    names = list(results)
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([x - 0.2 for x in xs], [results[n]["planner_p50_ms"] for n in names], width=0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], [results[n]["planner_p99_ms"] for n in names], width=0.4, label="p99")
+    ax.axhline(1.0, color="grey", linestyle=":", label="1 ms")
+    ax.set_xticks(list(xs), names, rotation=20, fontsize="small")
+    ax.set(ylabel="planner time per iteration (ms)", title=title)
+    ax.legend(fontsize="small")
+    save(fig, path)

@@ -20,9 +20,11 @@ from bros.redis_server import EmbeddedRedis
 
 from bros.v1 import types_pb2
 
+from ..planner import BE
 from ..store import RequestRecord, Store
-from .live import _start, _stop, read_loop_stats
-from .metrics import json_safe
+from .live import _start, _stop, loop_stats, read_load
+from .metrics import BenchMetrics, json_safe
+from .plots import plot_planner_time, ready
 
 WORKER_NICE = 10
 # The sim worker's step budget, as in the sim scenarios: the queued prompts (512-1024
@@ -123,18 +125,18 @@ async def _prefill(url: str, n: int, rng: random.Random) -> None:
         await client.aclose()
 
 
-# The benchmark's per-policy fields that need RT requests: sim-scale queues none.
-_RT_FIELDS = ("rt_ttft_p50_ms", "rt_ttft_p99_ms", "rt_tpot_p50_ms", "rt_tpot_p99_ms", "rt_attain_ttft",
-              "rt_attain_tpot", "rt_attain_both", "rt_norm_latency_ms")
+# The benchmark's per-policy RT fields: null, sim-scale queues no RT.
+_RT_FIELDS = [f for f in BenchMetrics.__dataclass_fields__ if f.startswith("rt_")]
 
 
 def _collect(url: str, workers: list[str], elapsed_s: float) -> dict:
-    """The loops' own figures (read_loop_stats): planner time as the worst loop's
-    quantiles, what the plans did summed over the loops; and the BE queue at the end."""
-    states = read_loop_stats(url, workers)
+    """The loops' own figures (loop_stats): planner time as the worst loop's quantiles,
+    what the plans did summed over the loops; and the BE queue at the end."""
+    load = read_load(url, workers)
+    states = loop_stats(load, workers)
     worst = lambda k: max(st[k] for st in states)  # noqa: E731
     total = lambda k: int(sum(st[k] for st in states))  # noqa: E731
-    be = asyncio.run(_be_queue(url, workers))
+    be = load["classes"][BE]
     num_steps = total("num_steps")
     return {
         **dict.fromkeys(_RT_FIELDS),
@@ -153,14 +155,6 @@ def _collect(url: str, workers: list[str], elapsed_s: float) -> dict:
         "be_queued_at_end": be.queued_requests,
         "be_running_at_end": be.running_requests,
     }
-
-
-async def _be_queue(url: str, workers: list[str]):
-    client = aioredis.from_url(url)
-    try:
-        return (await Store(client).load(workers))["classes"][2]
-    finally:
-        await client.aclose()
 
 
 def _report(doc: dict, out: Path) -> None:
@@ -182,29 +176,6 @@ def _report(doc: dict, out: Path) -> None:
     path = out / "sim-scale.json"
     path.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False))
     print(f"wrote {path}")
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
-        return
-    matplotlib.use("Agg")
-    _plot_planner(out / "sim-scale-planner.png", results, cfg)
-
-
-def _plot_planner(path: Path, results: dict, cfg: dict) -> None:
-    """Planner p50 and p99 per policy (wall clock), against the 1 ms bar."""
-    import matplotlib.pyplot as plt
-    names = list(results)
-    xs = range(len(names))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([x - 0.2 for x in xs], [results[n]["planner_p50_ms"] for n in names], width=0.4, label="p50")
-    ax.bar([x + 0.2 for x in xs], [results[n]["planner_p99_ms"] for n in names], width=0.4, label="p99")
-    ax.axhline(1.0, color="grey", linestyle=":", label="1 ms")
-    ax.set_xticks(list(xs), names, rotation=20, fontsize="small")
-    ax.set(ylabel="planner time per iteration (ms)",
-           title=f"sim-scale: {cfg['num_workers']} workers, {cfg['num_be']:,} BE queued")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    if ready():
+        plot_planner_time(out / "sim-scale-planner.png", results,
+                          f"sim-scale: {cfg['num_workers']} workers, {cfg['num_be']:,} BE queued")

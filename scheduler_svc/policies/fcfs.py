@@ -1,6 +1,8 @@
 """vLLM's default policy: first come, first served over both classes."""
 from __future__ import annotations
 
+from typing import Callable
+
 from ..planner import PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget
 
 
@@ -29,14 +31,21 @@ def run_in_order(running: list[SeqView], step: StepBudget) -> list[SeqView]:
     return resident + queue
 
 
-def admit_in_order(waiting: list[SeqView], step: StepBudget, num_resident: int, max_resident: int) -> None:
-    """Waiting requests in order while the budget, the resident cap and the pool allow."""
+def admit_in_order(waiting: list[SeqView], step: StepBudget, resident: list[SeqView], max_resident: int,
+                   make_room: Callable[[SeqView, list[SeqView], StepBudget], int] | None = None) -> None:
+    """Waiting requests in order while the budget, the resident cap and the pool allow;
+    admitted ones join `resident`. make_room, if given, may free the pool for a request
+    it cannot hold yet (by preempting residents) and returns the request's chunk then."""
     for seq in waiting:
+        if len(resident) >= max_resident:
+            break
         n = step.chunk(seq)
-        if num_resident >= max_resident or not step.fits(seq, n):
+        if make_room is not None and not step.fits(seq, n):
+            n = make_room(seq, resident, step)
+        if not step.fits(seq, n):
             break  # strict order: a later, smaller request does not jump the queue
         step.take(seq, n, admit=True)
-        num_resident += 1
+        resident.append(seq)
 
 
 def run_then_admit(running: list[SeqView], waiting: list[SeqView], step: StepBudget,
@@ -45,7 +54,7 @@ def run_then_admit(running: list[SeqView], waiting: list[SeqView], step: StepBud
     partition, which differ only in the order and the budget)."""
     resident = run_in_order(running, step)
     if not step.out.recompute:  # under memory pressure nothing new starts this step
-        admit_in_order(waiting, step, len(resident), max_resident)
+        admit_in_order(waiting, step, resident, max_resident)
     return step.out
 
 

@@ -7,7 +7,7 @@ memory, is what is full (vLLM issue #40004)."""
 from __future__ import annotations
 
 from ..planner import PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget
-from .fcfs import run_in_order
+from .fcfs import admit_in_order, run_in_order
 
 
 def _order(seq: SeqView) -> tuple[int, float]:
@@ -25,21 +25,14 @@ def _evict(victim: SeqView, step: StepBudget) -> None:
     step.release(victim)
 
 
-def admit_preempting(waiting: list[SeqView], resident: list[SeqView], step: StepBudget,
-                     max_resident: int) -> None:
-    """Waiting requests in priority order; one the pool cannot hold evicts resident
-    sequences of a lower class, lowest priority first, until it fits."""
-    for seq in waiting:
-        if len(resident) >= max_resident:
-            break  # the known gap: a full seat cap is never a reason to preempt
+def _evict_lower(seq: SeqView, resident: list[SeqView], step: StepBudget) -> int:
+    """Evict residents of a lower class than seq, lowest priority first, until the pool
+    holds seq's chunk; returns that chunk."""
+    n = step.chunk(seq)
+    while n > 0 and not step.fits(seq, n) and resident and resident[-1].service_class > seq.service_class:
+        _evict(resident.pop(), step)
         n = step.chunk(seq)
-        while n > 0 and not step.fits(seq, n) and resident and _order(resident[-1])[0] > seq.service_class:
-            _evict(resident.pop(), step)
-            n = step.chunk(seq)
-        if not step.fits(seq, n):
-            break
-        step.take(seq, n, admit=True)
-        resident.append(seq)
+    return n
 
 
 class Priority:
@@ -49,5 +42,6 @@ class Priority:
         step = StepBudget(inp, cfg)
         resident = run_in_order(sorted(inp.running, key=_order), step)
         if not step.out.recompute:  # as vLLM: a step that preempted for running work admits none
-            admit_preempting(sorted(inp.waiting, key=_order), resident, step, cfg.max_num_seqs)
+            # The known gap stays: admit_in_order stops at a full seat cap before any eviction.
+            admit_in_order(sorted(inp.waiting, key=_order), step, resident, cfg.max_num_seqs, make_room=_evict_lower)
         return step.out
