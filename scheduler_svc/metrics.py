@@ -55,7 +55,7 @@ class SchedulerMetrics:
         self.preemptions = Counter("bros_preemptions", "Sequences paused, checkpointed or recomputed by "
                                    "this replica's plans", ["worker"], registry=r)
         self.iteration = Histogram("bros_iteration_seconds", "One scheduling iteration that ran work: plan, "
-                                   "claim, worker step, report written to Redis", ["worker"],
+                                   "claim, worker step, report read (its Redis write overlaps the next)", ["worker"],
                                    buckets=ITERATION_BUCKETS, registry=r)
         self._plan_started: dict[str, float] = {}          # worker -> perf_counter at plan start
         self._new_classes: dict[str, dict[str, int]] = {}  # worker -> class of each new sequence in flight
@@ -83,7 +83,7 @@ class SchedulerMetrics:
         self._new_classes[loop.address] = {s.seq_id: s.service_class for s in plan.new_sequences}
 
     def reported(self, loop, report, finished: list[str], t_ms: float) -> None:
-        """After a report is in Redis and in loop.seqs (finished ones not yet removed)."""
+        """After a report is in loop.seqs (finished ones not yet removed); its Redis write may be in flight."""
         started = self._plan_started.pop(loop.address, None)
         if started is not None and report.outputs:
             self.iteration.labels(loop.address).observe(time.perf_counter() - started)

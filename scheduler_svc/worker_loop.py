@@ -2,12 +2,24 @@
 
     connect -> list_resident -> reconcile with Redis
     loop: aborts + queues (Redis) -> policy.plan (pure) -> claim (Redis) -> Step -> report
-          -> tokens, finishes, worker state (one Redis pipeline) -> free what Redis now holds
+          -> tokens, finishes, worker state (one Redis pipeline, in the background)
+          -> free what Redis now holds (in a later plan)
+
+The report's write to Redis is off the critical path: the next plan needs only the
+loop's own mirror, which the report updates at once, so the write runs while the loop
+reads the queues, plans and waits for the next step, and the worker is not left idle for
+a round trip each step. One write is in flight at a time (each waits for the one
+before, so a request's tokens land in order), and anything else that writes a running
+request's state (aborts, handing BE back, reconnecting) waits for it first.
+
+    loop:     report N | inputs, plan N+1, send | ........ wait ........ | report N+1
+    Redis:             | write N  ->|                                    | write N+1
+    worker:   ---------|            | step N+1 ..........................|
 
 Nothing here is authoritative: the in-memory `seqs` mirror is rebuilt from Redis and the
 worker's resident list whenever a loop (re)connects, so a replica killed at any instant
 loses nothing. A finished sequence is freed on the worker only after its tokens are in
-Redis, so the worker's copy covers any crash in between.
+Redis, so the worker's copy covers any crash in between, in-flight write included.
 """
 from __future__ import annotations
 
@@ -27,7 +39,7 @@ from bros.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from .keys import BEST_EFFORT
 from .placement import RoomBoard
 from .planner import BE, RT, PlanInput, PlannerConfig, Policy, SeqView
-from .store import RequestRecord, Store
+from .store import Batch, RequestRecord, Store
 
 if TYPE_CHECKING:
     from .metrics import SchedulerMetrics
@@ -112,6 +124,10 @@ class WorkerLoop:
         self.info: worker_pb2.WorkerInfo | None = None
         self.seqs: dict[str, Running] = {}
         self._pending_free: list[str] = []
+        # The last report's Redis write (see the module doc): built, then started once the
+        # next plan is on its way to the worker.
+        self._unwritten: tuple[Batch, list[str]] | None = None
+        self._writing: asyncio.Task | None = None
         self._plan_id = 0
         self._needs_resync = False  # the worker cut a sequence's KV short: re-read counts
         self._resuming: set[str] = set()  # paused sequences this plan schedules
@@ -204,6 +220,12 @@ class WorkerLoop:
             self.status.reachable = False
 
     async def _session(self) -> None:
+        try:
+            await self._drive()
+        finally:
+            await self._settle_quietly()
+
+    async def _drive(self) -> None:
         async with self.channel() as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             self.info = await stub.Describe(worker_pb2.DescribeRequest(), timeout=10)
@@ -229,12 +251,14 @@ class WorkerLoop:
                 await self._absorb(report)
                 self.worker_draining = report.draining
                 if self.draining and not self.seqs:
+                    await self._settle()
                     if self._pending_free:  # leave the worker empty for whoever comes next
                         await self._exchange(stream, worker_pb2.StepPlan(free=self._pending_free))
                         self._pending_free = []
                     self.drained.set()
                     return
                 if not plan.scheduled and not self.seqs:
+                    self._start_write()   # nothing to overlap it with
                     await asyncio.sleep(self.idle_sleep_s)
 
     async def _exchange(self, stream, plan: worker_pb2.StepPlan) -> worker_pb2.StepReport:
@@ -244,6 +268,7 @@ class WorkerLoop:
         # session (TimeoutError), and its requests are requeued at once.
         try:
             await asyncio.wait_for(stream.write(plan), self.step_timeout_s)
+            self._start_write()   # the last report's write, while the worker steps
             report = await asyncio.wait_for(stream.read(), self.step_timeout_s)
         except TimeoutError:
             stream.cancel()
@@ -298,6 +323,7 @@ class WorkerLoop:
         self._pending_free = []
         self._observe_plan_start(aborts)
         if aborts:
+            await self._settle()   # a request that just finished: its own finish lands first
             async with self.store.batch() as b:
                 for rid in aborts:
                     b.finish(rid, "abort", now_ms())
@@ -362,6 +388,7 @@ class WorkerLoop:
         be = sorted(rid for rid, run in self.seqs.items() if run.view.service_class == BEST_EFFORT)
         if not be:
             return
+        await self._settle()   # requeue carries the output in Redis: all of it
         await self.store.requeue(self.address, be)
         for rid in be:
             del self.seqs[rid]
@@ -399,8 +426,11 @@ class WorkerLoop:
         return max(0, self.cfg.max_num_seqs - held)
 
     async def _absorb(self, report: worker_pb2.StepReport) -> None:
-        """Everything the report says goes to Redis in one round trip; only then are the
-        finished sequences freed on the worker (next plan)."""
+        """The report updates the mirror at once; everything it says goes to Redis in one
+        round trip, started here and awaited before the next one (see the module doc).
+        The finished sequences leave the mirror now and are freed on the worker once the
+        write has landed."""
+        await self._settle()
         self.status.occupancy = {f.name: getattr(report.occupancy, f.name)
                                  for f in report.occupancy.DESCRIPTOR.fields}
         self.status.last_step_ms = report.timings.step_ms
@@ -410,35 +440,60 @@ class WorkerLoop:
         self._resync(report)
         finished: list[str] = []
         t = now_ms()
-        async with self.store.batch() as b:
-            for err in report.errors:
-                self._on_error(b, err, t)
-            for out in report.outputs:
-                run = self.seqs.get(out.seq_id)
-                if run is None:
-                    continue
-                run.view.num_computed_tokens = out.num_computed_tokens
-                run.view.num_tokens += len(out.token_ids)
-                if out.token_ids:
-                    run.view.last_token_ms = t
-                    if run.view.first_token_ms is None:
-                        run.view.first_token_ms = t
-                    run.view.num_output_tokens += len(out.token_ids)
-                    b.append_tokens(out.seq_id, run.num_output_tokens, list(out.token_ids),
-                                    [out.text] + [""] * (len(out.token_ids) - 1), t)
-                    run.num_output_tokens += len(out.token_ids)
-                    self.stats.output_tokens[run.view.service_class] += len(out.token_ids)
-                if out.finished:
-                    b.finish(out.seq_id, _FINISH_NAMES.get(out.finish_reason, "stop"), t)
-                    finished.append(out.seq_id)
-                    self.stats.finished[run.view.service_class] += 1
-            b.set_worker_state(self.address, {
-                "leased_by": self.replica_id, "running": len(self.seqs) - len(finished),
-                "last_step_ms": report.timings.step_ms, **self.stats.summary(), **self.status.occupancy})
+        b = Batch(self.store)
+        for err in report.errors:
+            self._on_error(b, err, t)
+        for out in report.outputs:
+            run = self.seqs.get(out.seq_id)
+            if run is None:
+                continue
+            run.view.num_computed_tokens = out.num_computed_tokens
+            run.view.num_tokens += len(out.token_ids)
+            if out.token_ids:
+                run.view.last_token_ms = t
+                if run.view.first_token_ms is None:
+                    run.view.first_token_ms = t
+                run.view.num_output_tokens += len(out.token_ids)
+                b.append_tokens(out.seq_id, run.num_output_tokens, list(out.token_ids),
+                                [out.text] + [""] * (len(out.token_ids) - 1), t)
+                run.num_output_tokens += len(out.token_ids)
+                self.stats.output_tokens[run.view.service_class] += len(out.token_ids)
+            if out.finished:
+                b.finish(out.seq_id, _FINISH_NAMES.get(out.finish_reason, "stop"), t)
+                finished.append(out.seq_id)
+                self.stats.finished[run.view.service_class] += 1
+        b.set_worker_state(self.address, {
+            "leased_by": self.replica_id, "running": len(self.seqs) - len(finished),
+            "last_step_ms": report.timings.step_ms, **self.stats.summary(), **self.status.occupancy})
         self._observe_report(report, finished, t)
         for rid in finished:
             self.seqs.pop(rid, None)
-        self._pending_free += finished
+        self._unwritten = (b, finished)
+
+    def _start_write(self) -> None:
+        if self._unwritten is not None:
+            b, finished = self._unwritten
+            self._unwritten = None
+            self._writing = asyncio.get_running_loop().create_task(self._write(b, finished))
+
+    async def _write(self, b: Batch, finished: list[str]) -> None:
+        await b.execute()
+        self._pending_free += finished   # in Redis now: the worker's copy may go
+
+    async def _settle(self) -> None:
+        """Wait for the last report's write (raising what it raised), starting it if need be."""
+        self._start_write()
+        task, self._writing = self._writing, None
+        if task is not None:
+            await task
+
+    async def _settle_quietly(self) -> None:
+        """The same on the way out of a session: a write that failed is logged, and what
+        it held is still on the worker for the next session's reconciliation."""
+        try:
+            await self._settle()
+        except RedisError as e:
+            log.warning("worker %s: report not written, redis: %s", self.address, e)
 
     # ---- observability hooks (metrics.py, tracing.py) ------------------------------------
 
@@ -463,7 +518,8 @@ class WorkerLoop:
             self.tracing.planned(plan, self.seqs)
 
     def _observe_report(self, report: worker_pb2.StepReport, finished: list[str], t: float) -> None:
-        """After the report is in Redis, before the finished sequences leave self.seqs."""
+        """After the report is in the mirror, before the finished sequences leave self.seqs
+        (its write to Redis may still be in flight)."""
         if self.metrics is not None:
             self.metrics.reported(self, report, finished, t)
         if self.tracing is not None:

@@ -8,7 +8,6 @@ in-memory exporter. Cross-process: real worker and scheduler processes exporting
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import uuid
@@ -17,8 +16,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
-from grpc_health.v1 import health
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -28,18 +25,10 @@ from opentelemetry.trace import SpanKind
 from bros.client import Client, Final
 from bros.redis_server import EmbeddedRedis
 from bros.telemetry import telemetry_checks, tracer_provider
-from bros.v1 import inference_pb2_grpc, worker_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.planner import PlannerConfig, make_policy
-from scheduler_svc.server import attach_observability
-from scheduler_svc.service import InferenceService
-from scheduler_svc.store import Store
-from scheduler_svc.stream_hub import StreamHub
-from scheduler_svc.worker_loop import WorkerLoop
-from stack import Scheduler, Worker, free_port
+from inprocess import InProcessStack
+from stack import Scheduler, Worker
 from worker_svc.config import WorkerConfig
-from worker_svc.service import WorkerService
-from worker_svc.tracing import StepTracing
 
 PROMPT = list(range(100, 140))     # 40 tokens: prefill chunks of 16, 16 and 8 under a budget of 16
 MAX_TOKENS = 5                     # the last chunk samples token 1, then 4 decode steps
@@ -56,74 +45,6 @@ def provider_to(exporter, service_name: str) -> TracerProvider:
     provider = tracer_provider(service_name)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider
-
-
-# ---- an in-process stack ------------------------------------------------------------------
-
-class InProcessStack:
-    """A sim worker and a one-loop scheduler on an event loop in a thread; tracer=None
-    leaves that side untraced."""
-
-    def __init__(self, redis_url: str, scheduler_tracer=None, worker_tracer=None):
-        self.redis_url = redis_url
-        self.scheduler_tracer, self.worker_tracer = scheduler_tracer, worker_tracer
-        self.prefix = f"t{uuid.uuid4().hex[:8]}"
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> "InProcessStack":
-        self.thread.start()
-        self._call(self._start())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._call(self._stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def _call(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    async def _start(self) -> None:
-        wcfg = WorkerConfig(backend="sim", port=free_port(), num_blocks=64, warmup=False)
-        self.worker = WorkerService(wcfg, health.aio.HealthServicer())
-        if self.worker_tracer is not None:
-            self.worker.tracing = StepTracing(self.worker_tracer, wcfg.resolved_worker_id)
-        self.worker_server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServicer_to_server(self.worker, self.worker_server)
-        self.worker_address = f"127.0.0.1:{self.worker_server.add_insecure_port(f'127.0.0.1:{wcfg.port}')}"
-        await self.worker_server.start()
-        await self.worker.load()
-
-        cfg = SchedulerConfig(redis_url=self.redis_url, workers=(self.worker_address,), key_prefix=self.prefix,
-                              max_num_batched_tokens=CHUNK_BUDGET, policy="fcfs")
-        self.redis = aioredis.from_url(self.redis_url)
-        self.store = Store(self.redis, prefix=self.prefix)
-        replica = f"replica-{self.prefix}"
-        self.worker_loop = WorkerLoop(self.worker_address, self.store, make_policy("fcfs"),
-                                      PlannerConfig(max_num_seqs=8, max_num_batched_tokens=CHUNK_BUDGET), replica)
-        self.hub = StreamHub(self.redis, self.store.keys, replica)
-        self.hub.start()
-        self.service = InferenceService(cfg, self.store, [self.worker_loop], self.hub)
-        attach_observability(self.store, [self.worker_loop], self.service, self.scheduler_tracer, None)
-        self.server = grpc.aio.server()
-        inference_pb2_grpc.add_InferenceServicer_to_server(self.service, self.server)
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        await self.server.start()
-        self.task = asyncio.get_running_loop().create_task(self.worker_loop.run())
-        while not self.worker_loop.status.connected:
-            await asyncio.sleep(0.01)
-
-    async def _stop(self) -> None:
-        await self.worker_loop.stop()
-        self.task.cancel()
-        await self.server.stop(0)
-        await self.hub.close()
-        await self.redis.aclose()
-        await self.worker_server.stop(0)
-
-    def record(self, request_id: str):
-        return self._call(self.store.get(request_id))
 
 
 def generate_one(address: str, client_provider=None) -> tuple[str, Final]:
@@ -229,7 +150,7 @@ def test_tracing_off_stores_and_sends_no_context(redis_server):
         assert stack.service.tracing is None and stack.worker_loop.tracing is None
         request_id, _ = generate_one(stack.address, client_p)
         assert stack.record(request_id).trace_context == ""
-        raw = stack._call(stack.redis.hgetall(stack.store.keys.req(request_id)))
+        raw = stack.call(stack.redis.hgetall(stack.store.keys.req(request_id)))
         assert b"trace_context" not in raw
     assert [s.name for s in exporter.get_finished_spans()] == ["bros.v1.Inference/Generate"]
 
