@@ -244,3 +244,25 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 TestAllocatorMachine = AllocatorMachine.TestCase
 TestAllocatorMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+def test_room_left_by_the_other_end_is_found_without_a_scan():
+    """A closed run's block gets room when its other-end owner leaves; occupancy and
+    growth see it although no growing run or paused BE sits there (module doc, Scans)."""
+    a = BlockAllocator(num_blocks=3, block_size=4)
+    a.add_sequence("b", BE)
+    assert a.allocate("b", 2) == [3, 2]              # block 0, right half
+    a.pause("b")
+    a.add_sequence("r1", RT)
+    assert a.allocate("r1", 8) == list(range(4, 12))  # blocks 1 and 2
+    a.add_sequence("r2", RT)
+    assert a.allocate("r2", 2) == [0, 1]              # the left of paused b's block 0
+    a.resume("b")
+    a.free("r1")
+    assert a.allocate("b", 1) == [7]                  # block 0 is full: b's run there closes
+    a.free("r2")                                      # ... and now has room again
+    assert a.occupancy()["rt_available_slots"] == 4 + 2   # free block 2, and block 0's left
+    a.add_sequence("r3", RT)
+    assert a.allocate("r3", 6) == [8, 9, 10, 11, 0, 1]
+    assert a.occupancy()["shared_blocks"] == 1
+    a.check_integrity()

@@ -18,12 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def health_status(channel) -> int:
-    stub = health_pb2_grpc.HealthStub(channel)
-    try:
-        return stub.Check(health_pb2.HealthCheckRequest(service="bros.v1.Worker"), timeout=2).status
-    except grpc.RpcError:
-        return -1
+def health_status(address: str) -> int:
+    # A fresh channel each time: a channel refused while the process starts backs off
+    # reconnecting (1 s, 1.6 s, ...) and can sleep through the whole NOT_SERVING phase.
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            return stub.Check(health_pb2.HealthCheckRequest(service="bros.v1.Worker"), timeout=2).status
+        except grpc.RpcError:
+            return -1
 
 
 def start_worker(*args: str, timeout: float = 120.0):
@@ -35,7 +38,7 @@ def start_worker(*args: str, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     saw_not_serving = False
     while time.monotonic() < deadline:
-        status = health_status(channel)
+        status = health_status(f"127.0.0.1:{port}")
         if status == health_pb2.HealthCheckResponse.NOT_SERVING:
             saw_not_serving = True
         if status == health_pb2.HealthCheckResponse.SERVING:

@@ -26,6 +26,14 @@ Sharing rules:
   memory is full, the BE sequence is truncated to the tokens before that run instead and
   must recompute the rest (the fallback).
 - BE never evicts RT.
+
+Scans: a step reports the pool's occupancy, and a full pool looks for a block to share,
+so neither may walk all N blocks (tens of thousands on a GPU). Only three kinds of block
+can have room for a new run or for RT to evict into: a sequence's last block (its run
+still grows), a block whose BE owner is paused, and a block whose other-end owner left
+or that a restore filled part-way (`_gappy`, kept as they happen). Every other block in
+use is full. `_candidates()` is those blocks; `check_integrity()` checks that no block
+outside it has room.
 """
 from __future__ import annotations
 
@@ -102,6 +110,8 @@ class BlockAllocator:
         # Sequences truncated by the recompute fallback since the last drain: seq_id -> tokens kept.
         self.truncated: dict[str, int] = {}
         self.num_evictions = 0
+        self._num_shared = 0                     # blocks with both an RT and a BE owner
+        self._gappy: set[int] = set()            # may have room with no growing run (module doc)
 
     # ---- sequence lifecycle -------------------------------------------------------
 
@@ -160,8 +170,8 @@ class BlockAllocator:
 
     def _shareable_room(self, seq: SeqAlloc) -> int:
         evict = seq.seq_class == SeqClass.RT
-        return sum(self._room(seq.seq_class, b, evict) for b in range(self.num_blocks)
-                   if not self._is_free(b) and self._may_open(seq, b))
+        return sum(self._room(seq.seq_class, b, evict) for b in self._candidates()
+                   if self._may_open(seq, b))
 
     def allocate(self, seq_id: str, num_new_tokens: int) -> list[int]:
         """Place num_new_tokens more tokens; return their global slot ids in order.
@@ -221,7 +231,7 @@ class BlockAllocator:
 
     def _best_shared_block(self, seq: SeqAlloc) -> int:
         best, best_key = None, None
-        for b in range(self.num_blocks):
+        for b in self._candidates():
             if not self._may_open(seq, b):
                 continue
             room = self._room(seq.seq_class, b, evict=False)
@@ -292,6 +302,7 @@ class BlockAllocator:
             if run.block_id is not None:
                 continue
             b = self._restore_block(seq, run.num_tokens)
+            self._gappy.add(b)   # a closed run with room, unless it fills the block
             restored = Run(b, run.num_tokens)
             if seq.seq_class == SeqClass.RT:
                 self.rt_used[b] += run.num_tokens
@@ -365,9 +376,10 @@ class BlockAllocator:
         return seq.seq_class == SeqClass.RT and self.be_used[b] > 0 and self._be_paused(b)
 
     def _set_owner(self, seq_class: SeqClass, b: int, seq_id: str) -> None:
-        owners = self.rt_owner if seq_class == SeqClass.RT else self.be_owner
+        owners, others = (self.rt_owner, self.be_owner) if seq_class == SeqClass.RT else (self.be_owner, self.rt_owner)
         assert owners[b] is None, f"block {b} already has a {seq_class.name} owner {owners[b]!r}"
         owners[b] = seq_id
+        self._num_shared += others[b] is not None
 
     def _release_run(self, seq_class: SeqClass, run: Run) -> None:
         b = run.block_id
@@ -378,6 +390,9 @@ class BlockAllocator:
         if self._is_free(b):
             heapq.heappush(self._free_heap, b)
             self._num_free_blocks += 1
+        else:   # the other end stays, next to the room this run leaves
+            self._num_shared -= 1
+            self._gappy.add(b)
 
     def _drop_runs(self, seq: SeqAlloc, start: int) -> None:
         for run in seq.runs[start:]:
@@ -391,17 +406,25 @@ class BlockAllocator:
 
     # ---- reporting and checking --------------------------------------------------
 
+    def _candidates(self) -> list[int]:
+        """The blocks in use that may have room (module doc), in id order; forgets gappy
+        blocks that have filled up or gone free."""
+        B = self.block_size
+        self._gappy = {b for b in self._gappy if not self._is_free(b) and self.rt_used[b] + self.be_used[b] < B}
+        found = set(self._gappy)
+        for seq in self.seqs.values():
+            if seq.runs and seq.runs[-1].block_id is not None:
+                found.add(seq.runs[-1].block_id)
+            if seq.paused and seq.seq_class == SeqClass.BE:
+                found.update(r.block_id for r in seq.runs if r.block_id is not None)
+        return sorted(found)
+
     def occupancy(self) -> dict[str, int]:
         B = self.block_size
         rt_slots, be_slots = sum(self.rt_used), sum(self.be_used)
         rt_avail = rt_avail_evict = be_avail = 0
-        shared = 0
-        for b in range(self.num_blocks):
+        for b in self._candidates():
             rt, be = self.rt_owner[b], self.be_owner[b]
-            if rt is not None and be is not None:
-                shared += 1
-            if rt is None and be is None:
-                continue
             gap = B - self.rt_used[b] - self.be_used[b]
             be_paused = self._be_paused(b)
             rt_can = (rt is not None and self._is_open_run(rt, b)) or (
@@ -419,7 +442,7 @@ class BlockAllocator:
             "be_slots": be_slots,
             "free_slots": self.num_blocks * B - rt_slots - be_slots,
             "free_blocks": self._num_free_blocks,
-            "shared_blocks": shared,
+            "shared_blocks": self._num_shared,
             "be_host_slots": self.num_host_slots,
             "rt_available_slots": free_block_slots + rt_avail,
             "rt_available_slots_with_preempt": free_block_slots + rt_avail_evict,
@@ -463,6 +486,14 @@ class BlockAllocator:
         if sorted(self._free_heap) != free or self._num_free_blocks != len(free):
             raise AssertionError(f"free list leak: heap has {len(self._free_heap)}, "
                                  f"count {self._num_free_blocks}, actually free {len(free)}")
+        shared = sum(rt_owner[b] is not None and be_owner[b] is not None for b in range(self.num_blocks))
+        if shared != self._num_shared:
+            raise AssertionError(f"shared blocks: counted {self._num_shared}, actually {shared}")
+        candidates = set(self._candidates())
+        roomy = [b for b in range(self.num_blocks) if b not in candidates and not self._is_free(b)
+                 and (rt_used[b] + be_used[b] < B or self._be_paused(b))]
+        if roomy:
+            raise AssertionError(f"blocks with room that scans skip: {roomy[:10]}")
         if host != self.num_host_slots or host > self.max_num_host_slots:
             raise AssertionError(f"host slots: counted {host}, recorded {self.num_host_slots}, "
                                  f"budget {self.max_num_host_slots}")
