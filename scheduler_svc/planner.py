@@ -86,8 +86,9 @@ class PlannerConfig:
     bros_min_batched_tokens: int = 64
     # bros: hold the allowance's growth while the share of on-time RT outcomes in the
     # last bros_attainment_window is below this. 0 (default): classic AIMD, grow on every
-    # iteration without a new miss; holding at 0.95 starved BE without helping RT (sim-paper
-    # at 0.3 of capacity: attainment 0.962 and BE 394 tok/s held, 0.983 and 397 not).
+    # iteration without a new miss. Holding at 0.95 gains 0.3-2.7 points of attainment on
+    # sim-paper but costs BE at high load (at 0.6 of capacity: 99.0% of priority's BE and
+    # 94.8% of fcfs's total, against 101.0% and 96.7%); docs/benchmarks.md, KV-pool section.
     bros_target_attainment: float = 0.0
     bros_attainment_window: int = 32    # RT outcomes in that window
     # bros: a new BE request is admitted only if, after its first chunk, the free blocks
