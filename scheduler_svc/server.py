@@ -22,6 +22,7 @@ from bros.v1 import inference_pb2_grpc
 from .access import check_redis_credentials, load_access
 from .config import SchedulerConfig
 from .metrics import SchedulerMetrics
+from . import round_trips
 from .placement import RoomBoard
 from .planner import make_policy
 from .service import SERVICE_NAME, InferenceService
@@ -39,6 +40,7 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     try:  # every credential file is read now: a bad one is a one-line exit naming its flag
         access = load_access(cfg)
         client = aioredis.from_url(cfg.redis_url, **access.redis_options)
+        round_trips.install(client)
         await check_redis_credentials(client, cfg)
     except ValueError as e:
         raise SystemExit(f"scheduler: {e}") from None

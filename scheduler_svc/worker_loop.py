@@ -37,6 +37,7 @@ from bros import tls
 from bros.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 
 from .keys import BEST_EFFORT
+from . import round_trips
 from .placement import RoomBoard
 from .planner import BE, RT, PlanInput, PlannerConfig, Policy, SeqView
 from .store import Batch, RequestRecord, Store
@@ -67,7 +68,7 @@ class Running:
 class LoopStats:
     """What the loop costs, published in its worker state hash in Redis (the sim-scale benchmark reads it)."""
     iterations: int = 0
-    round_trips: int = 0            # Redis round trips made by this loop
+    round_trips: int = 0            # Redis round trips made by this loop (round_trips.py counts them)
     # Per plan() call: wall time, and the CPU time of the thread that ran it. The two part
     # when the OS runs something else mid-plan (on a box shared with its workers).
     planner_ms: deque = field(default_factory=lambda: deque(maxlen=2000))
@@ -154,6 +155,7 @@ class WorkerLoop:
     # ---- outer loop: lease, connect, retry ------------------------------------------
 
     async def run(self) -> None:
+        round_trips.count_into(self.stats)   # this task's Redis traffic, and its write tasks'
         backoff = 0.1
         while not self._stopping.is_set():
             if self.draining:
@@ -242,7 +244,6 @@ class WorkerLoop:
                 held, aborts, waiting_rt, waiting_be = await self.store.loop_inputs(
                     self.address, self.replica_id, self.lease_ttl_ms, n, free_seats)
                 self.stats.iterations += 1
-                self.stats.round_trips += 2  # loop_inputs, and the report batch below
                 if not held:
                     log.warning("lost the lease on %s", self.address)
                     return
@@ -346,7 +347,6 @@ class WorkerLoop:
         self.stats.planner_ms.append((time.perf_counter() - t0) * 1e3)
         self.stats.planner_cpu_ms.append((time.thread_time() - c0) * 1e3)
         claimed = set(await self.store.claim(self.address, decision.admit, now_ms())) if decision.admit else set()
-        self.stats.round_trips += 2 if decision.admit else 0  # the claim, then the records (concurrent)
         admitted = [rid for rid in decision.admit if rid in claimed]
         full = dict(zip(admitted, await asyncio.gather(*(self.store.get(rid) for rid in admitted))))
         for rid in decision.admit:

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health
 
 from bros.v1 import inference_pb2_grpc, worker_pb2_grpc
+from scheduler_svc import round_trips
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.planner import PlannerConfig, make_policy
 from scheduler_svc.server import attach_observability
@@ -65,6 +66,7 @@ class InProcessStack:
         cfg = SchedulerConfig(redis_url=self.redis_url, workers=(self.worker_address,), key_prefix=self.prefix,
                               max_num_batched_tokens=self.chunk_budget, policy=self.policy)
         self.redis = aioredis.from_url(self.redis_url)
+        round_trips.install(self.redis)   # as server.py does
         self.store = Store(self.redis, prefix=self.prefix)
         replica = f"replica-{self.prefix}"
         self.worker_loop = WorkerLoop(self.worker_address, self.store, make_policy(self.policy),
