@@ -427,9 +427,9 @@ class WorkerLoop:
 
     async def _absorb(self, report: worker_pb2.StepReport) -> None:
         """The report updates the mirror at once; everything it says goes to Redis in one
-        round trip, started here and awaited before the next one (see the module doc).
-        The finished sequences leave the mirror now and are freed on the worker once the
-        write has landed."""
+        round trip, built here, started once the next plan is sent (`_start_write`) and
+        awaited before the next report's (see the module doc). The finished sequences
+        leave the mirror now and are freed on the worker once the write has landed."""
         await self._settle()
         self.status.occupancy = {f.name: getattr(report.occupancy, f.name)
                                  for f in report.occupancy.DESCRIPTOR.fields}
