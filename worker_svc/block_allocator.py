@@ -157,7 +157,7 @@ class BlockAllocator:
     def capacity(self, seq_id: str) -> int:
         """How many more tokens this sequence could take right now (evictions included).
 
-        Mirrors _place_one: the own last run's gap first; then free blocks, as long as
+        Mirrors _place_run: the own last run's gap first; then free blocks, as long as
         any is left (a collision with a paused BE then moves on to a free block rather
         than evict); then shareable blocks, evicting paused BE runs.
         """
@@ -186,7 +186,9 @@ class BlockAllocator:
         if num_new_tokens > easy and num_new_tokens > (available := self.capacity(seq_id)):
             raise AllocationError(
                 f"sequence {seq_id!r} needs {num_new_tokens} slots, only {available} available")
-        slots = [self._place_one(seq) for _ in range(num_new_tokens)]
+        slots: list[int] = []
+        while len(slots) < num_new_tokens:
+            slots += self._place_run(seq, num_new_tokens - len(slots))
         if seq._slots is not None:
             seq._slots.extend(slots)
         return slots
@@ -200,7 +202,11 @@ class BlockAllocator:
             seq._slots = [s for run in seq.runs for s in self._run_slots(seq.seq_class, run)]
         return seq._slots
 
-    def _place_one(self, seq: SeqAlloc) -> int:
+    def _place_run(self, seq: SeqAlloc, num_tokens: int) -> list[int]:
+        """Place up to num_tokens (at least one) in the sequence's last run, opening a new
+        run first (or evicting the paused BE run in the way) when it has no room; returns
+        their slots. Token by token this is the same placement: a run with room takes the
+        next token without any other decision."""
         run = seq.runs[-1] if seq.runs else None
         if run is not None and self._last_run_room(seq, evict=False) == 0 and self._collides_with_paused_be(seq):
             if self._num_free_blocks == 0:
@@ -208,15 +214,20 @@ class BlockAllocator:
         if run is None or self._last_run_room(seq, evict=False) == 0:
             run = Run(self._open_block(seq), 0)
             seq.runs.append(run)
-        b = run.block_id
+        n = min(num_tokens, self._last_run_room(seq, evict=False))
+        if n <= 0:
+            raise AllocationError(f"sequence {seq.seq_id!r}: no room in a run just opened (allocator bug)")
+        b, B = run.block_id, self.block_size
         if seq.seq_class == SeqClass.RT:
-            slot = b * self.block_size + self.rt_used[b]
-            self.rt_used[b] += 1
+            first = b * B + self.rt_used[b]
+            self.rt_used[b] += n
+            slots = list(range(first, first + n))
         else:
-            slot = b * self.block_size + self.block_size - 1 - self.be_used[b]
-            self.be_used[b] += 1
-        run.num_tokens += 1
-        return slot
+            top = b * B + B - 1 - self.be_used[b]
+            self.be_used[b] += n
+            slots = list(range(top, top - n, -1))
+        run.num_tokens += n
+        return slots
 
     def _open_block(self, seq: SeqAlloc) -> int:
         """Pick the block for a new run: a free block, else the roomiest shareable one,
