@@ -81,11 +81,21 @@ class LoopStats:
     # Output tokens written to Redis and requests finished, per class (RT, BE).
     output_tokens: Counter = field(default_factory=Counter)
     finished: Counter = field(default_factory=Counter)
+    # The planner quantiles as last sorted, and at which iteration: every report publishes
+    # a summary, and sorting 2 x 2,000 plan times each time cost ~0.2 ms of the loop's
+    # path between a report and the next plan. Refreshed every QUANTILES_EVERY iterations.
+    _planner_quantiles: dict = field(default_factory=dict, repr=False)
+    _quantiles_at: int = -1
+
+    QUANTILES_EVERY = 64
 
     def summary(self) -> dict:
-        wall, cpu = _quantiles(self.planner_ms), _quantiles(self.planner_cpu_ms)
-        return {"iterations": self.iterations, "planner_p50_ms": wall(0.5), "planner_p99_ms": wall(0.99),
-                "planner_cpu_p50_ms": cpu(0.5), "planner_cpu_p99_ms": cpu(0.99),
+        if self._quantiles_at < 0 or self.iterations - self._quantiles_at >= self.QUANTILES_EVERY:
+            wall, cpu = _quantiles(self.planner_ms), _quantiles(self.planner_cpu_ms)
+            self._planner_quantiles = {"planner_p50_ms": wall(0.5), "planner_p99_ms": wall(0.99),
+                                       "planner_cpu_p50_ms": cpu(0.5), "planner_cpu_p99_ms": cpu(0.99)}
+            self._quantiles_at = self.iterations
+        return {"iterations": self.iterations, **self._planner_quantiles,
                 "redis_round_trips_per_iter": self.round_trips / max(1, self.iterations),
                 "num_steps": self.num_steps, "num_scheduled_seqs": self.num_scheduled_seqs,
                 "preemptions": self.preemptions,

@@ -28,9 +28,8 @@ def redis_server():
         yield r
 
 
-def count_plans(monkeypatch, loop) -> list[int]:
-    """[plans sent so far] (counted as the loop starts sending one)."""
-    sent = [0]
+def count_plans(monkeypatch, loop, sent: list[int]) -> None:
+    """sent[0]: plans sent so far (counted as the loop starts sending one)."""
     exchange = loop._exchange
 
     async def counting(stream, plan):
@@ -38,7 +37,6 @@ def count_plans(monkeypatch, loop) -> list[int]:
         return await exchange(stream, plan)
 
     monkeypatch.setattr(loop, "_exchange", counting)
-    return sent
 
 
 def generate(address: str, max_tokens: int) -> Final:
@@ -50,8 +48,7 @@ def generate(address: str, max_tokens: int) -> Final:
 def test_a_reports_write_waits_for_the_next_plan_to_be_sent(redis_server, monkeypatch):
     """Each report write is held until the loop has sent the plan after it: a loop that
     waited for its write before planning again would stall here."""
-    sent: list[int] = [0]
-    held, stalled = [], []
+    sent, held, stalled = [0], [], []
 
     class HeldUntilNextPlan(Batch):
         def __init__(self, store):
@@ -70,7 +67,7 @@ def test_a_reports_write_waits_for_the_next_plan_to_be_sent(redis_server, monkey
 
     monkeypatch.setattr(worker_loop, "Batch", HeldUntilNextPlan)
     with InProcessStack(redis_server.url) as stack:
-        sent = count_plans(monkeypatch, stack.worker_loop)
+        count_plans(monkeypatch, stack.worker_loop, sent)
         final = generate(stack.address, 6)
     assert not final.error and final.num_output_tokens == 6
     assert not stalled, f"report writes waited on by the loop after plans {stalled}"

@@ -417,9 +417,9 @@ class BlockAllocator:
 
     # ---- reporting and checking --------------------------------------------------
 
-    def _candidates(self) -> list[int]:
-        """The blocks in use that may have room (module doc), in id order; forgets gappy
-        blocks that have filled up or gone free."""
+    def _candidates(self) -> set[int]:
+        """The blocks in use that may have room (module doc); forgets gappy blocks that
+        have filled up or gone free. Unordered: every caller sums, or breaks ties by id."""
         B = self.block_size
         self._gappy = {b for b in self._gappy if not self._is_free(b) and self.rt_used[b] + self.be_used[b] < B}
         found = set(self._gappy)
@@ -428,7 +428,7 @@ class BlockAllocator:
                 found.add(seq.runs[-1].block_id)
             if seq.paused and seq.seq_class == SeqClass.BE:
                 found.update(r.block_id for r in seq.runs if r.block_id is not None)
-        return sorted(found)
+        return found
 
     def occupancy(self) -> dict[str, int]:
         B = self.block_size
@@ -500,7 +500,7 @@ class BlockAllocator:
         shared = sum(rt_owner[b] is not None and be_owner[b] is not None for b in range(self.num_blocks))
         if shared != self._num_shared:
             raise AssertionError(f"shared blocks: counted {self._num_shared}, actually {shared}")
-        candidates = set(self._candidates())
+        candidates = self._candidates()
         roomy = [b for b in range(self.num_blocks) if b not in candidates and not self._is_free(b)
                  and (rt_used[b] + be_used[b] < B or self._be_paused(b))]
         if roomy:
