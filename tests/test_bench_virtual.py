@@ -243,3 +243,33 @@ def test_bench_refuses_an_unknown_policy_before_running_anything(monkeypatch):
     monkeypatch.setattr(bench, "run_scenario", lambda name, args: pytest.fail("ran"))
     with pytest.raises(SystemExit, match="--policies: unknown \\['nope'\\]"):
         bench.main(["--scenario", "sim-scale", "--policies", "bros,nope"])
+
+
+@needs_traces
+def test_several_seeds_report_each_run_and_their_mean(tmp_path, capsys):
+    import json
+    from scheduler_svc.bench import __main__ as bench
+    common = ["--scenario", "sim-paper", "--duration-s", "8", "--rates", "0.2", "--policies", "fcfs,bros"]
+    bench.main(common + ["--num-seeds", "2", "--out", str(tmp_path / "two")])
+    assert "mean over seeds [0, 1]" in capsys.readouterr().out
+    bench.main(common + ["--seed", "1", "--out", str(tmp_path / "one")])
+    two = json.loads((tmp_path / "two" / "sim-paper.json").read_text())
+    one = json.loads((tmp_path / "one" / "sim-paper.json").read_text())
+    assert two["seeds"] == [0, 1] and one["seeds"] == [1]
+    for name in ("fcfs", "bros"):
+        runs = two["points"][0]["policies"][name]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1]
+        alone = one["points"][0]["policies"][name]
+        # seed 1's run is the one a single-seed run at --seed 1 makes (wall time aside)
+        assert {k: v for k, v in runs[1].items() if k not in ("seed", "wall_s", "planner_p50_ms", "planner_p99_ms")} \
+            == {k: v for k, v in alone.items() if k not in ("wall_s", "planner_p50_ms", "planner_p99_ms")}
+        mean = two["points"][0]["policies"][name]
+        assert mean["be_tok_s"] == pytest.approx((runs[0]["be_tok_s"] + runs[1]["be_tok_s"]) / 2)
+    num_requests = two["points"][0]["num_requests"]
+    assert len(num_requests) == 2 and num_requests[1] == one["points"][0]["num_requests"]
+
+
+def test_sim_scale_refuses_several_seeds():
+    from scheduler_svc.bench import __main__ as bench
+    with pytest.raises(SystemExit, match="--num-seeds"):
+        bench.main(["--scenario", "sim-scale", "--num-seeds", "2"])

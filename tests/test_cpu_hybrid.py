@@ -64,6 +64,3 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
     assert result["points"][0]["policies"]["bros"]["num_rt"] == point["policies"]["bros"]["num_rt"]
 
 
-def test_the_mean_keeps_a_metric_a_live_run_could_not_measure():
-    runs = [{"seed": 0, "preemptions": None, "be_tok_s": 10.0}, {"seed": 1, "preemptions": None, "be_tok_s": 12.0}]
-    assert ch._mean(runs) == {"preemptions": None, "be_tok_s": 11.0}   # None, never a misleading 0

@@ -18,7 +18,7 @@ from scheduler_svc.planner import RT
 
 from .criteria import check, format_rows
 from .plots import plot_ttft_cdf, ready, save
-from .metrics import BenchMetrics, json_safe
+from .metrics import BenchMetrics, json_safe, mean_of_runs
 from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workload, capacity, policy_names, run_policy
 
 
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="RT rates as fractions of the estimated RT capacity, e.g. 0.1,0.2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-seeds", type=int, default=None,
-                   help="cpu-hybrid: seeds per policy, the mean is reported (default: 2 live, 12 virtual)")
+                   help="seeds --seed, --seed+1, ...: every policy serves each seed's workload and the "
+                        "tables and checks report the mean (default: 1; cpu-hybrid 2 live, 12 virtual)")
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
 def run_scenario(name: str, args: argparse.Namespace) -> None:
     policies = args.policies or policy_names()
     if name == "sim-scale":  # live: processes, not the virtual driver
+        if (args.num_seeds or 1) > 1:
+            sys.exit("--num-seeds: sim-scale runs one seed (it measures the planner, not a workload's luck)")
         from .scale import run_scale
         run_scale(policies, window_s=args.duration_s or 30.0, out=args.out, seed=args.seed,
                   own_core=not args.shared_cores)
@@ -95,29 +98,57 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
 
 def run_sim(scn: Scenario, policies: list[str], args: argparse.Namespace) -> None:
     cap = capacity(scn)
+    seeds = list(range(args.seed, args.seed + (args.num_seeds or 1)))
     _log(f"{scn.name}: {scn.description}")
     _log(f"pool {cap.pool_tokens} tokens; capacity RT {cap.rt_req_s:.2f} req/s, BE {cap.be_req_s:.2f} req/s; "
-         f"BE load {scn.be_busy * cap.be_req_s:.2f} req/s ({scn.be_arrival})")
+         f"BE load {scn.be_busy * cap.be_req_s:.2f} req/s ({scn.be_arrival}); seeds {seeds}")
     points, ttfts = [], {}
     cdf_frac = scn.rate_fracs[len(scn.rate_fracs) // 2]
-    total, done = len(scn.rate_fracs) * len(policies), 0
+    total, done = len(scn.rate_fracs) * len(seeds) * len(policies), 0
     for frac in scn.rate_fracs:
         rate = frac * cap.rt_req_s
-        requests = build_workload(scn, cap, rate, scn.duration_s, args.seed)
-        point = {"rt_rate": rate, "rt_rate_frac": frac, "num_requests": len(requests), "policies": {}}
-        for name in policies:
-            res = run_policy(scn, requests, name)
-            done += 1
-            _log(f"[{done}/{total}] rate {frac:.2f} ({rate:.3f} req/s) {name}: {_summary(res)}")
-            point["policies"][name] = _policy_entry(res)
-            if frac == cdf_frac:
-                ttfts[name] = [r.ttft_ms() for r in res.run.requests if r.request.service_class == RT]
-        points.append(point)
+        runs: dict[str, list[dict]] = {name: [] for name in policies}
+        num_requests = []
+        for seed in seeds:
+            requests = build_workload(scn, cap, rate, scn.duration_s, seed)
+            num_requests.append(len(requests))
+            for name in policies:
+                res = run_policy(scn, requests, name)
+                done += 1
+                _log(f"[{done}/{total}] rate {frac:.2f} ({rate:.3f} req/s) seed {seed} {name}: {_summary(res)}")
+                runs[name].append({"seed": seed, **_policy_entry(res)})
+                if frac == cdf_frac:
+                    ttfts.setdefault(name, []).extend(
+                        r.ttft_ms() for r in res.run.requests if r.request.service_class == RT)
+        points.append(sim_point(rate, frac, num_requests, runs))
+    if len(seeds) > 1:
+        print(f"{scn.name}: the mean over seeds {seeds} (each seed's run is in the JSON)")
     print(format_table(points, policies))
-    rows = check({"points": points})
+    rows = check({"points": points, "seed": seeds[0]})
     if rows:
         print(format_rows(rows))
-    write_outputs(args.out, scn, cap, args.seed, points, policies, ttfts, cdf_frac)
+    write_outputs(args.out, scn, cap, seeds, points, policies, ttfts, cdf_frac)
+
+
+def sim_point(rate: float, frac: float, num_requests: list[int], runs: dict[str, list[dict]]) -> dict:
+    """One RT rate's results. One seed: each policy's metrics. Several: each policy's
+    mean over the seeds (the figures the table and the checks read), with every seed's
+    own under "runs"; a seed's workload is the same for every policy."""
+    point = {"rt_rate": rate, "rt_rate_frac": frac}
+    if len(num_requests) == 1:
+        point["num_requests"] = num_requests[0]
+        point["policies"] = {name: {k: v for k, v in rs[0].items() if k != "seed"} for name, rs in runs.items()}
+        return point
+    point["seeds"] = [r["seed"] for r in next(iter(runs.values()))]
+    point["num_requests"] = num_requests
+    point["policies"] = {name: {**mean_of_runs(rs), "stop_reason": _stop_reasons(rs), "runs": rs}
+                         for name, rs in runs.items()}
+    return point
+
+
+def _stop_reasons(runs: list[dict]) -> str:
+    """"done" if every seed's run finished its workload, else each distinct reason."""
+    return ",".join(sorted({r["stop_reason"] for r in runs}))
 
 
 def _log(text: str) -> None:
@@ -153,7 +184,7 @@ def format_table(points: list[dict], policies: list[str]) -> str:
                      *(_num(m[k], 3) for k in ("rt_attain_both", "rt_attain_ttft", "rt_attain_tpot")),
                      *(_num(m[k], 0) for k in ("rt_ttft_p99_ms", "rt_tpot_p99_ms")),
                      _num(m["rt_norm_latency_ms"], 1), _num(m["be_tok_s"], 0), _num(m["total_tok_s"], 0),
-                     str(m["preemptions"]), str(m["rt_unfinished"] + m["be_unfinished"]), m["stop_reason"])
+                     _num(m["preemptions"], 0), _num(m["rt_unfinished"] + m["be_unfinished"], 0), m["stop_reason"])
             lines.append("".join(f"{c:>{w}}" for c, (_, w) in zip(cells, _COLUMNS)))
     return "\n".join(lines)
 
@@ -162,10 +193,10 @@ def _num(v, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def write_outputs(out: Path, scn: Scenario, cap: Capacity, seed: int, points: list[dict], policies: list[str],
-                  ttfts: dict[str, list[float | None]], cdf_frac: float) -> None:
+def write_outputs(out: Path, scn: Scenario, cap: Capacity, seeds: list[int], points: list[dict],
+                  policies: list[str], ttfts: dict[str, list[float | None]], cdf_frac: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"scenario": scn.name, "description": scn.description, "seed": seed,
+    doc = {"scenario": scn.name, "description": scn.description, "seed": seeds[0], "seeds": seeds,
            "config": json_safe({k: v for k, v in vars(scn).items() if k not in ("name", "description")}),
            "capacity": vars(cap), "metric_fields": list(BenchMetrics.__dataclass_fields__), "points": points}
     path = out / f"{scn.name}.json"

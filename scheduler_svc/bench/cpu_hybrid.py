@@ -22,7 +22,6 @@ of the live run, checked against it (docs/benchmarks.md), not a replacement.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
 from ..planner import RT, PlannerConfig, make_policy
 from . import virtual, workload
 from .live import replay_live, with_steps
-from .metrics import BenchMetrics, compute, json_safe
+from .metrics import BenchMetrics, compute, json_safe, mean_of_runs
 from .plots import plot_ttft_cdf, ready
 
 LENGTH_SCALE = 8
@@ -121,15 +120,9 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     result = {"scenario": name, "mode": mode, "seeds": seeds, "duration_s": duration_s,
               "rt_alone": alone.to_dict(), "targets_ms": {"ttft": ttft, "tpot": tpot}, "config": config,
               "points": [{"rt_rate": RT_RATE, "be_rate": BE_RATE,
-                          "policies": {p: {**_mean(rs), "runs": rs} for p, rs in runs.items()}}]}
+                          "policies": {p: {**mean_of_runs(rs), "runs": rs} for p, rs in runs.items()}}]}
     _report(result, out, ttfts)
     return result
-
-
-def _mean(runs: list[dict]) -> dict:
-    keys = [k for k, v in runs[0].items() if (v is None or isinstance(v, (int, float))) and k != "seed"]
-    return {k: statistics.fmean(r[k] for r in runs if r[k] is not None) if any(r[k] is not None for r in runs)
-            else None for k in keys}
 
 
 def _log(text: str) -> None:

@@ -14,6 +14,7 @@ the requests that have the value: unfinished ones are in `rt_unfinished`, not in
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass
 
 from scheduler_svc.planner import BE, RT
@@ -160,3 +161,12 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def mean_of_runs(runs: list[dict]) -> dict:
+    """The mean of each numeric field over several seeds' runs (None where no run has
+    it); the other fields are left out, each run keeps its own under "runs"."""
+    keys = [k for k, v in runs[0].items()
+            if k != "seed" and (v is None or isinstance(v, (int, float)) and not isinstance(v, bool))]
+    return {k: statistics.fmean(vals) if (vals := [r[k] for r in runs if r.get(k) is not None]) else None
+            for k in keys}
