@@ -24,6 +24,8 @@ def test_one_seed_is_checked_only_where_fcfs_fails_ttft():
                                              for name, e in seed_runs(0, 0.6, 150.0, 100.0).items()}}
     rows = check({"seed": 7, "points": [passes, fails]})
     assert [(r["rt_rate"], r["seed"]) for r in rows] == [(0.5, 7)]
+    assert "rt_alone_norm_latency_cut" not in rows[0]   # a result from before rt_alone was measured
+    assert "| 0.500 | 7 | 0.400 | 0.970 | 80% | - | 100.0% |" in format_rows(rows)
     assert rows[0]["norm_latency_cut"] == pytest.approx(0.8)
     assert rows[0]["ok"] == {"attain": True, "norm_cut": True, "total": True, "beats_priority": True}
 
@@ -33,20 +35,25 @@ def test_several_seeds_are_checked_each_and_on_their_mean():
     # blew up (cut 90%). The mean's cut is of the mean latencies: 1 - 30 / 200 = 85%.
     per_seed = [seed_runs(0, 0.3, 50.0, 99.0), seed_runs(1, 0.1, 300.0, 102.0)]
     runs = {name: [s[name] for s in per_seed] for name in per_seed[0]}
-    point = sim_point(0.5, 0.2, [40, 42], runs)
+    alone = [{"seed": 0, **entry(1.0, 1.0, 20.0, 0.0, 50.0)}, {"seed": 1, **entry(1.0, 1.0, 30.0, 0.0, 60.0)}]
+    point = sim_point(0.5, 0.2, [40, 42], runs, alone)
     assert point["seeds"] == [0, 1] and point["num_requests"] == [40, 42]
     assert point["policies"]["fcfs"]["rt_norm_latency_ms"] == 175.0
     assert point["policies"]["bros"]["be_tok_s"] == 100.5
     assert point["policies"]["bros"]["runs"] == runs["bros"]
+    assert point["rt_alone"]["rt_norm_latency_ms"] == 25.0 and point["rt_alone"]["runs"] == alone
     rows = check({"points": [point]})
     assert [r["seed"] for r in rows] == [0, 1, "mean"]
     cuts = [round(r["norm_latency_cut"], 3) for r in rows]
     assert cuts == [0.4, 0.9, round(1 - 30 / 175, 3)]
     assert [r["ok"]["norm_cut"] for r in rows] == [False, True, True]
     assert [r["ok"]["beats_priority"] for r in rows] == [False, True, True]
+    # the bound: each seed's RT alone against that seed's fcfs; the mean's, of the means
+    assert [round(r["rt_alone_norm_latency_cut"], 3) for r in rows] == [0.6, 0.9, round(1 - 25 / 175, 3)]
+    assert all("rt_alone_norm_latency_cut" not in r["ok"] for r in rows)   # a bound, not a check
     table = format_rows(rows)
-    assert "| 0.500 | mean | 0.200 | 0.970 | 83% |" in table
-    assert "| 0.500 | 0 | 0.300 | 0.970 | 40% | 100.0% | 99.0% | - | norm_cut, beats_priority |" in table
+    assert "| 0.500 | mean | 0.200 | 0.970 | 83% | 86% |" in table
+    assert "| 0.500 | 0 | 0.300 | 0.970 | 40% | 60% | 100.0% | 99.0% | - | norm_cut, beats_priority |" in table
 
 
 def test_a_seed_where_fcfs_meets_ttft_gets_no_row_but_the_mean_may():
@@ -56,9 +63,12 @@ def test_a_seed_where_fcfs_meets_ttft_gets_no_row_but_the_mean_may():
 
 
 def test_one_seed_keeps_the_flat_shape():
-    point = sim_point(0.5, 0.2, [40], {name: [e] for name, e in seed_runs(3, 0.4, 150.0, 100.0).items()})
+    alone = [{"seed": 3, **entry(1.0, 1.0, 30.0, 0.0, 60.0)}]
+    point = sim_point(0.5, 0.2, [40], {name: [e] for name, e in seed_runs(3, 0.4, 150.0, 100.0).items()}, alone)
     assert "runs" not in point["policies"]["bros"] and "seed" not in point["policies"]["bros"]
     assert point["num_requests"] == 40 and "seeds" not in point
+    assert point["rt_alone"] == {k: v for k, v in alone[0].items() if k != "seed"}
+    assert check({"seed": 3, "points": [point]})[0]["rt_alone_norm_latency_cut"] == pytest.approx(0.8)
 
 
 def test_the_mean_skips_missing_values_and_non_numbers():

@@ -267,6 +267,10 @@ def test_several_seeds_report_each_run_and_their_mean(tmp_path, capsys):
         assert mean["be_tok_s"] == pytest.approx((runs[0]["be_tok_s"] + runs[1]["be_tok_s"]) / 2)
     num_requests = two["points"][0]["num_requests"]
     assert len(num_requests) == 2 and num_requests[1] == one["points"][0]["num_requests"]
+    # RT served alone: every RT request and none of the BE, faster than with fcfs's BE
+    alone = two["points"][0]["rt_alone"]["runs"][1]
+    assert alone["num_rt"] == one["points"][0]["policies"]["bros"]["num_rt"] and alone["num_be"] == 0
+    assert alone["rt_norm_latency_ms"] <= one["points"][0]["policies"]["fcfs"]["rt_norm_latency_ms"]
 
 
 def test_sim_scale_refuses_several_seeds():

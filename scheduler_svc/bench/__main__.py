@@ -108,10 +108,11 @@ def run_sim(scn: Scenario, policies: list[str], args: argparse.Namespace) -> Non
     for frac in scn.rate_fracs:
         rate = frac * cap.rt_req_s
         runs: dict[str, list[dict]] = {name: [] for name in policies}
-        num_requests = []
+        num_requests, alone = [], []
         for seed in seeds:
             requests = build_workload(scn, cap, rate, scn.duration_s, seed)
             num_requests.append(len(requests))
+            alone.append({"seed": seed, **_rt_alone(scn, requests)})
             for name in policies:
                 res = run_policy(scn, requests, name)
                 done += 1
@@ -120,7 +121,7 @@ def run_sim(scn: Scenario, policies: list[str], args: argparse.Namespace) -> Non
                 if frac == cdf_frac:
                     ttfts.setdefault(name, []).extend(
                         r.ttft_ms() for r in res.run.requests if r.request.service_class == RT)
-        points.append(sim_point(rate, frac, num_requests, runs))
+        points.append(sim_point(rate, frac, num_requests, runs, alone))
     if len(seeds) > 1:
         print(f"{scn.name}: the mean over seeds {seeds} (each seed's run is in the JSON)")
     print(format_table(points, policies))
@@ -130,20 +131,40 @@ def run_sim(scn: Scenario, policies: list[str], args: argparse.Namespace) -> Non
     write_outputs(args.out, scn, cap, seeds, points, policies, ttfts, cdf_frac)
 
 
-def sim_point(rate: float, frac: float, num_requests: list[int], runs: dict[str, list[dict]]) -> dict:
+def _rt_alone(scn: Scenario, requests: list) -> dict:
+    """The workload's RT requests served with no BE at all (fcfs): the RT latency a
+    policy that also serves BE can approach but not beat by much, so the largest cut
+    against fcfs any policy could show at this rate."""
+    return _policy_entry(run_policy(scn, [r for r in requests if r.service_class == RT], "fcfs"))
+
+
+def sim_point(rate: float, frac: float, num_requests: list[int], runs: dict[str, list[dict]],
+              alone: list[dict] | None = None) -> dict:
     """One RT rate's results. One seed: each policy's metrics. Several: each policy's
     mean over the seeds (the figures the table and the checks read), with every seed's
-    own under "runs"; a seed's workload is the same for every policy."""
+    own under "runs"; a seed's workload is the same for every policy. "rt_alone" is
+    the same for the workload's RT requests alone (_rt_alone)."""
     point = {"rt_rate": rate, "rt_rate_frac": frac}
     if len(num_requests) == 1:
         point["num_requests"] = num_requests[0]
-        point["policies"] = {name: {k: v for k, v in rs[0].items() if k != "seed"} for name, rs in runs.items()}
+        point["policies"] = {name: _one(rs) for name, rs in runs.items()}
+        if alone:
+            point["rt_alone"] = _one(alone)
         return point
     point["seeds"] = [r["seed"] for r in next(iter(runs.values()))]
     point["num_requests"] = num_requests
-    point["policies"] = {name: {**mean_of_runs(rs), "stop_reason": _stop_reasons(rs), "runs": rs}
-                         for name, rs in runs.items()}
+    point["policies"] = {name: _mean(rs) for name, rs in runs.items()}
+    if alone:
+        point["rt_alone"] = _mean(alone)
     return point
+
+
+def _one(runs: list[dict]) -> dict:
+    return {k: v for k, v in runs[0].items() if k != "seed"}
+
+
+def _mean(runs: list[dict]) -> dict:
+    return {**mean_of_runs(runs), "stop_reason": _stop_reasons(runs), "runs": runs}
 
 
 def _stop_reasons(runs: list[dict]) -> str:
