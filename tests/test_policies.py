@@ -262,3 +262,24 @@ def test_bros_makes_rt_urgent_within_two_of_its_longest_recent_steps():
     # After a 300 ms step, 2 x 300 ms > its slack: it runs first.
     d = p.plan(inp(running=[be(), relaxed(310.0)], now=310.0), cfg)
     assert d.scheduled[0] == ("rt", 1)
+
+
+def test_bros_rt_stops_yielding_while_a_miss_keeps_the_be_allowance_cut():
+    p = make_policy("bros")
+    cfg = PlannerConfig(max_num_batched_tokens=40, bros_urgent_slack_ms=150, bros_urgent_iterations=0,
+                        bros_min_batched_tokens=8)
+    be = lambda: seq("be-run", 0, 100, BE, computed=60)  # noqa: E731
+    relaxed = lambda now: seq("rt", 0, 8, RT, computed=8, produced=1, first=now, tpot=400.0)  # noqa: E731
+    p.plan(inp(running=[be(), relaxed(0.0)], now=0.0), cfg)
+    # Slack ~400 ms and the allowance whole: the RT decode yields to the BE chunk.
+    assert dict(p.plan(inp(running=[be(), relaxed(10.0)], now=10.0), cfg).scheduled) == {"be-run": 40}
+    # A late RT first token cuts the allowance (40 -> 28): the same relaxed decode now goes first.
+    late = seq("late", 5, 8, RT, computed=8, produced=1, deadline=100.0, first=900.0, tpot=400.0)
+    d = p.plan(inp(running=[be(), relaxed(20.0), late], now=20.0), cfg)
+    assert p.token_budget < cfg.max_num_batched_tokens
+    assert d.scheduled[0][1] == 1 and d.scheduled[0][0] in ("rt", "late") and ("rt", 1) in d.scheduled
+    # Once the allowance has grown back, it yields again.
+    for now in (30.0, 40.0):
+        d = p.plan(inp(running=[be(), relaxed(now)], now=now), cfg)
+    assert p.token_budget == cfg.max_num_batched_tokens
+    assert dict(d.scheduled) == {"be-run": 40}

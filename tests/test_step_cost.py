@@ -79,11 +79,12 @@ def test_gate_sizes_a_be_chunk_to_the_banked_slack():
 
 
 def test_gate_waits_for_the_allowance_to_hold_a_chunk_worth_its_overhead():
-    # RT has slack to spare (so BE goes first), but BE's AIMD allowance holds only 40
-    # prompt tokens: not worth turning the step into a prefill one, unless the rule is off.
+    # RT has slack to spare, but BE's AIMD allowance holds only 40 tokens (so RT does not
+    # yield: it goes first, leaving 39): not worth turning the step into a prefill one,
+    # unless the rule is off.
     assert "be" not in dict(_plan_with_rt_slack(1000, gate=True, token_budget=40).scheduled)
     d = dict(_plan_with_rt_slack(1000, gate=True, token_budget=40, bros_prefill_switch_overheads=0).scheduled)
-    assert d["be"] == 40
+    assert d == {"rt": 1, "be": 39}
 
 
 def test_gate_takes_what_the_step_budget_holds_when_that_is_under_the_minimum():

@@ -17,7 +17,8 @@ Each iteration, in phases:
      earliest RT deadline it serves (_TimeGate): RT that runs ahead of its TPOT target
      banks slack, and BE spends it;
   4. RT with slack to spare takes what is left, least slack first: a BE request may
-     have taken its place this iteration, which its slack absorbs;
+     have taken its place this iteration, which its slack absorbs (only while the BE
+     allowance is whole: after an RT miss, every RT request is urgent until it regrows);
   5. if nothing could run although work is resident (every RT sequence needs a block
      and none is free or reclaimable), the newest RT sequence is recomputed, as vLLM
      does, so the pool never deadlocks.
@@ -110,7 +111,17 @@ class Bros:
 
     def _urgent_slack_ms(self, cfg: PlannerConfig) -> float:
         """RT with less slack than this runs first: the configured floor, or a few of the
-        longest recent iterations when steps are slow (a CPU worker's are ~10x a GPU's)."""
+        longest recent iterations when steps are slow (a CPU worker's are ~10x a GPU's).
+
+        While the BE allowance is below the step budget (an RT miss cut it and it has
+        not grown back), every RT request is urgent: none yields its place to BE. Under
+        overload a yielded place costs more than the step: the RT request holds its KV
+        a step longer and the queue behind it grows, so lending resumes only once RT has
+        gone ~40 steps without a miss. (5 seeds, 0.6 of capacity: RT both 0.763 -> 0.803
+        on sim-paper and 0.785 -> 0.822 on sim-arxiv, with more BE; 0.1-0.4 within a
+        point; docs/benchmarks.md, "Five seeds".)"""
+        if self.adaptive and self.token_budget is not None and self.token_budget < cfg.max_num_batched_tokens:
+            return math.inf
         return max(cfg.bros_urgent_slack_ms, cfg.bros_urgent_iterations * self.long_iteration_ms)
 
     def _slack(self, seq: SeqView, now_ms: float) -> float:
