@@ -273,7 +273,10 @@ def test_several_seeds_report_each_run_and_their_mean(tmp_path, capsys):
     assert alone["rt_norm_latency_ms"] <= one["points"][0]["policies"]["fcfs"]["rt_norm_latency_ms"]
 
 
-def test_sim_scale_refuses_several_seeds():
+def test_sim_scale_refuses_several_seeds_and_every_scenario_fewer_than_one(monkeypatch):
     from scheduler_svc.bench import __main__ as bench
-    with pytest.raises(SystemExit, match="--num-seeds"):
+    with pytest.raises(SystemExit, match="--num-seeds: sim-scale runs one seed"):
         bench.main(["--scenario", "sim-scale", "--num-seeds", "2"])
+    monkeypatch.setattr(bench, "run_scenario", lambda name, args: pytest.fail("ran"))
+    with pytest.raises(SystemExit, match="--num-seeds: must be at least 1, got 0"):
+        bench.main(["--scenario", "sim-paper", "--num-seeds", "0"])

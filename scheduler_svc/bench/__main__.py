@@ -72,6 +72,8 @@ def configure(args: argparse.Namespace, name: str) -> Scenario:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.num_seeds is not None and args.num_seeds < 1:
+        sys.exit(f"--num-seeds: must be at least 1, got {args.num_seeds}")
     unknown = sorted(set(args.policies or ()) - set(policy_names()))
     if unknown:
         sys.exit(f"--policies: unknown {unknown}; registered: {policy_names()}")
