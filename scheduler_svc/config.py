@@ -50,6 +50,8 @@ class SchedulerConfig:
     # that class (its last report) is at least this share of the roomiest worker's; an
     # idle worker takes BE regardless (scheduler_svc/placement.py).
     placement_tolerance: float = 0.9
+    # ... and the room of workers other replicas drive is re-read from Redis this often.
+    placement_refresh_ms: int = 50
     rt_ttft_ms: float = 1000.0               # default RT targets when a request sets none
     rt_tpot_ms: float = 200.0
     be_ttft_ms: float = 0.0                  # BE: no target (0), queue order by arrival only
@@ -116,6 +118,7 @@ class SchedulerConfig:
             (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
             (self.policy in POLICIES, "policy", f"must be one of {', '.join(sorted(POLICIES))}"),
             (0 < self.placement_tolerance <= 1, "placement_tolerance", "must be in (0, 1]"),
+            (self.placement_refresh_ms > 0, "placement_refresh_ms", "must be > 0"),
             *telemetry_checks(self),
         ]
         try:

@@ -24,7 +24,7 @@ TOK = "tok"            # stream: output tokens, entry ID 0-(index+1); the final 
 # Per-worker kinds.
 RUNNING = "running"    # set: ids of the requests claimed by this worker and not yet finished
 LEASE = "lease"        # string with PX: id of the scheduler replica driving this worker
-WORKER = "worker"      # hash: the worker's last report (occupancy...), for GetLoad from any replica
+WORKER = "worker"      # hash: the worker's last report (occupancy...), for GetLoad and placement from any replica
 ABORTS = "aborts"      # set: ids of this worker's running requests a client asked to abort
 PER_ID_KINDS = (REQ, TOK, RUNNING, LEASE, WORKER, ABORTS)
 
@@ -93,6 +93,12 @@ class Keys:
         """stream (MAXLEN ~16, expires): entries wake one replica's StreamHub when a call
         starts watching a request it was not waiting on."""
         return f"{self.prefix}:poke:{replica_id}"
+
+    def workers(self) -> str:
+        """zset: worker id -> when its last report was written (epoch ms). How a replica
+        finds the workers other replicas drive, and how fresh their WORKER hashes are
+        (placement.py)."""
+        return f"{self.prefix}:workers"
 
     def replica_seq(self) -> str:
         """string (integer): INCR gives each scheduler replica a unique id."""

@@ -23,7 +23,7 @@ from .access import check_redis_credentials, load_access
 from .config import SchedulerConfig
 from .metrics import SchedulerMetrics
 from . import round_trips
-from .placement import RoomBoard
+from .placement import BOARD_FIELDS, RoomBoard, sync_board
 from .planner import make_policy
 from .service import SERVICE_NAME, InferenceService
 from .store import Store
@@ -71,6 +71,9 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     log.info("scheduler %s on %s:%d, workers %s, policy %s", cfg.resolved_replica_id, cfg.host, port,
              ",".join(cfg.workers), cfg.policy)
     tasks = [asyncio.create_task(loop.run(), name=f"loop {loop.address}") for loop in loops]
+    tasks.append(asyncio.create_task(
+        sync_board(board, lambda: store.worker_fields(BOARD_FIELDS, cfg.lease_ttl_ms), cfg.placement_refresh_ms / 1e3),
+        name="placement board"))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

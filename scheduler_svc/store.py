@@ -47,10 +47,11 @@ from typing import AsyncIterator, Callable
 
 from redis.exceptions import NoScriptError
 
-from .keys import ABORTS, REALTIME, REQ, RUNNING, SERVICE_CLASSES, TOK, Keys
+from .keys import ABORTS, REALTIME, REQ, RUNNING, SERVICE_CLASSES, TOK, WORKER, Keys
 
 EXPIRE_BATCH = 256         # expired requests ended per loop iteration (the rest next time)
 RECENT_MAX = 1000          # outcomes kept per class for the attainment in GetLoad
+WORKERS_KEEP_MS = 3_600_000  # a worker silent this long leaves the workers zset
 FINAL_ID = b"1-0"          # the stream's last entry; sorts after every token entry 0-n
 STATES = ("queued", "running", "finished")
 
@@ -469,6 +470,20 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS[1] the workers zset; ARGV[1] the WORKER key head, [2] reported since (epoch ms),
+# [3] forget workers silent since (epoch ms), [4..] fields. Returns {id, {values}} per
+# worker that reported since ARGV[2] (a missing field comes back nil).
+_WORKER_FIELDS = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local names = {}
+for i = 4, #ARGV do names[#names + 1] = ARGV[i] end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do
+  out[#out + 1] = {id, redis.call('HMGET', ARGV[1] .. id, unpack(names))}
+end
+return out
+"""
+
 _REQUEST_SCRIPTS = {"admit": _ADMIT, "expire": _EXPIRE, "peek": _PEEK, "claim": _CLAIM, "requeue": _REQUEUE,
                     "append": _APPEND, "finish": _FINISH, "abort": _ABORT}
 _LEASE_SCRIPTS = {"acquire": _LEASE_ACQUIRE, "renew": _LEASE_RENEW, "release": _LEASE_RELEASE}
@@ -515,6 +530,7 @@ class Store:
                          for name, src in _REQUEST_SCRIPTS.items()}
         self._scripts.update({name: redis_client.register_script(src)
                               for name, src in _LEASE_SCRIPTS.items()})
+        self._scripts["worker_fields"] = redis_client.register_script(_WORKER_FIELDS)
         k = self.keys
         self._ctx_keys = ([k.queue(c) for c in SERVICE_CLASSES]
                           + [k.queued_tokens(c) for c in SERVICE_CLASSES]
@@ -669,6 +685,16 @@ class Store:
         async with self.batch() as b:
             b.set_worker_state(worker_id, fields)
 
+    async def worker_fields(self, fields: tuple[str, ...], max_age_ms: float) -> dict[str, dict[str, int]]:
+        """worker id -> {field: int} (fields it has) for every worker whose state was
+        written in the last max_age_ms, from any replica; one round trip."""
+        now = wall_ms()
+        rows = await self._scripts["worker_fields"](
+            keys=[self.keys.workers()],
+            args=[self.keys.head(WORKER), _num(now - max_age_ms), _num(now - WORKERS_KEEP_MS), *fields])
+        return {wid.decode(): {f: int(float(v)) for f, v in zip(fields, values) if v is not None}
+                for wid, values in rows}
+
     async def load(self, worker_ids: list[str]) -> dict:
         """{"classes": {class: ClassStats}, "workers": {worker_id: WorkerStats}}, one round trip."""
         k = self.keys
@@ -731,9 +757,14 @@ class Batch:
         """Field values: bytes as they are (e.g. a serialized proto), anything else str()."""
         if not fields:
             return
-        key = self._store.keys.worker(worker_id)
+        keys = self._store.keys
+        key, workers = keys.worker(worker_id), keys.workers()
         mapping = {f: v if isinstance(v, bytes) else str(v) for f, v in fields.items()}
-        self._ops.append(lambda pipe: pipe.hset(key, mapping=mapping))
+
+        def write(pipe) -> None:
+            pipe.hset(key, mapping=mapping)
+            pipe.zadd(workers, {worker_id: wall_ms()})   # when: as sent, for placement's freshness
+        self._ops.append(write)
 
     async def execute(self) -> list:
         if not self._ops:

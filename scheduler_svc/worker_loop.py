@@ -131,7 +131,7 @@ class WorkerLoop:
         self.idle_sleep_s = idle_sleep_s
         self.status = LoopStatus()
         self.stats = LoopStats()
-        self.board = board or RoomBoard()  # shared by this replica's loops
+        self.board = board or RoomBoard()  # shared by this replica's loops (placement.py)
         self.info: worker_pb2.WorkerInfo | None = None
         self.seqs: dict[str, Running] = {}
         self._pending_free: list[str] = []
@@ -446,7 +446,8 @@ class WorkerLoop:
         self.status.last_step_ms = report.timings.step_ms
         self._measure_prefill(report.timings.step_ms)
         finishing = frozenset(out.seq_id for out in report.outputs if out.finished)
-        self.board.report(self.address, self.status.occupancy, self._free_seats(finishing))
+        free_seats = self._free_seats(finishing)
+        self.board.report(self.address, self.status.occupancy, free_seats)
         self._resync(report)
         finished: list[str] = []
         t = now_ms()
@@ -473,7 +474,7 @@ class WorkerLoop:
                 finished.append(out.seq_id)
                 self.stats.finished[run.view.service_class] += 1
         b.set_worker_state(self.address, {
-            "leased_by": self.replica_id, "running": len(self.seqs) - len(finished),
+            "leased_by": self.replica_id, "running": len(self.seqs) - len(finished), "free_seats": free_seats,
             "last_step_ms": report.timings.step_ms, **self.stats.summary(), **self.status.occupancy})
         self._observe_report(report, finished, t)
         for rid in finished:

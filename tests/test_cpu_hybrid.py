@@ -10,6 +10,7 @@ from worker_svc.config import MB, WorkerConfig
 from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
 from worker_svc.model.config import ModelConfig
 from worker_svc.sim.cost_model import CostModel
+from test_bench_virtual import needs_traces
 
 
 def test_the_replica_pool_is_the_live_workers(model_dir):
@@ -39,6 +40,7 @@ def test_smollm2_cpu_costs():
     assert cost.iteration_ms([100], [50, 60]) == pytest.approx(72 + 1.2 * 100 + 3.4 * 2)
 
 
+@needs_traces
 def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
     result = ch.run_cpu_hybrid(["bros", "priority"], duration_s=20, num_seeds=2, out=tmp_path, mode="virtual")
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())

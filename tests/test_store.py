@@ -6,7 +6,6 @@ asyncio.run and a fresh client (a redis.asyncio client belongs to one event loop
 import asyncio
 import os
 import re
-import time
 import uuid
 from pathlib import Path
 
@@ -201,7 +200,9 @@ def test_batch_writes_in_one_round_trip_and_survives_script_flush(server, monkey
             b.append_tokens("q", 0, [2, 3], ["y", "z"], T0 + 10)
             b.finish("q", "length", T0 + 11)
             b.set_worker_state("w", {"occupancy": b"\x00\xff", "last_step_ms": 1.5})
-        assert sends == [4] and b.results == [1, 2, 1, 2]   # one pipeline, four writes
+        # One pipeline, four writes (the worker state: its hash, and when, in the workers zset).
+        assert sends == [4] and b.results == [1, 2, 1, 2, 1]
+        assert await store.redis.zscore(store.keys.workers(), "w") >= T0
         assert (await store.get("q")).state == "finished"
         assert await store.redis.hgetall(store.keys.worker("w")) == {
             b"occupancy": b"\x00\xff", b"last_step_ms": b"1.5"}
@@ -213,7 +214,7 @@ def test_batch_writes_in_one_round_trip_and_survives_script_flush(server, monkey
             b.append_tokens("p", 0, [1, 4], ["x", "w"], T0 + 12)
             b.finish("p", "stop", T0 + 13)
             b.set_worker_state("w", {"last_step_ms": 2.5})
-        assert sends == [3, 3] and b.results == [1, 1, 0]
+        assert sends == [3, 3] and b.results == [1, 1, 0, 0]
         assert [e.index for e in await store.read_stream("p", -1)] == [0, 1, -1]
         # An exception inside the block sends nothing.
         await store.admit(rec("r"))
