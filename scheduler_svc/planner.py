@@ -53,6 +53,9 @@ class PlanInput:
     block_size: int
     # The worker's last PoolOccupancy as a dict (rt_available_slots, be_slots, ...).
     occupancy: dict = field(default_factory=dict)
+    # Running sequences whose growth the worker's pool refused in its last report although
+    # the block arithmetic said it fit (their last block shares room with another end).
+    refused: frozenset[str] = frozenset()
 
 
 @dataclass

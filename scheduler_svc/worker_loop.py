@@ -142,6 +142,7 @@ class WorkerLoop:
         self._plan_id = 0
         self._needs_resync = False  # the worker cut a sequence's KV short: re-read counts
         self._resuming: set[str] = set()  # paused sequences this plan schedules
+        self._refused: set[str] = set()   # running sequences whose growth the last report refused
         self._stopping = asyncio.Event()
         # A worker that died or stalls: how long a report may take, and how long the loop
         # keeps a lost worker's requests for it before they go back to the queues.
@@ -351,7 +352,8 @@ class WorkerLoop:
                         waiting=[self._view(r, r.num_prompt_tokens + r.num_output_tokens)
                                  for r in waiting.values()],
                         free_blocks=occ.get("free_blocks", self.info.num_blocks),
-                        block_size=self.info.block_size, occupancy=occ)
+                        block_size=self.info.block_size, occupancy=occ, refused=frozenset(self._refused))
+        self._refused = set()
         t0, c0 = time.perf_counter(), time.thread_time()
         decision = self.policy.plan(inp, self.cfg)
         self.stats.planner_ms.append((time.perf_counter() - t0) * 1e3)
@@ -562,6 +564,8 @@ class WorkerLoop:
             self._pending_free.append(err.seq_id)
         elif err.field.startswith("scheduled") and err.seq_id in self._resuming and err.seq_id in self.seqs:
             self.seqs[err.seq_id].view.preempted = True  # it did not fit: the worker keeps it paused
+        elif err.field == "scheduled.num_tokens" and err.seq_id in self.seqs:
+            self._refused.add(err.seq_id)   # the pool had no room where the arithmetic said so
         elif err.field not in ("scheduled.num_tokens", "free"):
             log.warning("worker %s refused %s (%s): %s", self.address, err.seq_id, err.field, err.message)
 

@@ -14,9 +14,9 @@ def seq(rid, arrival, prompt, cls, computed=0, produced=0, deadline=1e9, tpot=10
                    tpot_ms=tpot, first_token_ms=first, num_output_tokens=produced, preempted=preempted)
 
 
-def inp(running=(), waiting=(), free_blocks=100, now=0.0, occupancy=None):
+def inp(running=(), waiting=(), free_blocks=100, now=0.0, occupancy=None, refused=()):
     return PlanInput(now_ms=now, running=list(running), waiting=list(waiting), free_blocks=free_blocks,
-                     block_size=16, occupancy=occupancy or {"num_blocks": 200})
+                     block_size=16, occupancy=occupancy or {"num_blocks": 200}, refused=frozenset(refused))
 
 
 def test_priority_puts_rt_first_and_recomputes_be_under_pressure():
@@ -169,8 +169,14 @@ def test_bros_treats_a_refused_growth_as_needing_a_block():
     rt = lambda: seq("rt", 0, 8, RT, computed=8, produced=1, first=0.0, tpot=100.0)  # noqa: E731
     full = {"rt_available_slots": 0, "rt_available_slots_with_preempt": 0}
     assert p.plan(inp(running=[rt()], free_blocks=0, occupancy=full), cfg).scheduled == [("rt", 1)]
-    d = p.plan(inp(running=[rt()], free_blocks=0, occupancy=full, now=5.0), cfg)
+    d = p.plan(inp(running=[rt()], free_blocks=0, occupancy=full, now=5.0, refused=["rt"]), cfg)
     assert d.scheduled == [] and d.recompute == ["rt"]
+    # Still unmoved a step later (its recompute not reported yet): the refusal holds.
+    d = p.plan(inp(running=[rt()], free_blocks=0, occupancy=full, now=10.0), cfg)
+    assert d.scheduled == []
+    # Once it moves (here: it grew), it is planned like any other sequence again.
+    moved = seq("rt", 0, 8, RT, computed=9, produced=2, first=0.0, tpot=100.0)
+    assert p.plan(inp(running=[moved], free_blocks=0, occupancy=full, now=15.0), cfg).scheduled == [("rt", 1)]
 
 
 def test_bros_without_chunking_runs_a_prompt_whole_or_not_at_all():

@@ -99,6 +99,7 @@ class _Driver:
         self.resident: dict[str, _Resident] = {}
         self.pending_free: list[str] = []
         self.occupancy: dict = {}
+        self.refused: set[str] = set()   # as the live loop: growth the last report refused
         self.iterations: list[IterationRecord] = []
         self.num_done = 0
         self.idle_since_ms: float | None = None
@@ -182,7 +183,8 @@ class _Driver:
         return PlanInput(now_ms=self.clock.now_ms(), running=[r.view for r in self.resident.values()],
                          waiting=waiting,
                          free_blocks=self.occupancy.get("free_blocks", self.engine.limits.num_blocks),
-                         block_size=self.engine.limits.block_size, occupancy=dict(self.occupancy))
+                         block_size=self.engine.limits.block_size, occupancy=dict(self.occupancy),
+                         refused=frozenset(self.refused))
 
     # ---- decision -> plan ----------------------------------------------------------------
 
@@ -225,6 +227,7 @@ class _Driver:
 
     def _absorb(self, report: Report, was_preempted: dict[str, bool]) -> None:
         self.occupancy = report.occupancy
+        self.refused = set()
         for err in report.errors:
             self._on_error(err.seq_id, err.field, err.message, was_preempted)
         for seq_id in report.recompute_needed:
@@ -249,6 +252,8 @@ class _Driver:
             self.result.num_retries += 1
             if seq_id in was_preempted:
                 self.resident[seq_id].view.preempted = was_preempted[seq_id]
+            if field_name == "scheduled.num_tokens" and not self.resident[seq_id].view.preempted:
+                self.refused.add(seq_id)
 
     def _on_output(self, res: _Resident, out: SeqOutput, t: float) -> None:
         view = res.view

@@ -53,8 +53,7 @@ class Bros:
         self.long_iteration_ms = 0.0
         self.cost: StepCost | None = None        # step time per regime, for the slack gate on BE
         self._last: tuple[float, int, int, bool] | None = None   # (now_ms, seqs, tokens, prefill) last plan
-        self._asked: dict[str, int] = {}        # scheduled last plan -> its computed tokens then
-        self._refused: set[str] = set()          # the worker refused their growth (see _note_refusals)
+        self._refused: dict[str, int] = {}      # refused growth -> its computed tokens then (_note_refusals)
         # Running RT whose first token was counted -> when a TPOT miss was last counted.
         self._judged: dict[str, float | None] = {}
         self._window: deque[bool] = deque()       # recent RT outcomes, on time or not
@@ -71,24 +70,19 @@ class Bros:
         out = self._plan(inp, cfg)
         self._last = (inp.now_ms, len(out.scheduled), sum(n for _, n in out.scheduled),
                       _holds_prefill(out.scheduled, by_id, {s.request_id for s in inp.waiting}))
-        self._asked = {rid: by_id[rid].num_computed_tokens if rid in by_id else 0 for rid, _ in out.scheduled}
         return out
 
     def _note_refusals(self, inp: PlanInput, by_id: dict[str, SeqView]) -> None:
-        """A sequence scheduled last time that is resident, running and no further along
-        was refused by the worker's pool: its last block has less room than a block of
-        its own would (an RT run in a block whose right end holds BE slots). Until it
-        moves it counts as needing a fresh block, so a full pool leads to displacement
-        or recompute instead of the same refused plan forever."""
-        refused = {rid for rid in self._refused if rid in by_id}   # forget the finished
-        for rid, asked in self._asked.items():
-            seq = by_id.get(rid)
-            if seq is None or seq.preempted:
-                continue
-            if seq.num_computed_tokens == asked:
-                refused.add(rid)
-            else:
-                refused.discard(rid)
+        """A sequence whose growth the worker refused (inp.refused) although the block
+        arithmetic said it fit: its last block has less room than a block of its own
+        would (an RT run in a block whose right end holds BE slots). Until it moves (its
+        computed count changes) it counts as needing a fresh block, so a full pool leads
+        to displacement or recompute instead of the same refused plan forever."""
+        refused = {rid: n for rid, n in self._refused.items()
+                   if rid in by_id and by_id[rid].num_computed_tokens == n}   # forget the finished and the moved
+        for rid in inp.refused:
+            if rid in by_id:
+                refused[rid] = by_id[rid].num_computed_tokens
         self._refused = refused
 
     def _learn(self, now_ms: float, cfg: PlannerConfig) -> None:
@@ -145,7 +139,7 @@ class Bros:
     def _plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         be_allowance = self._adapt(inp, cfg)
         step = StepBudget(inp, cfg, chunked=self.chunked)
-        step.needs_block = self._refused
+        step.needs_block = set(self._refused)
         evictable = self._evictable_blocks(inp)
         rt_running = [s for s in inp.running if s.service_class == RT]
         be_running = [s for s in inp.running if s.service_class == BE]
