@@ -52,6 +52,10 @@ class SchedulerConfig:
     placement_tolerance: float = 0.9
     # ... and the room of workers other replicas drive is re-read from Redis this often.
     placement_refresh_ms: int = 50
+    # Plans sent ahead of the worker's reports: 0 plans each step against the last report;
+    # 1 sends the next plan while the worker runs the current one, so the queue read and
+    # the planning between two steps leave the worker's path (scheduler_svc/projection.py).
+    pipeline_depth: int = 0
     rt_ttft_ms: float = 1000.0               # default RT targets when a request sets none
     rt_tpot_ms: float = 200.0
     be_ttft_ms: float = 0.0                  # BE: no target (0), queue order by arrival only
@@ -119,6 +123,7 @@ class SchedulerConfig:
             (self.policy in POLICIES, "policy", f"must be one of {', '.join(sorted(POLICIES))}"),
             (0 < self.placement_tolerance <= 1, "placement_tolerance", "must be in (0, 1]"),
             (self.placement_refresh_ms > 0, "placement_refresh_ms", "must be > 0"),
+            (self.pipeline_depth in (0, 1), "pipeline_depth", "must be 0 or 1"),
             *telemetry_checks(self),
         ]
         try:

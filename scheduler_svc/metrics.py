@@ -2,8 +2,8 @@
 
 Two kinds, so that an iteration pays only for what it changes:
 - events, counted by the worker loops as they happen (TTFT at a request's first token,
-  TPOT, targets and the finish status when it finishes, preemptions in each plan, the
-  iteration time): plain counter and histogram updates, nothing else;
+  TPOT, targets and the finish status when it finishes, the preemptions each report
+  says were applied, the iteration time): plain counter and histogram updates, nothing else;
 - levels, read when Prometheus scrapes (queue depth and queued tokens from Redis, and per
   worker this replica drives: KV slots per end, running sequences, the batch cap): the
   scrape thread runs one snapshot on the event loop, so it reads the loops' state between
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict, deque
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -57,8 +58,10 @@ class SchedulerMetrics:
         self.iteration = Histogram("bros_iteration_seconds", "One scheduling iteration that ran work: plan, "
                                    "claim, worker step, report read (its Redis write overlaps the next)", ["worker"],
                                    buckets=ITERATION_BUCKETS, registry=r)
-        self._plan_started: dict[str, float] = {}          # worker -> perf_counter at plan start
-        self._new_classes: dict[str, dict[str, int]] = {}  # worker -> class of each new sequence in flight
+        # worker -> per plan in flight, oldest first: perf_counter at its start, and the
+        # plan (the loop may plan one step ahead).
+        self._in_flight: dict[str, deque[tuple[float, object]]] = defaultdict(deque)
+        self._plan_started: dict[str, float] = {}          # worker -> perf_counter at the plan being made
 
     def watch(self, event_loop: asyncio.AbstractEventLoop, store, loops) -> None:
         """Serve the levels of store (queues) and loops (workers) at scrape time."""
@@ -67,6 +70,10 @@ class SchedulerMetrics:
         self.registry.register(_Levels(event_loop, store, loops))
 
     # ---- events, from the worker loops (event-loop thread) -----------------------------------
+
+    def session_started(self, loop) -> None:
+        """A (re)connected loop: plans of an earlier session never get their reports."""
+        self._in_flight.pop(loop.address, None)
 
     def plan_started(self, loop, aborts: list[str]) -> None:
         """Before a plan: the clock for the iteration, and the running requests aborted now."""
@@ -77,14 +84,16 @@ class SchedulerMetrics:
                 self.requests.labels(CLASS_NAMES[run.view.service_class], "abort").inc()
 
     def planned(self, loop, plan) -> None:
-        n = len(plan.preempt) + len(plan.checkpoint) + len(plan.recompute)
-        if n:
-            self.preemptions.labels(loop.address).inc(n)
-        self._new_classes[loop.address] = {s.seq_id: s.service_class for s in plan.new_sequences}
+        self._in_flight[loop.address].append((self._plan_started.pop(loop.address, time.perf_counter()), plan))
 
-    def reported(self, loop, report, finished: list[str], t_ms: float) -> None:
-        """After a report is in loop.seqs (finished ones not yet removed); its Redis write may be in flight."""
-        started = self._plan_started.pop(loop.address, None)
+    def reported(self, loop, report, finished: list[str], t_ms: float, num_preempted: int) -> None:
+        """After a report is in loop.seqs (finished ones not yet removed); its Redis write may
+        be in flight. num_preempted: the pauses and recomputes of its plan the worker applied."""
+        if num_preempted:
+            self.preemptions.labels(loop.address).inc(num_preempted)
+        in_flight = self._in_flight[loop.address]
+        started, plan = in_flight.popleft() if in_flight else (None, None)
+        new_classes = {s.seq_id: s.service_class for s in plan.new_sequences} if plan is not None else {}
         if started is not None and report.outputs:
             self.iteration.labels(loop.address).observe(time.perf_counter() - started)
         for out in report.outputs:
@@ -97,7 +106,6 @@ class SchedulerMetrics:
                 self.ttft.labels(CLASS_NAMES[view.service_class]).observe((t_ms - view.arrival_ms) / 1e3)
             if out.finished:
                 self._finished(view, FINISH_STATUS.get(out.finish_reason, "stop"))
-        new_classes = self._new_classes.pop(loop.address, {})
         for err in report.errors:
             # A new sequence the worker refused ends with an error (the loop dropped it).
             if err.field.startswith("new_sequences") and err.seq_id in new_classes and err.seq_id not in loop.seqs:

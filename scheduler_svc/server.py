@@ -50,7 +50,8 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     loops = [WorkerLoop(addr, store, make_policy(cfg.policy), planner_cfg, cfg.resolved_replica_id,
                         lease_ttl_ms=cfg.lease_ttl_ms, board=board, step_timeout_ms=cfg.step_timeout_ms,
                         requeue_after_ms=cfg.worker_requeue_after_ms,
-                        credentials=access.worker_credentials) for addr in cfg.workers]
+                        credentials=access.worker_credentials, pipeline_depth=cfg.pipeline_depth)
+             for addr in cfg.workers]
     server = grpc.aio.server(interceptors=[*access.interceptors, DecodeGuard()],
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])

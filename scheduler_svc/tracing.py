@@ -15,6 +15,7 @@ Attributes name ids, classes, counts and sizes; never prompt or output text.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -82,9 +83,10 @@ class LoopTracing:
         self.worker_id = worker_id
         self._contexts: dict[str, Context] = {}  # traced requests resident on this worker
         self._plan_start_ns = 0
-        # The plan in flight: (request id, parent, num_tokens, phase) of each traced scheduled item.
-        self._steps: list[tuple[str, Context, int, str]] = []
-        self._plan = None
+        # The plans in flight, oldest first (one unless the loop plans ahead): when each
+        # was started, the plan, and (request id, parent, num_tokens, phase) of each traced
+        # scheduled item.
+        self._in_flight: deque[tuple[int, object, list[tuple[str, Context, int, str]]]] = deque()
 
     def adopt(self, rec) -> None:
         """A request this loop now runs (claimed, or adopted after a reconnect)."""
@@ -106,37 +108,45 @@ class LoopTracing:
                                                       "bros.worker_id": self.worker_id})
             span.end(end_time=ns_from_ms(rec.first_scheduled_ms))
 
+    def session_started(self) -> None:
+        """A (re)connected loop: plans of an earlier session never get their reports."""
+        self._in_flight.clear()
+
     def plan_started(self) -> None:
         self._plan_start_ns = time.time_ns()
 
-    def planned(self, plan, seqs: dict) -> None:
-        self._steps = []
-        if not self._contexts:
-            return
-        if len(self._contexts) > len(seqs):  # finished, aborted or refused since: forget them
-            for rid in [r for r in self._contexts if r not in seqs]:
-                del self._contexts[rid]
-        self._steps = [(s.seq_id, self._contexts[s.seq_id], s.num_tokens, _phase(seqs[s.seq_id].view, s.num_tokens))
-                       for s in plan.scheduled if s.seq_id in self._contexts and s.seq_id in seqs]
-        self._plan = plan
+    def planned(self, plan, views: dict) -> None:
+        """views: request id -> SeqView as the plan finds them (the phase of each item)."""
+        steps = []
+        if self._contexts:
+            if len(self._contexts) > len(views):  # finished, aborted or refused since: forget them
+                for rid in [r for r in self._contexts if r not in views]:
+                    del self._contexts[rid]
+            steps = [(s.seq_id, self._contexts[s.seq_id], s.num_tokens, _phase(views[s.seq_id], s.num_tokens))
+                     for s in plan.scheduled if s.seq_id in self._contexts and s.seq_id in views]
+        self._in_flight.append((self._plan_start_ns, plan, steps))
 
-    def reported(self, finished: list[str]) -> None:
-        """The plan's report is in Redis: its step spans end now."""
+    def reported(self, finished: list[str], refused: set[str]) -> None:
+        """The oldest plan's report is in: its step spans end now, but for the items the
+        worker refused (pipelined: a sequence that finished in the step before)."""
         for rid in finished:
             self._contexts.pop(rid, None)
-        if not self._steps:
+        if not self._in_flight:
+            return
+        start_ns, plan, steps = self._in_flight.popleft()
+        if not steps:
             return
         end = time.time_ns()
-        plan = self._plan  # plan_id is set when it is sent, after planning
-        common = {"bros.worker_id": self.worker_id, "bros.plan_id": plan.plan_id,
+        common = {"bros.worker_id": self.worker_id, "bros.plan_id": plan.plan_id,  # set when it was sent
                   "bros.batch_num_seqs": len(plan.scheduled),
                   "bros.batch_num_tokens": sum(s.num_tokens for s in plan.scheduled)}
-        for rid, ctx, num_tokens, phase in self._steps:
-            span = self.tracer.start_span("bros.step", context=ctx, start_time=self._plan_start_ns,
+        for rid, ctx, num_tokens, phase in steps:
+            if rid in refused:
+                continue
+            span = self.tracer.start_span("bros.step", context=ctx, start_time=start_ns,
                                           attributes={**common, "bros.request_id": rid,
                                                       "bros.num_tokens": num_tokens, "bros.phase": phase})
             span.end(end_time=end)
-        self._steps, self._plan = [], None
 
 
 def _phase(view, num_tokens: int) -> str:

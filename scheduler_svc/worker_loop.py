@@ -40,6 +40,7 @@ from .keys import BEST_EFFORT
 from . import round_trips
 from .placement import RoomBoard
 from .planner import BE, RT, PlanInput, PlannerConfig, Policy, SeqView
+from .projection import project
 from .store import Batch, RequestRecord, Store
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 MIN_PREFILL_SAMPLE = 64     # prefill tokens a step needs to count toward the rate
 PREFILL_RATE_ALPHA = 0.2
 _FINISH_NAMES = {types_pb2.STOP: "stop", types_pb2.LENGTH: "length", types_pb2.ABORT: "abort"}
+_PREEMPTING_FIELDS = ("preempt", "checkpoint", "recompute")
 
 
 def now_ms() -> float:
@@ -109,6 +111,15 @@ def _quantiles(values) -> Callable[[float], float]:
 
 
 @dataclass
+class _Sent:
+    """A plan on its way to (or being run by) the worker, its report not read yet."""
+    plan: worker_pb2.StepPlan
+    resuming: set[str]              # paused sequences it schedules (the worker may keep them paused)
+    num_prefill_tokens: int         # its chunks of more than one token (the prefill-rate sample)
+    sent_ms: float
+
+
+@dataclass
 class LoopStatus:
     connected: bool = False         # this replica drives the worker (holds its lease)
     reachable: bool = False         # the worker answered recently (Describe or Step)
@@ -120,7 +131,7 @@ class WorkerLoop:
     def __init__(self, address: str, store: Store, policy: Policy, cfg: PlannerConfig, replica_id: str,
                  lease_ttl_ms: int = 5000, idle_sleep_s: float = 0.005, board: RoomBoard | None = None,
                  step_timeout_ms: float = 30_000, requeue_after_ms: float = 5_000,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, pipeline_depth: int = 0):
         self.address = address
         self.credentials = credentials  # mutual TLS to the worker; None: plaintext
         self.store = store
@@ -141,8 +152,14 @@ class WorkerLoop:
         self._writing: asyncio.Task | None = None
         self._plan_id = 0
         self._needs_resync = False  # the worker cut a sequence's KV short: re-read counts
-        self._resuming: set[str] = set()  # paused sequences this plan schedules
         self._refused: set[str] = set()   # running sequences whose growth the last report refused
+        # Plans sent whose reports are not read yet, oldest first. The loop reads a report
+        # once more than pipeline_depth are out: 0 plans against the last report (serial),
+        # 1 sends plan k+1 while the worker runs plan k (projection.py), so the worker
+        # never waits for the queue read and the planning between two steps.
+        self.pipeline_depth = pipeline_depth
+        self._sent: deque[_Sent] = deque()
+        self._last_report_ms = 0.0        # when the last report was read (wall ms)
         self._stopping = asyncio.Event()
         # A worker that died or stalls: how long a report may take, and how long the loop
         # keeps a lost worker's requests for it before they go back to the queues.
@@ -158,7 +175,8 @@ class WorkerLoop:
         self.draining = False
         self.worker_draining = False
         self.drained = asyncio.Event()
-        self._plan_prefill_tokens = 0
+        self._plan_prefill_tokens = 0      # of the plan being made (then its _Sent's)
+        self._resuming: set[str] = set()   # paused sequences the plan being made schedules
         # Observability, set by server.py when enabled; None costs one test per hook.
         self.metrics: SchedulerMetrics | None = None
         self.tracing: LoopTracing | None = None
@@ -247,6 +265,8 @@ class WorkerLoop:
             await self._reconcile(report)
             self._worker_lost_at = None
             self.status.connected = self.status.reachable = True
+            self._sent.clear()
+            self._observe_session()
             while not self._stopping.is_set():
                 n = self.cfg.max_num_seqs
                 # Only as many queued BE requests as could start now; RT is always looked
@@ -259,36 +279,74 @@ class WorkerLoop:
                     log.warning("lost the lease on %s", self.address)
                     return
                 plan = await self._next_plan(aborts, waiting_rt + waiting_be)
-                report = await self._exchange(stream, plan)
-                await self._absorb(report)
-                self.worker_draining = report.draining
+                await self._send(stream, plan)
+                idle = not plan.scheduled and not self.seqs
+                # Idle, nothing is worth running ahead: read every report before sleeping.
+                while len(self._sent) > (0 if idle else self.pipeline_depth):
+                    await self._receive(stream)
                 if self.draining and not self.seqs:
+                    await self._flush(stream)
                     await self._settle()
                     if self._pending_free:  # leave the worker empty for whoever comes next
                         await self._exchange(stream, worker_pb2.StepPlan(free=self._pending_free))
                         self._pending_free = []
                     self.drained.set()
                     return
-                if not plan.scheduled and not self.seqs:
+                if idle:
                     self._start_write()   # nothing to overlap it with
                     await asyncio.sleep(self.idle_sleep_s)
+            await self._flush(stream)   # stopping: what the worker ran goes to Redis
 
     async def _exchange(self, stream, plan: worker_pb2.StepPlan) -> worker_pb2.StepReport:
+        """Send a plan and read its report, outside the planning loop (nothing else may be
+        in flight: the reconnect's resident list, the drain's last free)."""
+        await self._write_plan(stream, plan)
+        return await self._read_report(stream)
+
+    async def _send(self, stream, plan: worker_pb2.StepPlan) -> None:
+        await self._write_plan(stream, plan)
+        self._sent.append(_Sent(plan, self._resuming, self._plan_prefill_tokens, now_ms()))
+        self._resuming, self._plan_prefill_tokens = set(), 0
+
+    async def _receive(self, stream) -> None:
+        """Read the oldest sent plan's report into the mirror."""
+        report = await self._read_report(stream)
+        self._last_report_ms = now_ms()
+        sent = self._sent.popleft()
+        if report.plan_id != sent.plan.plan_id:
+            raise ConnectionError(f"report for plan {report.plan_id}, expected {sent.plan.plan_id}")
+        await self._absorb(report, sent)
+        self.worker_draining = report.draining
+
+    async def _flush(self, stream) -> None:
+        """Read every outstanding report (the loop is leaving or going idle)."""
+        while self._sent:
+            await self._receive(stream)
+
+    async def _write_plan(self, stream, plan: worker_pb2.StepPlan) -> None:
         self._plan_id += 1
         plan.plan_id = self._plan_id
+        try:
+            await asyncio.wait_for(stream.write(plan), self.step_timeout_s)
+        except TimeoutError:
+            self._stalled(stream)
+        self._start_write()   # the last report's write, while the worker steps
+
+    async def _read_report(self, stream) -> worker_pb2.StepReport:
         # A stalled worker must not hold its requests forever: no report in time ends the
         # session (TimeoutError), and its requests are requeued at once.
         try:
-            await asyncio.wait_for(stream.write(plan), self.step_timeout_s)
-            self._start_write()   # the last report's write, while the worker steps
             report = await asyncio.wait_for(stream.read(), self.step_timeout_s)
         except TimeoutError:
-            stream.cancel()
-            self._worker_lost_at = time.monotonic() - self.requeue_after_s
-            raise TimeoutError(f"no report within {self.step_timeout_s:.1f} s") from None
+            self._stalled(stream)
         if report is grpc.aio.EOF:
             raise ConnectionError("worker closed the Step stream")
         return report
+
+    def _stalled(self, stream) -> None:
+        stream.cancel()
+        self._worker_lost_at = time.monotonic() - self.requeue_after_s
+        raise TimeoutError(f"no report within {self.step_timeout_s:.1f} s") from None
 
     # ---- reconciliation ------------------------------------------------------------------
 
@@ -318,7 +376,7 @@ class WorkerLoop:
                     b.finish(rec.request_id, _FINISH_NAMES.get(res.finish_reason, "stop"), t)
                     self._pending_free.append(rec.request_id)
                     continue
-                view = self._view(rec, res.num_prompt_tokens + len(out))
+                view = self._view(rec, res.num_prompt_tokens + len(out), full=True)
                 view.num_computed_tokens = res.num_computed_tokens
                 self.seqs[rec.request_id] = Running(view, len(out))
                 self._observe_adopted(rec)
@@ -348,26 +406,28 @@ class WorkerLoop:
         waiting = {r.request_id: r for r in queued if r.request_id not in self.seqs
                    and self.board.takes(self.address, r.service_class, idle)}
         occ = self.status.occupancy
-        inp = PlanInput(now_ms=now_ms(), running=[s.view for s in self.seqs.values()],
+        at_ms, views, num_opened = self._ahead()
+        inp = PlanInput(now_ms=at_ms, running=list(views.values()),
                         waiting=[self._view(r, r.num_prompt_tokens + r.num_output_tokens)
                                  for r in waiting.values()],
-                        free_blocks=occ.get("free_blocks", self.info.num_blocks),
+                        free_blocks=max(0, occ.get("free_blocks", self.info.num_blocks) - num_opened),
                         block_size=self.info.block_size, occupancy=occ, refused=frozenset(self._refused))
         self._refused = set()
         t0, c0 = time.perf_counter(), time.thread_time()
         decision = self.policy.plan(inp, self.cfg)
         self.stats.planner_ms.append((time.perf_counter() - t0) * 1e3)
         self.stats.planner_cpu_ms.append((time.thread_time() - c0) * 1e3)
-        claimed = set(await self.store.claim(self.address, decision.admit, now_ms())) if decision.admit else set()
+        t_claim = now_ms()
+        claimed = set(await self.store.claim(self.address, decision.admit, t_claim)) if decision.admit else set()
         admitted = [rid for rid in decision.admit if rid in claimed]
         full = dict(zip(admitted, await asyncio.gather(*(self.store.get(rid) for rid in admitted))))
         for rid in decision.admit:
             if rid in claimed and full[rid] is not None:
                 rec = full[rid]
                 plan.new_sequences.append(await self._new_sequence(rec))
-                self.seqs[rid] = Running(self._view(rec, rec.num_prompt_tokens + rec.num_output_tokens),
+                self.seqs[rid] = Running(self._view(rec, rec.num_prompt_tokens + rec.num_output_tokens, full=True),
                                          rec.num_output_tokens)
-        self._observe_claimed(full, inp.now_ms)
+        self._observe_claimed(full, t_claim)
         for rid in decision.recompute:
             plan.recompute.append(rid)
             view = self.seqs[rid].view
@@ -378,7 +438,6 @@ class WorkerLoop:
         for rid in decision.checkpoint:
             plan.checkpoint.append(rid)
             self.seqs[rid].view.preempted = True
-        self._resuming = set()
         self._plan_prefill_tokens = sum(n for _, n in decision.scheduled if n > 1)
         for rid, num_tokens in decision.scheduled:
             if rid in self.seqs:
@@ -390,9 +449,30 @@ class WorkerLoop:
             plan.list_resident = True
         self.stats.num_steps += bool(plan.scheduled)
         self.stats.num_scheduled_seqs += len(plan.scheduled)
-        self.stats.preemptions += len(plan.preempt) + len(plan.checkpoint) + len(plan.recompute)
-        self._observe_plan(plan)
+        for new in plan.new_sequences:
+            views[new.seq_id] = self.seqs[new.seq_id].view
+        self._observe_plan(plan, views)
         return plan
+
+    def _ahead(self) -> tuple[float, dict[str, SeqView], int]:
+        """(when this plan will start, the running sequences as it will find them, the
+        blocks the plans before it open): the mirror as it is in the serial loop; with
+        plans still out, as they leave it (projection.py), from when the worker should
+        be done with them (the last report's step time, for each)."""
+        views = {rid: run.view for rid, run in self.seqs.items()}
+        at = now_ms()
+        if not self._sent:
+            return at, views, 0
+        start = max(self._sent[0].sent_ms, self._last_report_ms)
+        num_opened = 0
+        for sent in self._sent:
+            start += self.status.last_step_ms
+            views, n = project(views, [(s.seq_id, s.num_tokens) for s in sent.plan.scheduled], start,
+                               self.info.block_size)
+            num_opened += n
+        # Those the plans out finish by length end there: nothing more to plan for them.
+        views = {rid: v for rid, v in views.items() if not 0 < v.max_tokens <= v.num_output_tokens}
+        return max(at, start), views, num_opened
 
     async def _hand_back_be(self, plan: worker_pb2.StepPlan) -> None:
         """BE goes back to its queue (output so far kept, KV recomputed wherever it lands
@@ -423,12 +503,15 @@ class WorkerLoop:
                                       output_token_ids=carried, traceparent=rec.trace_context)
 
     @staticmethod
-    def _view(rec: RequestRecord, num_tokens: int) -> SeqView:
+    def _view(rec: RequestRecord, num_tokens: int, full: bool = False) -> SeqView:
+        """full: the whole record was read (a queued one has only PLAN_FIELDS), so its
+        max_tokens is known too."""
+        max_tokens = types_pb2.SamplingParams.FromString(rec.sampling).max_tokens if full else 0
         return SeqView(request_id=rec.request_id, service_class=rec.service_class, arrival_ms=rec.arrival_ms,
                        num_prompt_tokens=rec.num_prompt_tokens, num_tokens=num_tokens,
                        ttft_deadline_ms=rec.arrival_ms + rec.ttft_ms, tpot_ms=rec.tpot_ms,
                        first_token_ms=rec.first_token_ms, last_token_ms=rec.last_token_ms,
-                       num_output_tokens=rec.num_output_tokens)
+                       num_output_tokens=rec.num_output_tokens, max_tokens=max_tokens)
 
     # ---- the report --------------------------------------------------------------------
 
@@ -437,7 +520,7 @@ class WorkerLoop:
         held = sum(not run.view.preempted for rid, run in self.seqs.items() if rid not in leaving)
         return max(0, self.cfg.max_num_seqs - held)
 
-    async def _absorb(self, report: worker_pb2.StepReport) -> None:
+    async def _absorb(self, report: worker_pb2.StepReport, sent: _Sent) -> None:
         """The report updates the mirror at once; everything it says goes to Redis in one
         round trip, built here, started once the next plan is sent (`_start_write`) and
         awaited before the next report's (see the module doc). The finished sequences
@@ -446,7 +529,7 @@ class WorkerLoop:
         self.status.occupancy = {f.name: getattr(report.occupancy, f.name)
                                  for f in report.occupancy.DESCRIPTOR.fields}
         self.status.last_step_ms = report.timings.step_ms
-        self._measure_prefill(report.timings.step_ms)
+        self._measure_prefill(report.timings.step_ms, sent.num_prefill_tokens)
         finishing = frozenset(out.seq_id for out in report.outputs if out.finished)
         free_seats = self._free_seats(finishing)
         self.board.report(self.address, self.status.occupancy, free_seats)
@@ -455,7 +538,7 @@ class WorkerLoop:
         t = now_ms()
         b = Batch(self.store)
         for err in report.errors:
-            self._on_error(b, err, t)
+            self._on_error(b, err, t, sent.resuming)
         for out in report.outputs:
             run = self.seqs.get(out.seq_id)
             if run is None:
@@ -478,10 +561,30 @@ class WorkerLoop:
         b.set_worker_state(self.address, {
             "leased_by": self.replica_id, "running": len(self.seqs) - len(finished), "free_seats": free_seats,
             "last_step_ms": report.timings.step_ms, **self.stats.summary(), **self.status.occupancy})
-        self._observe_report(report, finished, t)
+        # Pauses and recomputes count once the worker applied them (pipelined, one may
+        # name a sequence that finished in the step before).
+        num_preempted = (len(sent.plan.preempt) + len(sent.plan.checkpoint) + len(sent.plan.recompute)
+                         - sum(e.field in _PREEMPTING_FIELDS for e in report.errors))
+        self.stats.preemptions += num_preempted
+        self._observe_report(report, finished, t, num_preempted)
         for rid in finished:
             self.seqs.pop(rid, None)
         self._unwritten = (b, finished)
+        for later in self._sent:
+            self._reapply(later.plan)
+
+    def _reapply(self, plan: worker_pb2.StepPlan) -> None:
+        """A plan sent after the one just reported changed the mirror when it was made
+        (_next_plan): what the report set (computed counts) must not undo it."""
+        for rid in plan.recompute:
+            if rid in self.seqs:
+                self.seqs[rid].view.num_computed_tokens, self.seqs[rid].view.preempted = 0, False
+        for rid in (*plan.preempt, *plan.checkpoint):
+            if rid in self.seqs:
+                self.seqs[rid].view.preempted = True
+        for s in plan.scheduled:
+            if s.seq_id in self.seqs:
+                self.seqs[s.seq_id].view.preempted = False
 
     def _start_write(self) -> None:
         if self._unwritten is not None:
@@ -514,6 +617,12 @@ class WorkerLoop:
         if self.tracing is not None:
             self.tracing.adopt(rec)
 
+    def _observe_session(self) -> None:
+        if self.metrics is not None:
+            self.metrics.session_started(self)
+        if self.tracing is not None:
+            self.tracing.session_started()
+
     def _observe_plan_start(self, aborts: list[str]) -> None:
         if self.metrics is not None:
             self.metrics.plan_started(self, aborts)
@@ -524,26 +633,28 @@ class WorkerLoop:
         if self.tracing is not None and records:
             self.tracing.claimed([r for r in records.values() if r is not None], since_ms)
 
-    def _observe_plan(self, plan: worker_pb2.StepPlan) -> None:
+    def _observe_plan(self, plan: worker_pb2.StepPlan, views: dict[str, SeqView]) -> None:
+        """views: the running sequences as the plan finds them (projected, when pipelined)."""
         if self.metrics is not None:
             self.metrics.planned(self, plan)
         if self.tracing is not None:
-            self.tracing.planned(plan, self.seqs)
+            self.tracing.planned(plan, views)
 
-    def _observe_report(self, report: worker_pb2.StepReport, finished: list[str], t: float) -> None:
+    def _observe_report(self, report: worker_pb2.StepReport, finished: list[str], t: float,
+                        num_preempted: int) -> None:
         """After the report is in the mirror, before the finished sequences leave self.seqs
         (its write to Redis may still be in flight)."""
         if self.metrics is not None:
-            self.metrics.reported(self, report, finished, t)
+            self.metrics.reported(self, report, finished, t, num_preempted)
         if self.tracing is not None:
-            self.tracing.reported(finished)
+            self.tracing.reported(finished, {e.seq_id for e in report.errors if e.field.startswith("scheduled")})
 
-    def _measure_prefill(self, step_ms: float) -> None:
+    def _measure_prefill(self, step_ms: float, num_prefill_tokens: int) -> None:
         """The whole step's time is charged to its prefill tokens: decodes riding along make
         the estimate lower than the real rate, which errs toward refusing."""
-        if self._plan_prefill_tokens < MIN_PREFILL_SAMPLE or step_ms <= 0:
+        if num_prefill_tokens < MIN_PREFILL_SAMPLE or step_ms <= 0:
             return
-        rate = self._plan_prefill_tokens / step_ms
+        rate = num_prefill_tokens / step_ms
         a = PREFILL_RATE_ALPHA
         self.prefill_tokens_per_ms = rate if self.prefill_tokens_per_ms == 0 else (1 - a) * self.prefill_tokens_per_ms + a * rate
 
@@ -555,18 +666,20 @@ class WorkerLoop:
                 self.seqs[res.seq_id].view.num_computed_tokens = res.num_computed_tokens
         self._needs_resync = bool(report.recompute_needed)
 
-    def _on_error(self, b, err: worker_pb2.ItemError, t: float) -> None:
+    def _on_error(self, b, err: worker_pb2.ItemError, t: float, resuming: set[str]) -> None:
         """A new sequence the worker refused can never run there: end it with the reason.
-        A scheduled item that did not fit (pool full) is simply planned again."""
+        A scheduled item that did not fit (pool full) is simply planned again. (Pipelined,
+        a plan made before the last report may name a sequence that has finished since:
+        the worker refuses that item, and nothing is left to do.)"""
         if err.field.startswith("new_sequences") and err.seq_id in self.seqs:
             del self.seqs[err.seq_id]
             b.finish(err.seq_id, "abort", t, error=f"{err.field}: {err.message}")
             self._pending_free.append(err.seq_id)
-        elif err.field.startswith("scheduled") and err.seq_id in self._resuming and err.seq_id in self.seqs:
+        elif err.field.startswith("scheduled") and err.seq_id in resuming and err.seq_id in self.seqs:
             self.seqs[err.seq_id].view.preempted = True  # it did not fit: the worker keeps it paused
         elif err.field == "scheduled.num_tokens" and err.seq_id in self.seqs:
             self._refused.add(err.seq_id)   # the pool had no room where the arithmetic said so
-        elif err.field not in ("scheduled.num_tokens", "free"):
+        elif err.field not in ("scheduled.num_tokens", "free") and (err.seq_id in self.seqs or not self.pipeline_depth):
             log.warning("worker %s refused %s (%s): %s", self.address, err.seq_id, err.field, err.message)
 
 

@@ -27,13 +27,15 @@ from worker_svc.tracing import StepTracing
 
 class InProcessStack:
     """tracer=None leaves that side untraced; the loop runs `policy` with a step budget of
-    `chunk_budget` tokens and max_num_seqs sequences over a pool of num_blocks blocks."""
+    `chunk_budget` tokens and max_num_seqs sequences over a pool of num_blocks blocks,
+    planning pipeline_depth plans ahead of the worker's reports."""
 
     def __init__(self, redis_url: str, scheduler_tracer=None, worker_tracer=None, policy: str = "fcfs",
-                 chunk_budget: int = 16, max_num_seqs: int = 8, num_blocks: int = 64):
+                 chunk_budget: int = 16, max_num_seqs: int = 8, num_blocks: int = 64, pipeline_depth: int = 0):
         self.redis_url = redis_url
         self.scheduler_tracer, self.worker_tracer = scheduler_tracer, worker_tracer
         self.policy, self.chunk_budget, self.max_num_seqs, self.num_blocks = policy, chunk_budget, max_num_seqs, num_blocks
+        self.pipeline_depth = pipeline_depth
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -71,7 +73,8 @@ class InProcessStack:
         replica = f"replica-{self.prefix}"
         self.worker_loop = WorkerLoop(self.worker_address, self.store, make_policy(self.policy),
                                       PlannerConfig(max_num_seqs=self.max_num_seqs,
-                                                    max_num_batched_tokens=self.chunk_budget), replica)
+                                                    max_num_batched_tokens=self.chunk_budget), replica,
+                                      pipeline_depth=self.pipeline_depth)
         self.hub = StreamHub(self.redis, self.store.keys, replica)
         self.hub.start()
         self.service = InferenceService(cfg, self.store, [self.worker_loop], self.hub)

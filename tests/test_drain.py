@@ -5,6 +5,7 @@ import re
 import signal
 import time
 
+import pytest
 
 from bros.client import Client, RetryPolicy
 from bros.redis_server import EmbeddedRedis
@@ -32,10 +33,14 @@ def terminate_and_watch(proc, address: str) -> tuple[float, list[str]]:
     return time.monotonic() - t0, seen
 
 
-def test_scheduler_drain_finishes_rt_and_hands_over(tmp_path):
+PIPELINE = pytest.mark.parametrize("depth", [0, 1], ids=["serial", "pipelined"])
+
+
+@PIPELINE
+def test_scheduler_drain_finishes_rt_and_hands_over(tmp_path, depth):
     with EmbeddedRedis() as redis_server:
         worker = Worker(tmp_path, *SIM).start()
-        args = ("--lease-ttl-ms", "1500", "--drain-grace-s", str(GRACE_S))
+        args = ("--lease-ttl-ms", "1500", "--drain-grace-s", str(GRACE_S), "--pipeline-depth", str(depth))
         s1 = Scheduler(tmp_path, redis_server.url, [worker.address], *args, "--replica-id", "s1").start()
         time.sleep(0.5)  # s1 takes the worker's lease first
         s2 = Scheduler(tmp_path, redis_server.url, [worker.address], *args, "--replica-id", "s2").start()
@@ -59,11 +64,12 @@ def test_scheduler_drain_finishes_rt_and_hands_over(tmp_path):
     assert drain_moved(s1.log) > 0 and "lost" not in s2.log.read_text()
 
 
-def test_worker_drain_moves_be_and_finishes_rt(tmp_path):
+@PIPELINE
+def test_worker_drain_moves_be_and_finishes_rt(tmp_path, depth):
     with EmbeddedRedis() as redis_server:
         w1 = Worker(tmp_path, *SIM, "--drain-grace-s", str(GRACE_S), name="w1").start()
         w2 = Worker(tmp_path, *SIM, name="w2").start()
-        sched = Scheduler(tmp_path, redis_server.url, [w1.address, w2.address]).start()
+        sched = Scheduler(tmp_path, redis_server.url, [w1.address, w2.address], "--pipeline-depth", str(depth)).start()
         client = Client(sched.address, retry=RETRY)
         try:
             run = HybridRun(client, 60, 120).start()

@@ -229,11 +229,15 @@ def test_resume_after_a_dropped_stream(tmp, redis_server, sim_worker, stub):
     assert seen + rest == full
 
 
-@pytest.mark.parametrize("policy", ["priority", "partition", "bros"])
-def test_every_policy_serves_a_mixed_load_end_to_end(tmp, redis_server, policy):
-    worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name=policy).start()
+@pytest.mark.parametrize("policy,depth", [("priority", 0), ("partition", 0), ("bros", 0),
+                                          ("bros", 1), ("priority", 1), ("fcfs", 1)])
+def test_every_policy_serves_a_mixed_load_end_to_end(tmp, redis_server, policy, depth):
+    """A pool of 64 blocks for 12 concurrent requests: preemption and refused growth
+    happen, serially and with the loop planning a step ahead (--pipeline-depth 1)."""
+    worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name=f"{policy}{depth}").start()
+    prefix = f"bros-{policy}-{depth}"
     sched = Scheduler(tmp, redis_server.url, [worker.address], "--policy", policy, "--max-num-batched-tokens", "128",
-                      prefix=f"bros-{policy}").start()
+                      "--pipeline-depth", str(depth), prefix=prefix).start()
     try:
         s = stub_for(sched.address)
 
@@ -246,7 +250,7 @@ def test_every_policy_serves_a_mixed_load_end_to_end(tmp, redis_server, policy):
         for i, (tokens, final) in enumerate(results):
             assert len(tokens) == 10 + i == final.num_output_tokens, (policy, i, final)
         # The loop publishes what planning cost, as wall and as CPU time (sim-scale reads it).
-        state = asyncio.run(_worker_state(redis_server.url, f"bros-{policy}", worker.address))
+        state = asyncio.run(_worker_state(redis_server.url, prefix, worker.address))
         assert int(state["iterations"]) > 0
         assert 0 < float(state["planner_cpu_p50_ms"]) <= float(state["planner_p99_ms"]) + 0.05, state
         # ... and what its plans did, counted as the tokens reached Redis (live benchmarks read it).

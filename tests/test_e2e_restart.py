@@ -3,6 +3,8 @@ streams and BE submits) and started again: every request completes and every cli
 every token exactly once."""
 import time
 
+import pytest
+
 from bros.client import Client, RetryPolicy
 from bros.redis_server import EmbeddedRedis
 from hybrid import HybridRun
@@ -12,12 +14,13 @@ NUM_REQUESTS = 200
 MAX_TOKENS = 40
 
 
-def test_sigkill_scheduler_mid_run_loses_nothing(tmp_path):
+@pytest.mark.parametrize("depth", [0, 1], ids=["serial", "pipelined"])
+def test_sigkill_scheduler_mid_run_loses_nothing(tmp_path, depth):
     retry = RetryPolicy(max_attempts=40, initial_backoff_s=0.1, max_backoff_s=0.5)
     with EmbeddedRedis() as redis_server:
         worker = Worker(tmp_path, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "1024").start()
         port = free_port()
-        args = ("--lease-ttl-ms", "1500", "--max-num-batched-tokens", "512")
+        args = ("--lease-ttl-ms", "1500", "--max-num-batched-tokens", "512", "--pipeline-depth", str(depth))
         sched = Scheduler(tmp_path, redis_server.url, [worker.address], *args, port=port).start()
         client = Client(f"127.0.0.1:{port}", retry=retry)
         try:

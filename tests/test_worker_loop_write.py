@@ -28,15 +28,21 @@ def redis_server():
         yield r
 
 
+@pytest.fixture(params=[0, 1], ids=["serial", "pipelined"])
+def depth(request):
+    """The loop's pipeline depth: each test holds for both."""
+    return request.param
+
+
 def count_plans(monkeypatch, loop, sent: list[int]) -> None:
     """sent[0]: plans sent so far (counted as the loop starts sending one)."""
-    exchange = loop._exchange
+    write_plan = loop._write_plan
 
     async def counting(stream, plan):
         sent[0] += 1
-        return await exchange(stream, plan)
+        return await write_plan(stream, plan)
 
-    monkeypatch.setattr(loop, "_exchange", counting)
+    monkeypatch.setattr(loop, "_write_plan", counting)
 
 
 def generate(address: str, max_tokens: int) -> Final:
@@ -45,7 +51,7 @@ def generate(address: str, max_tokens: int) -> Final:
     return events[-1]
 
 
-def test_a_reports_write_waits_for_the_next_plan_to_be_sent(redis_server, monkeypatch):
+def test_a_reports_write_waits_for_the_next_plan_to_be_sent(redis_server, monkeypatch, depth):
     """Each report write is held until the loop has sent the plan after it: a loop that
     waited for its write before planning again would stall here."""
     sent, held, stalled = [0], [], []
@@ -66,7 +72,7 @@ def test_a_reports_write_waits_for_the_next_plan_to_be_sent(redis_server, monkey
             return await super().execute()
 
     monkeypatch.setattr(worker_loop, "Batch", HeldUntilNextPlan)
-    with InProcessStack(redis_server.url) as stack:
+    with InProcessStack(redis_server.url, pipeline_depth=depth) as stack:
         count_plans(monkeypatch, stack.worker_loop, sent)
         final = generate(stack.address, 6)
     assert not final.error and final.num_output_tokens == 6
@@ -74,11 +80,11 @@ def test_a_reports_write_waits_for_the_next_plan_to_be_sent(redis_server, monkey
     assert len(held) >= 6   # 3 prefill chunks of 16 tokens and 5 decodes, at least
 
 
-def test_a_finished_sequence_is_freed_only_once_redis_has_it(redis_server, monkeypatch):
+def test_a_finished_sequence_is_freed_only_once_redis_has_it(redis_server, monkeypatch, depth):
     freed, early = [], []
-    with InProcessStack(redis_server.url, chunk_budget=64) as stack:
+    with InProcessStack(redis_server.url, chunk_budget=64, pipeline_depth=depth) as stack:
         loop = stack.worker_loop
-        exchange = loop._exchange
+        write_plan = loop._write_plan
 
         async def checking(stream, plan):
             for rid in plan.free:
@@ -87,9 +93,9 @@ def test_a_finished_sequence_is_freed_only_once_redis_has_it(redis_server, monke
                 freed.append(rid)
                 if rec.state != "finished" or not entries or not entries[-1].final:
                     early.append((rid, rec.state, len(entries)))
-            return await exchange(stream, plan)
+            return await write_plan(stream, plan)
 
-        monkeypatch.setattr(loop, "_exchange", checking)
+        monkeypatch.setattr(loop, "_write_plan", checking)
         with Client(stack.address, timeout=30) as client:
             streams = [client.generate(PROMPT, service_class="be", max_tokens=n, temperature=0.0)
                        for n in (1, 2, 3, 5, 8, 13)]
@@ -103,7 +109,7 @@ def test_a_finished_sequence_is_freed_only_once_redis_has_it(redis_server, monke
     assert ids <= set(freed), "every finished sequence is freed on the worker"
 
 
-def test_a_failed_report_write_loses_no_token(redis_server, monkeypatch):
+def test_a_failed_report_write_loses_no_token(redis_server, monkeypatch, depth):
     """The third report write fails (Redis drops the connection): the session ends, the
     loop reconnects and adopts what the worker holds, and the stream is whole."""
     writes = []
@@ -116,7 +122,7 @@ def test_a_failed_report_write_loses_no_token(redis_server, monkeypatch):
             return await super().execute()
 
     monkeypatch.setattr(worker_loop, "Batch", FailingOnce)
-    with InProcessStack(redis_server.url) as stack:
+    with InProcessStack(redis_server.url, pipeline_depth=depth) as stack:
         with Client(stack.address, timeout=30) as client:
             stream = client.generate(PROMPT, service_class="rt", max_tokens=8, temperature=0.0)
             events = list(stream)
@@ -126,3 +132,24 @@ def test_a_failed_report_write_loses_no_token(redis_server, monkeypatch):
     assert len(writes) > 3
     assert not final.error and final.num_output_tokens == 8 and len(tokens) == 8
     assert rec.state == "finished" and rec.num_output_tokens == 8
+
+
+def test_a_pipelined_loop_sends_the_next_plan_before_reading_a_report(redis_server, monkeypatch, depth):
+    """With --pipeline-depth 1 the worker finds plan k+1 waiting when it ends step k: every
+    report of a step that ran work is read after a later plan was sent. Serially, none is."""
+    lead = []
+    with InProcessStack(redis_server.url, pipeline_depth=depth) as stack:
+        loop = stack.worker_loop
+        read_report = loop._read_report
+
+        async def reading(stream):
+            report = await read_report(stream)
+            if report.outputs:   # a step that ran work
+                lead.append(loop._plan_id - report.plan_id)   # plans sent after this one
+            return report
+
+        monkeypatch.setattr(loop, "_read_report", reading)
+        final = generate(stack.address, 12)
+    assert not final.error and final.num_output_tokens == 12
+    assert len(lead) >= 14, lead   # 3 prompt chunks of 16 tokens, 11 decodes (and maybe a retry)
+    assert set(lead) == {depth}, lead

@@ -1,0 +1,44 @@
+"""What a plan already sent will have done by the time the next one runs (pipelined loop).
+
+With --pipeline-depth 1 the worker loop sends plan k+1 while the worker still runs plan
+k, so the planner must see the sequences as plan k leaves them, not as the last report
+(k-1) had them:
+
+    report k-1 in | plan k+1 = policy(project(mirror, plan k)) | send | report k in | ...
+    worker:   ... step k ........................................|step k+1 ...
+
+Every scheduled item is assumed to run: its chunk is computed, and a chunk that reaches
+the end of the known tokens samples one (the first token's time is when plan k ends).
+What the report then says instead (a refused item, a sequence that finished on EOS) is
+corrected when it arrives, one plan later than in the serial loop: the worker refuses
+an item for a finished sequence, and a refused one is planned again. Pure: SeqView in,
+SeqView out, nothing of Redis or gRPC.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .planner import SeqView, new_blocks_needed
+
+
+def project(views: dict[str, SeqView], scheduled: list[tuple[str, int]], done_ms: float,
+            block_size: int) -> tuple[dict[str, SeqView], int]:
+    """(the views once `scheduled` has run, ending at done_ms; the blocks it opens).
+    The views given are not changed; a sequence not scheduled keeps its own view."""
+    out = dict(views)
+    num_opened = 0
+    for rid, num_tokens in scheduled:
+        view = out.get(rid)
+        n = min(num_tokens, view.num_uncomputed_tokens) if view is not None else 0
+        if n <= 0:
+            continue
+        num_opened += new_blocks_needed(view, n, block_size)
+        view = replace(view, num_computed_tokens=view.num_computed_tokens + n, preempted=False)
+        if view.num_computed_tokens == view.num_tokens:   # the chunk reaches the end: one token
+            view.num_tokens += 1
+            view.num_output_tokens += 1
+            view.last_token_ms = done_ms
+            if view.first_token_ms is None:
+                view.first_token_ms = done_ms
+        out[rid] = view
+    return out, num_opened
