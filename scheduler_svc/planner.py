@@ -44,6 +44,16 @@ class SeqView:
         return self.first_token_ms + self.num_output_tokens * self.tpot_ms
 
 
+@dataclass(frozen=True)
+class StepSample:
+    """A step the worker ran: its plan's shape, and the wall time from when the worker
+    could start it to its report."""
+    num_seqs: int
+    num_tokens: int
+    prefill: bool                  # any prompt work in it (holds_prefill)
+    ms: float
+
+
 @dataclass
 class PlanInput:
     now_ms: float
@@ -56,6 +66,10 @@ class PlanInput:
     # Running sequences whose growth the worker's pool refused in its last report although
     # the block arithmetic said it fit (their last block shares room with another end).
     refused: frozenset[str] = frozenset()
+    # Serially None: the gaps between plans are the steps. When the loop plans a step
+    # ahead (each plan is made before the last one's report is in), the gaps are not: the
+    # steps reported since the last plan, oldest first.
+    steps: tuple[StepSample, ...] | None = None
 
 
 @dataclass
@@ -167,6 +181,17 @@ class Policy(Protocol):
     name: str
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision: ...
+
+
+def is_prompt_work(n: int, is_new: bool, seq: SeqView | None) -> bool:
+    """Whether n tokens of a sequence are prompt tokens (a worker's slower regime): a
+    chunk of more than one token, a new sequence, or a last prompt token of a running one."""
+    return n > 1 or is_new or (seq is not None and seq.num_uncomputed_tokens > 1)
+
+
+def holds_prefill(scheduled: list[tuple[str, int]], running: dict[str, SeqView], waiting: set[str]) -> bool:
+    """Whether a step of these (request id, num_tokens) items does any prompt work."""
+    return any(is_prompt_work(n, rid in waiting, running.get(rid)) for rid, n in scheduled)
 
 
 def blocks_of(num_tokens: int, block_size: int) -> int:

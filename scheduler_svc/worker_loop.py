@@ -16,6 +16,14 @@ request's state (aborts, handing BE back, reconnecting) waits for it first.
     Redis:             | write N  ->|                                    | write N+1
     worker:   ---------|            | step N+1 ..........................|
 
+Serially (pipeline_depth 0) the worker still waits between two steps for the queue read,
+the planning and the exchange. Pipelined (1), plan N+1 is made while the worker runs step
+N, against the sequences as plan N will leave them (projection.py), and waits in the
+stream for the worker to finish step N:
+
+    loop:     report N-1 | inputs, plan N+1, send | .. wait .. | report N | inputs, plan N+2 ...
+    worker:   step N ........................................ | step N+1 ..................
+
 Nothing here is authoritative: the in-memory `seqs` mirror is rebuilt from Redis and the
 worker's resident list whenever a loop (re)connects, so a replica killed at any instant
 loses nothing. A finished sequence is freed on the worker only after its tokens are in
@@ -39,7 +47,7 @@ from bros.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from .keys import BEST_EFFORT
 from . import round_trips
 from .placement import RoomBoard
-from .planner import BE, RT, PlanInput, PlannerConfig, Policy, SeqView
+from .planner import BE, RT, PlanInput, PlannerConfig, Policy, SeqView, StepSample, blocks_of, holds_prefill
 from .projection import project
 from .store import Batch, RequestRecord, Store
 
@@ -51,6 +59,7 @@ log = logging.getLogger(__name__)
 
 MIN_PREFILL_SAMPLE = 64     # prefill tokens a step needs to count toward the rate
 PREFILL_RATE_ALPHA = 0.2
+PLAN_PHASE_ALPHA = 0.1      # weight of each new queue-read-to-plan-sent time in its running mean
 _FINISH_NAMES = {types_pb2.STOP: "stop", types_pb2.LENGTH: "length", types_pb2.ABORT: "abort"}
 _PREEMPTING_FIELDS = ("preempt", "checkpoint", "recompute")
 
@@ -116,6 +125,8 @@ class _Sent:
     plan: worker_pb2.StepPlan
     resuming: set[str]              # paused sequences it schedules (the worker may keep them paused)
     num_prefill_tokens: int         # its chunks of more than one token (the prefill-rate sample)
+    holds_prefill: bool             # any prompt work in it (planner.holds_prefill)
+    num_freed_blocks: int           # blocks its aborts, recomputes and checkpoints free
     sent_ms: float
 
 
@@ -160,6 +171,8 @@ class WorkerLoop:
         self.pipeline_depth = pipeline_depth
         self._sent: deque[_Sent] = deque()
         self._last_report_ms = 0.0        # when the last report was read (wall ms)
+        self._plan_phase_ms = 0.0         # queue read to plan sent, a running mean (ms)
+        self._steps_seen: list[StepSample] = []   # reported since the last plan (PlanInput.steps)
         self._stopping = asyncio.Event()
         # A worker that died or stalls: how long a report may take, and how long the loop
         # keeps a lost worker's requests for it before they go back to the queues.
@@ -176,6 +189,8 @@ class WorkerLoop:
         self.worker_draining = False
         self.drained = asyncio.Event()
         self._plan_prefill_tokens = 0      # of the plan being made (then its _Sent's)
+        self._plan_holds_prefill = False
+        self._plan_freed_blocks = 0
         self._resuming: set[str] = set()   # paused sequences the plan being made schedules
         # Observability, set by server.py when enabled; None costs one test per hook.
         self.metrics: SchedulerMetrics | None = None
@@ -268,6 +283,8 @@ class WorkerLoop:
             self._sent.clear()
             self._observe_session()
             while not self._stopping.is_set():
+                await self._until_plan_time()
+                t0 = time.perf_counter()
                 n = self.cfg.max_num_seqs
                 # Only as many queued BE requests as could start now; RT is always looked
                 # at in full (bros may pause BE to make room for it).
@@ -280,6 +297,7 @@ class WorkerLoop:
                     return
                 plan = await self._next_plan(aborts, waiting_rt + waiting_be)
                 await self._send(stream, plan)
+                self._plan_phase_ms += PLAN_PHASE_ALPHA * ((time.perf_counter() - t0) * 1e3 - self._plan_phase_ms)
                 idle = not plan.scheduled and not self.seqs
                 # Idle, nothing is worth running ahead: read every report before sleeping.
                 while len(self._sent) > (0 if idle else self.pipeline_depth):
@@ -305,18 +323,25 @@ class WorkerLoop:
 
     async def _send(self, stream, plan: worker_pb2.StepPlan) -> None:
         await self._write_plan(stream, plan)
-        self._sent.append(_Sent(plan, self._resuming, self._plan_prefill_tokens, now_ms()))
-        self._resuming, self._plan_prefill_tokens = set(), 0
+        self._sent.append(_Sent(plan, self._resuming, self._plan_prefill_tokens, self._plan_holds_prefill,
+                                self._plan_freed_blocks, now_ms()))
+        self._resuming, self._plan_prefill_tokens, self._plan_holds_prefill = set(), 0, False
+        self._plan_freed_blocks = 0
 
     async def _receive(self, stream) -> None:
         """Read the oldest sent plan's report into the mirror."""
         report = await self._read_report(stream)
-        self._last_report_ms = now_ms()
         sent = self._sent.popleft()
+        t = now_ms()
+        self._steps_seen.append(StepSample(len(sent.plan.scheduled), sum(s.num_tokens for s in sent.plan.scheduled),
+                                           sent.holds_prefill, t - max(sent.sent_ms, self._last_report_ms)))
+        self._last_report_ms = t
         if report.plan_id != sent.plan.plan_id:
             raise ConnectionError(f"report for plan {report.plan_id}, expected {sent.plan.plan_id}")
         await self._absorb(report, sent)
         self.worker_draining = report.draining
+        if self.pipeline_depth:
+            self._start_write()   # the next plan waits for its time (_until_plan_time): write now
 
     async def _flush(self, stream) -> None:
         """Read every outstanding report (the loop is leaving or going idle)."""
@@ -397,8 +422,9 @@ class WorkerLoop:
             async with self.store.batch() as b:
                 for rid in aborts:
                     b.finish(rid, "abort", now_ms())
-                    if self.seqs.pop(rid, None) is not None:
+                    if (run := self.seqs.pop(rid, None)) is not None:
                         plan.free.append(rid)
+                        self._plan_freed_blocks += self._blocks_held(run.view)
         if self.draining or self.worker_draining:
             queued = []
             await self._hand_back_be(plan)
@@ -406,13 +432,14 @@ class WorkerLoop:
         waiting = {r.request_id: r for r in queued if r.request_id not in self.seqs
                    and self.board.takes(self.address, r.service_class, idle)}
         occ = self.status.occupancy
-        at_ms, views, num_opened = self._ahead()
+        at_ms, views, num_taken = self._ahead()
         inp = PlanInput(now_ms=at_ms, running=list(views.values()),
                         waiting=[self._view(r, r.num_prompt_tokens + r.num_output_tokens)
                                  for r in waiting.values()],
-                        free_blocks=max(0, occ.get("free_blocks", self.info.num_blocks) - num_opened),
-                        block_size=self.info.block_size, occupancy=occ, refused=frozenset(self._refused))
-        self._refused = set()
+                        free_blocks=max(0, occ.get("free_blocks", self.info.num_blocks) - num_taken),
+                        block_size=self.info.block_size, occupancy=occ, refused=frozenset(self._refused),
+                        steps=tuple(self._steps_seen) if self.pipeline_depth else None)
+        self._refused, self._steps_seen = set(), []
         t0, c0 = time.perf_counter(), time.thread_time()
         decision = self.policy.plan(inp, self.cfg)
         self.stats.planner_ms.append((time.perf_counter() - t0) * 1e3)
@@ -431,14 +458,17 @@ class WorkerLoop:
         for rid in decision.recompute:
             plan.recompute.append(rid)
             view = self.seqs[rid].view
+            self._plan_freed_blocks += self._blocks_held(view)
             view.num_computed_tokens, view.preempted = 0, False  # the worker resumes it empty
         for rid in decision.preempt:
             plan.preempt.append(rid)
             self.seqs[rid].view.preempted = True
         for rid in decision.checkpoint:
             plan.checkpoint.append(rid)
+            self._plan_freed_blocks += self._blocks_held(self.seqs[rid].view)
             self.seqs[rid].view.preempted = True
         self._plan_prefill_tokens = sum(n for _, n in decision.scheduled if n > 1)
+        self._plan_holds_prefill = holds_prefill(decision.scheduled, views, set(waiting))
         for rid, num_tokens in decision.scheduled:
             if rid in self.seqs:
                 plan.scheduled.append(worker_pb2.ScheduledSequence(seq_id=rid, num_tokens=num_tokens))
@@ -454,25 +484,47 @@ class WorkerLoop:
         self._observe_plan(plan, views)
         return plan
 
+    async def _until_plan_time(self) -> None:
+        """Pipelined: wait until just before the worker should end the step in flight (a
+        margin of twice the usual queue read and planning time, and a millisecond), so
+        the plan sees what arrived meanwhile: made at the step's start, it would leave a
+        request that arrives during the step to wait a whole step more for the next one."""
+        if not self._sent:
+            return
+        wait_ms = self._step_ends_ms()[-1] - (2 * self._plan_phase_ms + 1.0) - now_ms()
+        if wait_ms > 0:
+            await asyncio.sleep(wait_ms / 1e3)
+
+    def _step_ends_ms(self) -> list[float]:
+        """When the worker should end each plan in flight: one after the other, from when
+        it could start the first (sent, and the step before reported), each taking as
+        long as the last reported step."""
+        end = max(self._sent[0].sent_ms, self._last_report_ms)
+        ends = []
+        for _ in self._sent:
+            end += self.status.last_step_ms
+            ends.append(end)
+        return ends
+
     def _ahead(self) -> tuple[float, dict[str, SeqView], int]:
         """(when this plan will start, the running sequences as it will find them, the
-        blocks the plans before it open): the mirror as it is in the serial loop; with
+        blocks the plans before it take): the mirror as it is in the serial loop; with
         plans still out, as they leave it (projection.py), from when the worker should
-        be done with them (the last report's step time, for each)."""
+        be done with them."""
         views = {rid: run.view for rid, run in self.seqs.items()}
         at = now_ms()
         if not self._sent:
             return at, views, 0
-        start = max(self._sent[0].sent_ms, self._last_report_ms)
-        num_opened = 0
-        for sent in self._sent:
-            start += self.status.last_step_ms
-            views, n = project(views, [(s.seq_id, s.num_tokens) for s in sent.plan.scheduled], start,
+        num_taken = 0
+        for sent, end in zip(self._sent, self._step_ends_ms()):
+            views, n = project(views, [(s.seq_id, s.num_tokens) for s in sent.plan.scheduled], end,
                                self.info.block_size)
-            num_opened += n
-        # Those the plans out finish by length end there: nothing more to plan for them.
-        views = {rid: v for rid, v in views.items() if not 0 < v.max_tokens <= v.num_output_tokens}
-        return max(at, start), views, num_opened
+            num_taken += n - sent.num_freed_blocks
+        return max(at, end), views, num_taken
+
+    def _blocks_held(self, view: SeqView) -> int:
+        """Blocks a sequence's KV fills in the pool (a paused one's may be on host already)."""
+        return blocks_of(view.num_computed_tokens, self.info.block_size)
 
     async def _hand_back_be(self, plan: worker_pb2.StepPlan) -> None:
         """BE goes back to its queue (output so far kept, KV recomputed wherever it lands

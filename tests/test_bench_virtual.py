@@ -121,6 +121,41 @@ def test_views_mirror_the_worker_after_every_step(name):
         d.engine.check_integrity()
 
 
+@pytest.mark.parametrize("name", policy_names())
+def test_a_pipelined_driver_plans_ahead_and_its_views_catch_up(name):
+    """pipeline_depth 1: each plan is made before the report of the one before is read,
+    from a projection; once read, the views equal the worker's state but for the
+    sequences the plan still in flight pauses, resumes or recomputes. Every request ends."""
+    rng = random.Random(0)
+    # Prompt and output fit one step (bros-no-chunking recomputes a sequence whole).
+    reqs = _requests(*[(RT if i % 3 == 0 else BE, 10.0 * i, rng.randint(20, 60), rng.randint(20, 60))
+                       for i in range(40)])
+    d = virtual._Driver(reqs, make_policy(name), PlannerConfig(max_num_seqs=8, max_num_batched_tokens=128),
+                        virtual.VirtualConfig(num_blocks=48, host_cache_mb=4, stall_ms=2_000, pipeline_depth=1))
+    ahead = 0
+    for plan_id in range(1, 4000):
+        if d._stop_reason(plan_id):
+            break
+        d._iterate(plan_id)
+        ahead += bool(d.in_flight)
+        touched = {rid for made in d.in_flight for rid in (*made.plan.recompute, *made.plan.preempt,
+                                                            *made.plan.checkpoint, *(r for r, _ in made.plan.scheduled))}
+        new = {n.seq_id for made in d.in_flight for n in made.plan.new_sequences}
+        for rid, res in d.resident.items():
+            if rid in new:   # admitted by the plan in flight: not on the worker yet
+                assert rid not in d.engine.seqs, rid
+                continue
+            seq, alloc = d.engine.seqs[rid], d.engine.allocator.seqs[rid]
+            assert res.view.num_tokens == seq.num_tokens, rid
+            assert res.view.num_output_tokens == len(seq.output_token_ids), rid
+            if rid not in touched:
+                assert res.view.num_computed_tokens == seq.num_computed_tokens, rid
+                assert res.view.preempted == alloc.paused, rid
+        d.engine.check_integrity()
+    assert d._stop_reason(plan_id) == "done"
+    assert ahead > 100   # most iterations end with the next plan waiting for the worker
+
+
 class _AdmitAll:
     """A test policy: admit everything waiting, run every resident sequence greedily."""
     name = "admit-all"

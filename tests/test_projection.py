@@ -3,10 +3,10 @@ from scheduler_svc.planner import BE, RT, SeqView
 from scheduler_svc.projection import project
 
 
-def view(rid, prompt, computed, produced=0, cls=RT, first=None, preempted=False):
+def view(rid, prompt, computed, produced=0, cls=RT, first=None, preempted=False, max_tokens=0):
     return SeqView(request_id=rid, service_class=cls, arrival_ms=0.0, num_prompt_tokens=prompt,
                    num_tokens=prompt + produced, num_computed_tokens=computed, first_token_ms=first,
-                   last_token_ms=first, num_output_tokens=produced, preempted=preempted)
+                   last_token_ms=first, num_output_tokens=produced, preempted=preempted, max_tokens=max_tokens)
 
 
 def test_a_chunk_that_reaches_the_end_samples_a_token_when_the_plan_ends():
@@ -36,3 +36,12 @@ def test_an_item_larger_than_what_is_left_is_cut_to_it():
     # The worker would refuse it; what can run is at most the uncomputed tokens.
     out, _ = project({"s": view("s", 10, 4)}, [("s", 64)], done_ms=1.0, block_size=16)
     assert out["s"].num_computed_tokens == 10 and out["s"].num_tokens == 11
+
+
+def test_a_sequence_that_reaches_its_max_tokens_ends_and_gives_its_blocks_back():
+    # 40 prompt tokens and 8 outputs: 47 computed in 3 blocks of 16; this decode is its last.
+    done = view("done", 40, 47, produced=8, cls=BE, first=1.0, max_tokens=9)
+    going = view("going", 40, 47, produced=8, cls=BE, first=1.0, max_tokens=10)
+    out, taken = project({"done": done, "going": going}, [("done", 1), ("going", 1)], done_ms=9.0, block_size=16)
+    assert set(out) == {"going"} and out["going"].num_output_tokens == 9
+    assert taken == -3   # done's 48 computed slots free 3 blocks; neither opens one (47 -> 48)

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap-copies", action=argparse.BooleanOptionalAction, default=None,
                    help="sim scenarios: host copies run beside the step on the GPU's copy engine "
                         "(default), or before it (--no-overlap-copies)")
+    p.add_argument("--pipeline-depth", type=int, choices=(0, 1), default=None,
+                   help="sim scenarios: the loop makes each plan while the step before it runs (1), as "
+                        "the scheduler's --pipeline-depth 1, or after its report (0, the default)")
     p.add_argument("--shared-cores", action="store_true",
                    help="sim-scale: the scheduler shares every core with Redis and the workers "
                         "(default: it gets the last core to itself)")
@@ -66,7 +69,8 @@ def configure(args: argparse.Namespace, name: str) -> Scenario:
              "max_num_batched_tokens": args.max_num_batched_tokens, "num_blocks": args.num_blocks,
              "sim_cost": args.sim_cost, "max_model_len": args.max_model_len,
              "rate_fracs": tuple(args.rates) if args.rates else None,
-             "bros_admit_headroom_sd": args.bros_admit_headroom_sd, "overlap_copies": args.overlap_copies}
+             "bros_admit_headroom_sd": args.bros_admit_headroom_sd, "overlap_copies": args.overlap_copies,
+             "pipeline_depth": args.pipeline_depth}
     return replace(scn, **{k: v for k, v in given.items() if v is not None})
 
 

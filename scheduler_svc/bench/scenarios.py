@@ -43,6 +43,7 @@ class Scenario:
     max_model_len: int | None = 2048
     bros_admit_headroom_sd: float = PlannerConfig.bros_admit_headroom_sd   # bros' admission rule; 0: fixed headroom
     overlap_copies: bool = VirtualConfig.overlap_copies   # host copies beside the step (the GPU's copy engine)
+    pipeline_depth: int = VirtualConfig.pipeline_depth     # plans made a step ahead (the loop's --pipeline-depth)
 
     def planner(self) -> PlannerConfig:
         return PlannerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -50,7 +51,7 @@ class Scenario:
 
     def virtual(self) -> VirtualConfig:
         return VirtualConfig(num_blocks=self.num_blocks, sim_cost=self.sim_cost, max_model_len=self.max_model_len,
-                             overlap_copies=self.overlap_copies)
+                             overlap_copies=self.overlap_copies, pipeline_depth=self.pipeline_depth)
 
 
 _PAPER = "OPT-13B/A100 TP-2 cost model, 2048-token context; RT: Azure conv trace, TTFT 250 ms / TPOT 100 ms; "

@@ -23,7 +23,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from scheduler_svc.planner import BE, RT, PlanDecision, PlanInput, PlannerConfig, Policy, SeqView
+from scheduler_svc.planner import (BE, RT, PlanDecision, PlanInput, PlannerConfig, Policy, SeqView, StepSample,
+                                   blocks_of, holds_prefill)
+from scheduler_svc.projection import project
 from worker_svc.block_allocator import SeqClass
 from worker_svc.build import build_engine
 from worker_svc.config import WorkerConfig
@@ -47,6 +49,7 @@ class VirtualConfig:
     host_cache_mb: int = 1024           # host memory for checkpointed BE KV (worker default)
     max_model_len: int | None = None    # None: the sim model's context window
     idle_tick_ms: float = 5.0           # an empty step waits this long (the live idle sleep)
+    pipeline_depth: int = 0             # 1: each plan is made as the step before it ends (--pipeline-depth 1)
     stall_ms: float = 30_000.0          # work is in flight but nothing ran for this long: give up
     max_virtual_ms: float | None = None  # None: 4x the last arrival + 10 min
     max_iterations: int = 5_000_000
@@ -73,6 +76,16 @@ class RunResult:
 
 
 @dataclass
+class _Made:
+    """A plan made, as the live loop keeps it until its report is read (worker_loop._Sent)."""
+    plan: Plan
+    was_preempted: dict[str, bool]   # the `preempted` flag each scheduled sequence had before
+    planner_ms: float
+    holds_prefill: bool
+    num_freed_blocks: int            # blocks its recomputes and checkpoints free
+
+
+@dataclass
 class _Resident:
     view: SeqView
     record: RequestRecord
@@ -87,6 +100,8 @@ def run(requests: list[Request], policy: Policy, planner: PlannerConfig,
 
 class _Driver:
     def __init__(self, requests: list[Request], policy: Policy, planner: PlannerConfig, cfg: VirtualConfig):
+        if cfg.pipeline_depth not in (0, 1):
+            raise ValueError(f"pipeline_depth must be 0 or 1, got {cfg.pipeline_depth}")
         self.policy, self.planner, self.cfg = policy, planner, cfg
         self.clock = VirtualClock()
         self.engine = build_engine(cfg.worker_config(planner), clock=self.clock)
@@ -99,7 +114,12 @@ class _Driver:
         self.resident: dict[str, _Resident] = {}
         self.pending_free: list[str] = []
         self.occupancy: dict = {}
-        self.refused: set[str] = set()   # as the live loop: growth the last report refused
+        self.refused: set[str] = set()   # as the live loop: growth refused since the last plan
+        # As the pipelined live loop: plans made whose reports are not read, oldest first,
+        # and the steps read since the last plan (PlanInput.steps).
+        self.in_flight: deque[_Made] = deque()
+        self.plan_freed_blocks = 0   # of the plan being made: its recomputes and checkpoints
+        self.steps_seen: list[StepSample] = []
         self.iterations: list[IterationRecord] = []
         self.num_done = 0
         self.idle_since_ms: float | None = None
@@ -133,24 +153,54 @@ class _Driver:
         return None
 
     def _iterate(self, plan_id: int) -> None:
+        """One plan. Serially it runs at once. Pipelined (pipeline_depth 1) the plan made
+        the iteration before runs first, and this one is made as that step ends, before
+        its report is read: with the arrivals up to then, and the sequences as the last
+        report had them, projected (the live loop plans just before the step's end)."""
+        reports = []
+        ended = self._run(self.in_flight[0]) if self.in_flight else None
         self._admit_arrivals()
         inp = self._plan_input()
         t0 = time.perf_counter()
         decision = self.policy.plan(inp, self.planner)
         planner_ms = (time.perf_counter() - t0) * 1e3
+        prefill = holds_prefill(decision.scheduled, {v.request_id: v for v in inp.running},
+                                {v.request_id for v in inp.waiting})
+        self.plan_freed_blocks = 0
         plan, was_preempted = self._to_plan(decision, plan_id)
-        start_ms = self.clock.now_ms()
-        report = self.engine.step(plan)
-        self._absorb(report, was_preempted)
-        t = report.timings
-        self.iterations.append(IterationRecord(
-            start_ms, self.clock.now_ms() - start_ms, len(report.outputs),
-            t.num_prefill_tokens + t.num_decode_tokens, planner_ms,
-            len(plan.preempt) + len(plan.checkpoint) + len(plan.recompute)))
-        if report.outputs:
+        self.in_flight.append(_Made(plan, was_preempted, planner_ms, prefill, self.plan_freed_blocks))
+        if ended is not None:
+            reports.append(self._read(self.in_flight.popleft(), ended))
+        idle = not plan.scheduled and not self.resident   # the live loop reads every report then
+        while len(self.in_flight) > (0 if idle else self.cfg.pipeline_depth):
+            made = self.in_flight[0]
+            reports.append(self._read(self.in_flight.popleft(), self._run(made)))
+        if not reports:
+            return
+        if any(r.outputs for r in reports):
             self.idle_since_ms = None
         else:
             self._wait()
+
+    def _run(self, made: _Made) -> tuple[Report, float, float]:
+        """The worker runs a plan: (its report, when the step started, how long it took)."""
+        start_ms = self.clock.now_ms()
+        report = self.engine.step(made.plan)
+        return report, start_ms, self.clock.now_ms() - start_ms
+
+    def _read(self, made: _Made, ran: tuple[Report, float, float]) -> Report:
+        """The loop reads a plan's report into its mirror."""
+        plan, (report, start_ms, step_ms) = made.plan, ran
+        self._absorb(report, made.was_preempted)
+        self.steps_seen.append(StepSample(len(plan.scheduled), sum(n for _, n in plan.scheduled),
+                                          made.holds_prefill, step_ms))
+        t = report.timings
+        num_preempted = (len(plan.preempt) + len(plan.checkpoint) + len(plan.recompute)
+                         - sum(e.field in ("preempt", "checkpoint", "recompute") for e in report.errors))
+        self.iterations.append(IterationRecord(
+            start_ms, step_ms, len(report.outputs),
+            t.num_prefill_tokens + t.num_decode_tokens, made.planner_ms, num_preempted))
+        return report
 
     def _wait(self) -> None:
         """Nothing ran. With nothing in flight, jump to the next arrival; otherwise let
@@ -177,14 +227,21 @@ class _Driver:
             self.queues[req.service_class][req.request_id] = _queued_view(req)
 
     def _plan_input(self) -> PlanInput:
-        # As the live loop: the oldest max_num_seqs of each class are the candidates.
+        # As the live loop: the oldest max_num_seqs of each class are the candidates, and
+        # with plans in flight the running sequences are as they will leave them.
         n = self.planner.max_num_seqs
         waiting = [v for q in self.queues.values() for v in itertools.islice(q.values(), n)]
-        return PlanInput(now_ms=self.clock.now_ms(), running=[r.view for r in self.resident.values()],
-                         waiting=waiting,
-                         free_blocks=self.occupancy.get("free_blocks", self.engine.limits.num_blocks),
-                         block_size=self.engine.limits.block_size, occupancy=dict(self.occupancy),
-                         refused=frozenset(self.refused))
+        at_ms, views, num_taken = self.clock.now_ms(), {rid: r.view for rid, r in self.resident.items()}, 0
+        for made in self.in_flight:   # it has just run (the clock is at its end)
+            views, taken = project(views, made.plan.scheduled, at_ms, self.engine.limits.block_size)
+            num_taken += taken - made.num_freed_blocks
+        inp = PlanInput(now_ms=at_ms, running=list(views.values()), waiting=waiting,
+                        free_blocks=max(0, self.occupancy.get("free_blocks", self.engine.limits.num_blocks) - num_taken),
+                        block_size=self.engine.limits.block_size, occupancy=dict(self.occupancy),
+                        refused=frozenset(self.refused),
+                        steps=tuple(self.steps_seen) if self.cfg.pipeline_depth else None)
+        self.refused, self.steps_seen = set(), []
+        return inp
 
     # ---- decision -> plan ----------------------------------------------------------------
 
@@ -194,15 +251,19 @@ class _Driver:
         self.pending_free = []
         for rid in decision.admit:
             self._admit(rid, plan)
+        bs = self.engine.limits.block_size
         for rid in decision.recompute:
             if rid in self.resident:
                 plan.recompute.append(rid)
                 view = self.resident[rid].view
+                self.plan_freed_blocks += blocks_of(view.num_computed_tokens, bs)
                 view.num_computed_tokens, view.preempted = 0, False  # the worker resumes it empty
         for ids, ops in ((decision.preempt, plan.preempt), (decision.checkpoint, plan.checkpoint)):
             for rid in ids:
                 if rid in self.resident:
                     ops.append(rid)
+                    if ops is plan.checkpoint:
+                        self.plan_freed_blocks += blocks_of(self.resident[rid].view.num_computed_tokens, bs)
                     self.resident[rid].view.preempted = True
         was_preempted: dict[str, bool] = {}
         for rid, num_tokens in decision.scheduled:
@@ -227,7 +288,6 @@ class _Driver:
 
     def _absorb(self, report: Report, was_preempted: dict[str, bool]) -> None:
         self.occupancy = report.occupancy
-        self.refused = set()
         for err in report.errors:
             self._on_error(err.seq_id, err.field, err.message, was_preempted)
         for seq_id in report.recompute_needed:
@@ -237,6 +297,20 @@ class _Driver:
         for out in report.outputs:
             if out.seq_id in self.resident:
                 self._on_output(self.resident[out.seq_id], out, t)
+        for made in self.in_flight:   # made before this report: what it set stands
+            self._reapply(made.plan)
+
+    def _reapply(self, plan: Plan) -> None:
+        """As worker_loop._reapply: a later plan's pauses, recomputes and resumes."""
+        for rid in plan.recompute:
+            if rid in self.resident:
+                self.resident[rid].view.num_computed_tokens, self.resident[rid].view.preempted = 0, False
+        for rid in (*plan.preempt, *plan.checkpoint):
+            if rid in self.resident:
+                self.resident[rid].view.preempted = True
+        for rid, _ in plan.scheduled:
+            if rid in self.resident:
+                self.resident[rid].view.preempted = False
 
     def _on_error(self, seq_id: str, field_name: str, message: str, was_preempted: dict[str, bool]) -> None:
         """A refused new sequence can never run there: it ends, unserved. A scheduled item
@@ -282,8 +356,8 @@ class _Driver:
 
 
 def _queued_view(req: Request) -> SeqView:
-    # As worker_loop._view for a request that has produced nothing yet (max_tokens is
-    # left unset there too).
+    # As worker_loop._view for a request that has produced nothing yet, with its full
+    # record (max_tokens: the projection of a pipelined loop drops what ends by length).
     return SeqView(request_id=req.request_id, service_class=req.service_class, arrival_ms=req.arrival_ms,
                    num_prompt_tokens=req.prompt_len, num_tokens=req.prompt_len,
-                   ttft_deadline_ms=req.arrival_ms + req.ttft_ms, tpot_ms=req.tpot_ms)
+                   ttft_deadline_ms=req.arrival_ms + req.ttft_ms, tpot_ms=req.tpot_ms, max_tokens=req.output_len)

@@ -32,7 +32,8 @@ import heapq
 import math
 from collections import deque
 
-from ..planner import BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of
+from ..planner import (BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of,
+                       holds_prefill, is_prompt_work)
 from .output_lengths import FinishedLengths
 from .step_cost import StepCost
 
@@ -60,7 +61,7 @@ class Bros:
         self.be_lengths: FinishedLengths | None = None   # only with bros_admit_headroom_sd > 0
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
-        self._learn(inp.now_ms, cfg)
+        self._learn(inp, cfg)
         by_id = {s.request_id: s for s in inp.running}
         self._note_refusals(inp, by_id)
         if cfg.bros_admit_headroom_sd > 0:
@@ -69,7 +70,7 @@ class Bros:
             self.be_lengths.observe(inp.running)
         out = self._plan(inp, cfg)
         self._last = (inp.now_ms, len(out.scheduled), sum(n for _, n in out.scheduled),
-                      _holds_prefill(out.scheduled, by_id, {s.request_id for s in inp.waiting}))
+                      holds_prefill(out.scheduled, by_id, {s.request_id for s in inp.waiting}))
         return out
 
     def _note_refusals(self, inp: PlanInput, by_id: dict[str, SeqView]) -> None:
@@ -85,15 +86,23 @@ class Bros:
                 refused[rid] = by_id[rid].num_computed_tokens
         self._refused = refused
 
-    def _learn(self, now_ms: float, cfg: PlannerConfig) -> None:
-        if self._last is None:
+    def _learn(self, inp: PlanInput, cfg: PlannerConfig) -> None:
+        """Step times, from the gaps between plans (serially, the gap since the last plan is
+        its step, loop included), or from the steps the loop reports (when it plans ahead,
+        a plan is made while the step before it still runs)."""
+        if self.cost is None:
             self.ms_per_token = self.ms_per_token or cfg.bros_prefill_ms_per_token
             self.iteration_ms = self.iteration_ms or cfg.bros_first_step_ms
-            self.cost = self.cost or StepCost(self.iteration_ms, cfg.bros_prefill_ms_per_token,
-                                              cfg.bros_step_cost_decay, cfg.bros_step_cost_min_weight)
-            return
-        then, seqs, tokens, prefill = self._last
-        dt = now_ms - then
+            self.cost = StepCost(self.iteration_ms, cfg.bros_prefill_ms_per_token,
+                                 cfg.bros_step_cost_decay, cfg.bros_step_cost_min_weight)
+        if inp.steps is not None:
+            for step in inp.steps:
+                self._observe(step.ms, step.num_seqs, step.num_tokens, step.prefill, cfg)
+        elif self._last is not None:
+            then, seqs, tokens, prefill = self._last
+            self._observe(inp.now_ms - then, seqs, tokens, prefill, cfg)
+
+    def _observe(self, dt: float, seqs: int, tokens: int, prefill: bool, cfg: PlannerConfig) -> None:
         if tokens > 0 and dt > 0:
             self.cost.observe(dt, seqs, tokens, prefill)
             a = cfg.bros_step_time_smoothing
@@ -377,16 +386,6 @@ class BrosNoChunking(Bros):
     chunked = False
 
 
-def _is_prompt_work(n: int, is_new: bool, seq: SeqView | None) -> bool:
-    """Whether n tokens of a sequence are prompt tokens (the worker's slower regime): a
-    chunk of more than one token, a new sequence, or a last prompt token of a running one."""
-    return n > 1 or is_new or (seq is not None and seq.num_uncomputed_tokens > 1)
-
-
-def _holds_prefill(scheduled: list[tuple[str, int]], running: dict[str, SeqView], waiting: set[str]) -> bool:
-    return any(_is_prompt_work(n, rid in waiting, running.get(rid)) for rid, n in scheduled)
-
-
 class _TimeGate:
     """BE work in a step that serves RT (built only for one with an RT deadline) is bounded
     by RT's slack: the step, as StepCost predicts it, must end before the earliest RT
@@ -405,13 +404,13 @@ class _TimeGate:
         self.max_num_batched_tokens = max_num_batched_tokens   # the step budget, before BE's allowance
         self.num_seqs = len(step.out.scheduled)
         self.num_tokens = sum(n for _, n in step.out.scheduled)
-        self.prefill = _holds_prefill(step.out.scheduled, {s.request_id: s for s in inp.running}, waiting_ids)
+        self.prefill = holds_prefill(step.out.scheduled, {s.request_id: s for s in inp.running}, waiting_ids)
 
     def allow(self, seq: SeqView, n: int, is_new: bool = False) -> int:
         """Tokens of seq this step can take (<= n; 0: none)."""
         if n == 0:
             return 0
-        if not _is_prompt_work(n, is_new, seq):   # a decode
+        if not is_prompt_work(n, is_new, seq):   # a decode
             ms = self.cost.predict(self.num_seqs + 1, self.num_tokens + 1, self.prefill)
             return n if ms <= self.time_left_ms else 0
         fit = min(n, self.cost.prefill_tokens_within(self.time_left_ms, self.num_seqs, self.num_tokens))
@@ -423,4 +422,4 @@ class _TimeGate:
     def took(self, seq: SeqView, n: int, is_new: bool = False) -> None:
         self.num_seqs += 1
         self.num_tokens += n
-        self.prefill = self.prefill or _is_prompt_work(n, is_new, seq)
+        self.prefill = self.prefill or is_prompt_work(n, is_new, seq)
