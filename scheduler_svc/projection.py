@@ -50,3 +50,18 @@ def project(views: dict[str, SeqView], scheduled: list[tuple[str, int]], done_ms
         else:
             out[rid] = view
     return out, num_blocks
+
+
+def reapply(views: dict[str, SeqView], recompute, pause, scheduled_ids) -> None:
+    """What a plan made before the last report did to the mirror when it was made, which
+    the report (its computed counts, a refused resume) must not undo: its recomputes start
+    over, its pauses and checkpoints are paused, what it schedules runs. In place."""
+    for rid in recompute:
+        if rid in views:
+            views[rid].num_computed_tokens, views[rid].preempted = 0, False
+    for rid in pause:
+        if rid in views:
+            views[rid].preempted = True
+    for rid in scheduled_ids:
+        if rid in views:
+            views[rid].preempted = False

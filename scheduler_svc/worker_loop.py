@@ -48,7 +48,7 @@ from .keys import BEST_EFFORT
 from . import round_trips
 from .placement import RoomBoard
 from .planner import BE, RT, PlanInput, PlannerConfig, Policy, SeqView, StepSample, blocks_of, holds_prefill
-from .projection import project
+from .projection import project, reapply
 from .store import Batch, RequestRecord, Store
 
 if TYPE_CHECKING:
@@ -622,21 +622,10 @@ class WorkerLoop:
         for rid in finished:
             self.seqs.pop(rid, None)
         self._unwritten = (b, finished)
-        for later in self._sent:
-            self._reapply(later.plan)
-
-    def _reapply(self, plan: worker_pb2.StepPlan) -> None:
-        """A plan sent after the one just reported changed the mirror when it was made
-        (_next_plan): what the report set (computed counts) must not undo it."""
-        for rid in plan.recompute:
-            if rid in self.seqs:
-                self.seqs[rid].view.num_computed_tokens, self.seqs[rid].view.preempted = 0, False
-        for rid in (*plan.preempt, *plan.checkpoint):
-            if rid in self.seqs:
-                self.seqs[rid].view.preempted = True
-        for s in plan.scheduled:
-            if s.seq_id in self.seqs:
-                self.seqs[s.seq_id].view.preempted = False
+        views = {rid: run.view for rid, run in self.seqs.items()}
+        for later in self._sent:   # made before this report: what it set stands
+            reapply(views, later.plan.recompute, (*later.plan.preempt, *later.plan.checkpoint),
+                    (s.seq_id for s in later.plan.scheduled))
 
     def _start_write(self) -> None:
         if self._unwritten is not None:

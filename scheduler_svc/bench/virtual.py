@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from scheduler_svc.planner import (BE, RT, PlanDecision, PlanInput, PlannerConfig, Policy, SeqView, StepSample,
                                    blocks_of, holds_prefill)
-from scheduler_svc.projection import project
+from scheduler_svc.projection import project, reapply
 from worker_svc.block_allocator import SeqClass
 from worker_svc.build import build_engine
 from worker_svc.config import WorkerConfig
@@ -297,20 +297,10 @@ class _Driver:
         for out in report.outputs:
             if out.seq_id in self.resident:
                 self._on_output(self.resident[out.seq_id], out, t)
+        views = {rid: r.view for rid, r in self.resident.items()}
         for made in self.in_flight:   # made before this report: what it set stands
-            self._reapply(made.plan)
-
-    def _reapply(self, plan: Plan) -> None:
-        """As worker_loop._reapply: a later plan's pauses, recomputes and resumes."""
-        for rid in plan.recompute:
-            if rid in self.resident:
-                self.resident[rid].view.num_computed_tokens, self.resident[rid].view.preempted = 0, False
-        for rid in (*plan.preempt, *plan.checkpoint):
-            if rid in self.resident:
-                self.resident[rid].view.preempted = True
-        for rid, _ in plan.scheduled:
-            if rid in self.resident:
-                self.resident[rid].view.preempted = False
+            p = made.plan
+            reapply(views, p.recompute, (*p.preempt, *p.checkpoint), (rid for rid, _ in p.scheduled))
 
     def _on_error(self, seq_id: str, field_name: str, message: str, was_preempted: dict[str, bool]) -> None:
         """A refused new sequence can never run there: it ends, unserved. A scheduled item
