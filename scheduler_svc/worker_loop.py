@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 MIN_PREFILL_SAMPLE = 64     # prefill tokens a step needs to count toward the rate
 PREFILL_RATE_ALPHA = 0.2
 PLAN_PHASE_ALPHA = 0.1      # weight of each new queue-read-to-plan-sent time in its running mean
+# Pipelined, a plan is made this long before the step in flight should end: 3 x the mean
+# queue-read-to-plan-sent time or a quarter of the last step, whichever is more, + 1 ms.
+PLAN_MARGIN_PHASES = 3.0
+PLAN_MARGIN_STEP = 0.25
 _FINISH_NAMES = {types_pb2.STOP: "stop", types_pb2.LENGTH: "length", types_pb2.ABORT: "abort"}
 _PREEMPTING_FIELDS = ("preempt", "checkpoint", "recompute")
 
@@ -485,13 +489,15 @@ class WorkerLoop:
         return plan
 
     async def _until_plan_time(self) -> None:
-        """Pipelined: wait until just before the worker should end the step in flight (a
-        margin of twice the usual queue read and planning time, and a millisecond), so
-        the plan sees what arrived meanwhile: made at the step's start, it would leave a
-        request that arrives during the step to wait a whole step more for the next one."""
+        """Pipelined: wait until shortly before the worker should end the step in flight,
+        so the plan sees what arrived meanwhile: made at the step's start, it would leave a
+        request that arrives during the step to wait a whole step more for the next one.
+        The margin (PLAN_MARGIN_*) covers the queue read and planning, and steps that end
+        sooner than the last one did; too little and the worker waits for the plan."""
         if not self._sent:
             return
-        wait_ms = self._step_ends_ms()[-1] - (2 * self._plan_phase_ms + 1.0) - now_ms()
+        margin_ms = max(PLAN_MARGIN_PHASES * self._plan_phase_ms, PLAN_MARGIN_STEP * self.status.last_step_ms) + 1.0
+        wait_ms = self._step_ends_ms()[-1] - margin_ms - now_ms()
         if wait_ms > 0:
             await asyncio.sleep(wait_ms / 1e3)
 
