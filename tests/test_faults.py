@@ -34,11 +34,17 @@ def running_on(client: Client, address: str) -> int:
     return int(workers_by_id(client).get(address, {}).get("running_sequences", 0))
 
 
-def test_sigkill_worker_requeues_its_requests_on_the_other(tmp_path):
+# Serially, and with a plan always in flight beside the step (--pipeline-depth 1) when
+# the worker dies or stalls.
+PIPELINE = pytest.mark.parametrize("depth", [0, 1], ids=["serial", "pipelined"])
+
+
+@PIPELINE
+def test_sigkill_worker_requeues_its_requests_on_the_other(tmp_path, depth):
     with EmbeddedRedis() as redis_server:
         w1, w2 = Worker(tmp_path, *SIM, name="w1").start(), Worker(tmp_path, *SIM, name="w2").start()
         sched = Scheduler(tmp_path, redis_server.url, [w1.address, w2.address],
-                          "--worker-requeue-after-ms", "1000").start()
+                          "--worker-requeue-after-ms", "1000", "--pipeline-depth", str(depth)).start()
         client = Client(sched.address, retry=RETRY)
         try:
             run = HybridRun(client, 60, 60).start()
@@ -61,11 +67,12 @@ def test_sigkill_worker_requeues_its_requests_on_the_other(tmp_path):
     again.check()
 
 
-def test_stalled_worker_is_dropped_and_its_work_requeued(tmp_path):
+@PIPELINE
+def test_stalled_worker_is_dropped_and_its_work_requeued(tmp_path, depth):
     with EmbeddedRedis() as redis_server:
         w1, w2 = Worker(tmp_path, *SIM, name="w1").start(), Worker(tmp_path, *SIM, name="w2").start()
         sched = Scheduler(tmp_path, redis_server.url, [w1.address, w2.address], "--step-timeout-ms", "1500",
-                          "--worker-requeue-after-ms", "500").start()
+                          "--worker-requeue-after-ms", "500", "--pipeline-depth", str(depth)).start()
         client = Client(sched.address, retry=RETRY)
         try:
             run = HybridRun(client, 60, 60).start()
