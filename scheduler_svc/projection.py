@@ -21,6 +21,10 @@ from dataclasses import replace
 
 from .planner import SeqView, blocks_of, new_blocks_needed
 
+# The plan fields that pause or drop a sequence's KV; the worker names them in an
+# ItemError when it refuses one (pipelined: a sequence that finished a step before).
+PREEMPTING_FIELDS = ("preempt", "checkpoint", "recompute")
+
 
 def project(views: dict[str, SeqView], scheduled: list[tuple[str, int]], done_ms: float,
             block_size: int) -> tuple[dict[str, SeqView], int]:

@@ -48,7 +48,7 @@ from .keys import BEST_EFFORT
 from . import round_trips
 from .placement import RoomBoard
 from .planner import BE, RT, PlanInput, PlannerConfig, Policy, SeqView, StepSample, blocks_of, holds_prefill
-from .projection import project, reapply
+from .projection import PREEMPTING_FIELDS, project, reapply
 from .store import Batch, RequestRecord, Store
 
 if TYPE_CHECKING:
@@ -65,7 +65,6 @@ PLAN_PHASE_ALPHA = 0.1      # weight of each new queue-read-to-plan-sent time in
 PLAN_MARGIN_PHASES = 3.0
 PLAN_MARGIN_STEP = 0.25
 _FINISH_NAMES = {types_pb2.STOP: "stop", types_pb2.LENGTH: "length", types_pb2.ABORT: "abort"}
-_PREEMPTING_FIELDS = ("preempt", "checkpoint", "recompute")
 
 
 def now_ms() -> float:
@@ -125,13 +124,13 @@ def _quantiles(values) -> Callable[[float], float]:
 
 @dataclass
 class _Sent:
-    """A plan on its way to (or being run by) the worker, its report not read yet."""
+    """A plan made, then on its way to (or being run by) the worker, its report not read yet."""
     plan: worker_pb2.StepPlan
-    resuming: set[str]              # paused sequences it schedules (the worker may keep them paused)
-    num_prefill_tokens: int         # its chunks of more than one token (the prefill-rate sample)
-    holds_prefill: bool             # any prompt work in it (planner.holds_prefill)
-    num_freed_blocks: int           # blocks its aborts, recomputes and checkpoints free
-    sent_ms: float
+    resuming: set[str] = field(default_factory=set)  # paused sequences it schedules (the worker may keep them paused)
+    num_prefill_tokens: int = 0     # its chunks of more than one token (the prefill-rate sample)
+    holds_prefill: bool = False     # any prompt work in it (planner.holds_prefill)
+    num_freed_blocks: int = 0       # blocks its aborts, recomputes and checkpoints free
+    sent_ms: float = 0.0
 
 
 @dataclass
@@ -192,10 +191,6 @@ class WorkerLoop:
         self.draining = False
         self.worker_draining = False
         self.drained = asyncio.Event()
-        self._plan_prefill_tokens = 0      # of the plan being made (then its _Sent's)
-        self._plan_holds_prefill = False
-        self._plan_freed_blocks = 0
-        self._resuming: set[str] = set()   # paused sequences the plan being made schedules
         # Observability, set by server.py when enabled; None costs one test per hook.
         self.metrics: SchedulerMetrics | None = None
         self.tracing: LoopTracing | None = None
@@ -299,8 +294,9 @@ class WorkerLoop:
                 if not held:
                     log.warning("lost the lease on %s", self.address)
                     return
-                plan = await self._next_plan(aborts, waiting_rt + waiting_be)
-                await self._send(stream, plan)
+                made = await self._next_plan(aborts, waiting_rt + waiting_be)
+                await self._send(stream, made)
+                plan = made.plan
                 self._plan_phase_ms += PLAN_PHASE_ALPHA * ((time.perf_counter() - t0) * 1e3 - self._plan_phase_ms)
                 idle = not plan.scheduled and not self.seqs
                 # Idle, nothing is worth running ahead: read every report before sleeping.
@@ -325,20 +321,19 @@ class WorkerLoop:
         await self._write_plan(stream, plan)
         return await self._read_report(stream)
 
-    async def _send(self, stream, plan: worker_pb2.StepPlan) -> None:
-        await self._write_plan(stream, plan)
-        self._sent.append(_Sent(plan, self._resuming, self._plan_prefill_tokens, self._plan_holds_prefill,
-                                self._plan_freed_blocks, now_ms()))
-        self._resuming, self._plan_prefill_tokens, self._plan_holds_prefill = set(), 0, False
-        self._plan_freed_blocks = 0
+    async def _send(self, stream, made: _Sent) -> None:
+        await self._write_plan(stream, made.plan)
+        made.sent_ms = now_ms()
+        self._sent.append(made)
 
     async def _receive(self, stream) -> None:
         """Read the oldest sent plan's report into the mirror."""
         report = await self._read_report(stream)
         sent = self._sent.popleft()
         t = now_ms()
-        self._steps_seen.append(StepSample(len(sent.plan.scheduled), sum(s.num_tokens for s in sent.plan.scheduled),
-                                           sent.holds_prefill, t - max(sent.sent_ms, self._last_report_ms)))
+        if self.pipeline_depth:   # serially the policy times steps by the gaps between plans
+            self._steps_seen.append(StepSample(len(sent.plan.scheduled), sum(s.num_tokens for s in sent.plan.scheduled),
+                                               sent.holds_prefill, t - max(sent.sent_ms, self._last_report_ms)))
         self._last_report_ms = t
         if report.plan_id != sent.plan.plan_id:
             raise ConnectionError(f"report for plan {report.plan_id}, expected {sent.plan.plan_id}")
@@ -417,8 +412,9 @@ class WorkerLoop:
 
     # ---- planning ------------------------------------------------------------------------
 
-    async def _next_plan(self, aborts: list[str], queued: list[RequestRecord]) -> worker_pb2.StepPlan:
+    async def _next_plan(self, aborts: list[str], queued: list[RequestRecord]) -> _Sent:
         plan = worker_pb2.StepPlan(free=self._pending_free)
+        made = _Sent(plan)
         self._pending_free = []
         self._observe_plan_start(aborts)
         if aborts:
@@ -428,7 +424,7 @@ class WorkerLoop:
                     b.finish(rid, "abort", now_ms())
                     if (run := self.seqs.pop(rid, None)) is not None:
                         plan.free.append(rid)
-                        self._plan_freed_blocks += self._blocks_held(run.view)
+                        made.num_freed_blocks += self._blocks_held(run.view)
         if self.draining or self.worker_draining:
             queued = []
             await self._hand_back_be(plan)
@@ -462,22 +458,23 @@ class WorkerLoop:
         for rid in decision.recompute:
             plan.recompute.append(rid)
             view = self.seqs[rid].view
-            self._plan_freed_blocks += self._blocks_held(view)
+            made.num_freed_blocks += self._blocks_held(view)
             view.num_computed_tokens, view.preempted = 0, False  # the worker resumes it empty
         for rid in decision.preempt:
             plan.preempt.append(rid)
             self.seqs[rid].view.preempted = True
         for rid in decision.checkpoint:
             plan.checkpoint.append(rid)
-            self._plan_freed_blocks += self._blocks_held(self.seqs[rid].view)
+            made.num_freed_blocks += self._blocks_held(self.seqs[rid].view)
             self.seqs[rid].view.preempted = True
-        self._plan_prefill_tokens = sum(n for _, n in decision.scheduled if n > 1)
-        self._plan_holds_prefill = holds_prefill(decision.scheduled, views, set(waiting))
+        made.num_prefill_tokens = sum(n for _, n in decision.scheduled if n > 1)
+        if self.pipeline_depth:   # only the step samples of a pipelined loop use it
+            made.holds_prefill = holds_prefill(decision.scheduled, views, set(waiting))
         for rid, num_tokens in decision.scheduled:
             if rid in self.seqs:
                 plan.scheduled.append(worker_pb2.ScheduledSequence(seq_id=rid, num_tokens=num_tokens))
                 if self.seqs[rid].view.preempted:
-                    self._resuming.add(rid)
+                    made.resuming.add(rid)
                 self.seqs[rid].view.preempted = False  # scheduling resumes it on the worker
         if self._needs_resync:
             plan.list_resident = True
@@ -486,7 +483,7 @@ class WorkerLoop:
         for new in plan.new_sequences:
             views[new.seq_id] = self.seqs[new.seq_id].view
         self._observe_plan(plan, views)
-        return plan
+        return made
 
     async def _until_plan_time(self) -> None:
         """Pipelined: wait until shortly before the worker should end the step in flight,
@@ -622,7 +619,7 @@ class WorkerLoop:
         # Pauses and recomputes count once the worker applied them (pipelined, one may
         # name a sequence that finished in the step before).
         num_preempted = (len(sent.plan.preempt) + len(sent.plan.checkpoint) + len(sent.plan.recompute)
-                         - sum(e.field in _PREEMPTING_FIELDS for e in report.errors))
+                         - sum(e.field in PREEMPTING_FIELDS for e in report.errors))
         self.stats.preemptions += num_preempted
         self._observe_report(report, finished, t, num_preempted)
         for rid in finished:

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler_svc.planner import BE, RT, PlanInput, PlannerConfig, SeqView, make_policy
+from scheduler_svc.planner import BE, RT, PlanInput, PlannerConfig, SeqView, StepSample, make_policy
 from scheduler_svc.policies import POLICIES
 
 
@@ -289,3 +289,18 @@ def test_bros_rt_stops_yielding_while_a_miss_keeps_the_be_allowance_cut():
         d = p.plan(inp(running=[be(), relaxed(now)], now=now), cfg)
     assert p.token_budget == cfg.max_num_batched_tokens
     assert dict(d.scheduled) == {"be-run": 40}
+
+
+def test_bros_times_steps_by_the_reported_steps_when_the_loop_plans_ahead():
+    """Serially the gap between two plans is the step; planned ahead it is not (the plan is
+    made while the step before it runs), so the loop's reported steps are used instead."""
+    cfg = PlannerConfig(bros_step_time_smoothing=1.0)   # the last sample, whole
+    running = [seq("be", 0, 8, BE, computed=8, produced=1)]
+    serial, ahead = make_policy("bros"), make_policy("bros")
+    for p, steps in ((serial, None), (ahead, ())):
+        p.plan(PlanInput(now_ms=0.0, running=running, waiting=[], free_blocks=100, block_size=16, steps=steps), cfg)
+    serial.plan(inp(running=running, now=10.0), cfg)
+    assert serial.iteration_ms == 10.0                  # the gap
+    ahead.plan(PlanInput(now_ms=10.0, running=running, waiting=[], free_blocks=100, block_size=16,
+                         steps=(StepSample(1, 1, False, 80.0),)), cfg)
+    assert ahead.iteration_ms == 80.0                   # the reported step, not the 10 ms gap

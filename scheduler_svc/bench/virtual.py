@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from scheduler_svc.planner import (BE, RT, PlanDecision, PlanInput, PlannerConfig, Policy, SeqView, StepSample,
                                    blocks_of, holds_prefill)
-from scheduler_svc.projection import project, reapply
+from scheduler_svc.projection import PREEMPTING_FIELDS, project, reapply
 from worker_svc.block_allocator import SeqClass
 from worker_svc.build import build_engine
 from worker_svc.config import WorkerConfig
@@ -164,8 +164,8 @@ class _Driver:
         t0 = time.perf_counter()
         decision = self.policy.plan(inp, self.planner)
         planner_ms = (time.perf_counter() - t0) * 1e3
-        prefill = holds_prefill(decision.scheduled, {v.request_id: v for v in inp.running},
-                                {v.request_id for v in inp.waiting})
+        prefill = self.cfg.pipeline_depth > 0 and holds_prefill(   # only a pipelined loop's step samples use it
+            decision.scheduled, {v.request_id: v for v in inp.running}, {v.request_id for v in inp.waiting})
         self.plan_freed_blocks = 0
         plan, was_preempted = self._to_plan(decision, plan_id)
         self.in_flight.append(_Made(plan, was_preempted, planner_ms, prefill, self.plan_freed_blocks))
@@ -192,11 +192,12 @@ class _Driver:
         """The loop reads a plan's report into its mirror."""
         plan, (report, start_ms, step_ms) = made.plan, ran
         self._absorb(report, made.was_preempted)
-        self.steps_seen.append(StepSample(len(plan.scheduled), sum(n for _, n in plan.scheduled),
-                                          made.holds_prefill, step_ms))
+        if self.cfg.pipeline_depth:   # serially the policy times steps by the gaps between plans
+            self.steps_seen.append(StepSample(len(plan.scheduled), sum(n for _, n in plan.scheduled),
+                                              made.holds_prefill, step_ms))
         t = report.timings
         num_preempted = (len(plan.preempt) + len(plan.checkpoint) + len(plan.recompute)
-                         - sum(e.field in ("preempt", "checkpoint", "recompute") for e in report.errors))
+                         - sum(e.field in PREEMPTING_FIELDS for e in report.errors))
         self.iterations.append(IterationRecord(
             start_ms, step_ms, len(report.outputs),
             t.num_prefill_tokens + t.num_decode_tokens, made.planner_ms, num_preempted))
