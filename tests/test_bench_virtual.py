@@ -7,7 +7,7 @@ import pytest
 
 from scheduler_svc.bench import metrics, virtual, workload
 from scheduler_svc.bench.metrics import IterationRecord, RequestRecord
-from scheduler_svc.bench.scenarios import policy_names
+from scheduler_svc.bench.scenarios import build_workload, capacity, policy_names, run_policy
 from scheduler_svc.bench.workload import Request
 from scheduler_svc.planner import BE, RT, PlanDecision, PlannerConfig, make_policy
 from worker_svc.sim.cost_model import CostModel
@@ -315,3 +315,29 @@ def test_sim_scale_refuses_several_seeds_and_every_scenario_fewer_than_one(monke
     monkeypatch.setattr(bench, "run_scenario", lambda name, args: pytest.fail("ran"))
     with pytest.raises(SystemExit, match="--num-seeds: must be at least 1, got 0"):
         bench.main(["--scenario", "sim-paper", "--num-seeds", "0"])
+
+
+@needs_traces
+def test_rt_target_flags_reach_every_rt_request_and_bros_answers_a_tighter_tpot():
+    from scheduler_svc.bench.__main__ import configure, parse_args
+    base = configure(parse_args(["--duration-s", "20"]), "sim-paper")
+    tight = configure(parse_args(["--duration-s", "20", "--rt-ttft-ms", "400", "--rt-tpot-ms", "20"]), "sim-paper")
+    cap = capacity(base)
+    rate = 0.2 * cap.rt_req_s
+    loose_reqs = build_workload(base, cap, rate, base.duration_s, 0)
+    tight_reqs = build_workload(tight, cap, rate, tight.duration_s, 0)
+    rt = [r for r in tight_reqs if r.service_class == RT]
+    assert rt and all(r.ttft_ms == 400 and r.tpot_ms == 20 for r in rt)
+    assert all(r.ttft_ms == 250 and r.tpot_ms == 100 for r in loose_reqs if r.service_class == RT)
+    # bros spends RT's TPOT slack on BE work; with less slack, RT tokens come faster
+    loose = run_policy(base, loose_reqs, "bros").metrics
+    fast = run_policy(tight, tight_reqs, "bros").metrics
+    assert fast.rt_tpot_p50_ms < 0.8 * loose.rt_tpot_p50_ms
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_rt_target_flags_refuse_what_is_not_positive(value, capsys):
+    from scheduler_svc.bench.__main__ import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--rt-tpot-ms", value])
+    assert "--rt-tpot-ms: must be > 0" in capsys.readouterr().err

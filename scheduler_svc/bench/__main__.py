@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sim-cost", default=None, help="cost-model preset, e.g. opt13b_a100_tp2")
     p.add_argument("--max-model-len", type=int, default=None, help="context window; default: the scenario's")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks; default: the sim worker's")
+    p.add_argument("--rt-ttft-ms", type=_positive, default=None,
+                   help="sim scenarios: every RT request's TTFT target (default: the scenario's, 250)")
+    p.add_argument("--rt-tpot-ms", type=_positive, default=None,
+                   help="sim scenarios: every RT request's TPOT target (default: the scenario's, 100); "
+                        "a tighter one makes bros trade BE throughput for RT per-token latency")
     p.add_argument("--bros-admit-headroom-sd", type=float, default=None,
                    help="sim scenarios: bros' admission headroom in standard deviations of finished BE "
                         "output lengths (0: the fixed headroom; default: the planner's)")
@@ -59,6 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:   # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
@@ -70,7 +82,7 @@ def configure(args: argparse.Namespace, name: str) -> Scenario:
              "sim_cost": args.sim_cost, "max_model_len": args.max_model_len,
              "rate_fracs": tuple(args.rates) if args.rates else None,
              "bros_admit_headroom_sd": args.bros_admit_headroom_sd, "overlap_copies": args.overlap_copies,
-             "pipeline_depth": args.pipeline_depth}
+             "pipeline_depth": args.pipeline_depth, "rt_ttft_ms": args.rt_ttft_ms, "rt_tpot_ms": args.rt_tpot_ms}
     return replace(scn, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -105,7 +117,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
 def run_sim(scn: Scenario, policies: list[str], args: argparse.Namespace) -> None:
     cap = capacity(scn)
     seeds = list(range(args.seed, args.seed + (args.num_seeds or 1)))
-    _log(f"{scn.name}: {scn.description}")
+    _log(f"{scn.name}: {scn.description}; RT targets TTFT {scn.rt_ttft_ms:g} ms, TPOT {scn.rt_tpot_ms:g} ms")
     _log(f"pool {cap.pool_tokens} tokens; capacity RT {cap.rt_req_s:.2f} req/s, BE {cap.be_req_s:.2f} req/s; "
          f"BE load {scn.be_busy * cap.be_req_s:.2f} req/s ({scn.be_arrival}); seeds {seeds}")
     points, ttfts = [], {}

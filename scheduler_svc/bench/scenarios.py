@@ -54,7 +54,7 @@ class Scenario:
                              overlap_copies=self.overlap_copies, pipeline_depth=self.pipeline_depth)
 
 
-_PAPER = "OPT-13B/A100 TP-2 cost model, 2048-token context; RT: Azure conv trace, TTFT 250 ms / TPOT 100 ms; "
+_PAPER = "OPT-13B/A100 TP-2 cost model, 2048-token context; RT: Azure conv trace; "
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("sim-paper", _PAPER + "BE: paper-synthetic lengths, Poisson at ~80% busy", "poisson", "paper"),
     Scenario("sim-paper-backlog", _PAPER + "BE: paper-synthetic lengths, the same count as a backlog at t=0",
