@@ -127,6 +127,14 @@ class PlannerConfig:
     # attainment and BE throughput, docs/benchmarks.md). 0: no minimum. No effect where the
     # two regimes cost the same (a GPU).
     bros_prefill_switch_overheads: float = 4.0
+    # bros: while the RT sequences on a worker hold (or, still prefilling, will hold) more
+    # than this share of its KV pool, BE gets no prompt work there (no admission, no
+    # prefill chunk, no resume), only decodes of running BE. RT KV stays resident as long
+    # as RT decodes, and every BE prompt chunk lengthens RT's steps: past this share the
+    # pool fills with RT KV and new RT requests wait for memory. (sim-paper, seeds 0-2:
+    # at 0.6 of capacity RT both +2.4 to +7.5 points for -0.5% to +0.1% of BE; at 0.2
+    # within half a point; docs/benchmarks.md, "RT's share of the pool".) >= 1: off.
+    bros_rt_kv_pressure: float = 0.6
     # bros' estimators, learned online from the gaps between plans (no I/O):
     # the step time assumed until one is measured (ms);
     bros_first_step_ms: float = 50.0
@@ -162,6 +170,8 @@ class PlannerConfig:
             raise ValueError("bros_admit_headroom_tokens must be >= 0 and bros_min_batched_tokens > 0")
         if self.bros_admit_headroom_sd < 0:
             raise ValueError("bros_admit_headroom_sd must be >= 0")
+        if self.bros_rt_kv_pressure <= 0:
+            raise ValueError("bros_rt_kv_pressure must be > 0")
         if self.bros_prefill_switch_overheads < 0:
             raise ValueError("bros_prefill_switch_overheads must be >= 0")
         if self.bros_first_step_ms <= 0 or not 0 < self.bros_step_time_smoothing <= 1:

@@ -304,3 +304,22 @@ def test_bros_times_steps_by_the_reported_steps_when_the_loop_plans_ahead():
     ahead.plan(PlanInput(now_ms=10.0, running=running, waiting=[], free_blocks=100, block_size=16,
                          steps=(StepSample(1, 1, False, 80.0),)), cfg)
     assert ahead.iteration_ms == 80.0                   # the reported step, not the 10 ms gap
+
+
+def test_bros_gives_be_no_prompt_work_while_rt_holds_most_of_the_pool():
+    # The pool: 200 blocks of 16 = 3200 tokens; the default share is 0.6 (1920 tokens).
+    def plan(rt_tokens, **knobs):
+        rt = seq("rt", 0, rt_tokens - 1, RT, computed=rt_tokens - 1, produced=1, first=0.0, tpot=1e6)
+        running = [rt, seq("be-dec", 1, 16, BE, computed=16, produced=1), seq("be-pre", 2, 64, BE, computed=16),
+                   seq("be-paused", 3, 16, BE, computed=16, produced=1, preempted=True)]
+        d = make_policy("bros").plan(inp(running=running, waiting=[seq("be-new", 4, 16, BE)]), PlannerConfig(**knobs))
+        return {rid for rid, _ in d.scheduled}
+    everyone = {"rt", "be-dec", "be-pre", "be-paused", "be-new"}
+    assert plan(1900) == everyone
+    # RT holds 2000 tokens (62.5%): BE only decodes what it has; it neither prefills,
+    # resumes nor admits, each of which would take KV the next RT requests need
+    assert plan(2000) == {"rt", "be-dec"}
+    assert plan(2000, bros_rt_kv_pressure=0.7) == everyone
+    assert plan(3000, bros_rt_kv_pressure=1.0) == everyone   # 1: off
+    with pytest.raises(ValueError, match="bros_rt_kv_pressure"):
+        PlannerConfig(bros_rt_kv_pressure=0)

@@ -15,7 +15,8 @@ Each iteration, in phases:
      sequences and no paused BE waits for memory. A step that serves RT takes BE work
      only while it still ends, by the learned step-time model (step_cost.py), before the
      earliest RT deadline it serves (_TimeGate): RT that runs ahead of its TPOT target
-     banks slack, and BE spends it;
+     banks slack, and BE spends it. While RT's sequences hold more than
+     bros_rt_kv_pressure of the pool, BE only decodes what it has (_rt_kv_pressed);
   4. RT with slack to spare takes what is left, least slack first: a BE request may
      have taken its place this iteration, which its slack absorbs (only while the BE
      allowance is whole: after an RT miss, every RT request is urgent until it regrows);
@@ -174,7 +175,8 @@ class Bros:
         gate = None if math.isinf(time_left) else _TimeGate(self.cost, time_left, step, inp, waiting_ids,
                                                             cfg.bros_prefill_switch_overheads,
                                                             cfg.max_num_batched_tokens)
-        resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate)
+        grow_be = not self._rt_kv_pressed(inp, rt_running, cfg)
+        resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate, grow_be)
         step.tokens += reserve
         tried = scheduled | {s.request_id for s in urgent}
         relaxed = heapq.nsmallest(max(step.seqs, 0), [s for s in rt if s.request_id not in tried],
@@ -310,8 +312,19 @@ class Bros:
         deadlines += [s.ttft_deadline_ms for s in inp.waiting if s.request_id in scheduled]
         return min(deadlines, default=math.inf) - inp.now_ms
 
+    @staticmethod
+    def _rt_kv_pressed(inp: PlanInput, rt_running: list[SeqView], cfg: PlannerConfig) -> bool:
+        """Whether RT's sequences on this worker hold, or will once prefilled, more than
+        bros_rt_kv_pressure of its pool (then BE takes no prompt work: _run_be)."""
+        pool_tokens = inp.occupancy.get("num_blocks", 0) * inp.block_size
+        if not pool_tokens or cfg.bros_rt_kv_pressure >= 1:
+            return False
+        return sum(s.num_tokens for s in rt_running) > cfg.bros_rt_kv_pressure * pool_tokens
+
     def _run_be(self, inp: PlanInput, be_running: list[SeqView], taken: set[str], step: StepBudget,
-                resident: int, cfg: PlannerConfig, gate: _TimeGate | None = None) -> int:
+                resident: int, cfg: PlannerConfig, gate: _TimeGate | None = None, grow: bool = True) -> int:
+        """BE work for this step; with grow False (RT holds most of the pool), only
+        decodes of running BE: their KV is there already, and finishing frees it."""
         by_arrival = lambda s: s.arrival_ms  # noqa: E731
         active = sorted((s for s in be_running if not s.preempted and s.request_id not in taken), key=by_arrival)
         paused = sorted((s for s in be_running if s.preempted and s.request_id not in taken), key=by_arrival)
@@ -321,6 +334,8 @@ class Bros:
         while active:
             seq = active.pop(0)
             n = step.chunk(seq) if gate is None else gate.allow(seq, step.chunk(seq))
+            if not grow and is_prompt_work(n, False, seq):
+                continue
             if n == 0 or step.seqs == 0:
                 return resident
             while not step.fits(seq, n) and active:
@@ -332,6 +347,8 @@ class Bros:
             step.take(seq, n)
             if gate is not None:
                 gate.took(seq, n)
+        if not grow:
+            return resident
         stuck = False   # a paused BE is waiting for memory: new BE would take it first
         num_growing = sum(not s.preempted for s in inp.running)
         headroom = blocks_of(math.ceil(self._headroom_tokens(cfg, step.block_size) * num_growing), step.block_size)
