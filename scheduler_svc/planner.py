@@ -131,9 +131,10 @@ class PlannerConfig:
     # than this share of its KV pool, BE gets no prompt work there (no admission, no
     # prefill chunk, no resume), only decodes of running BE. RT KV stays resident as long
     # as RT decodes, and every BE prompt chunk lengthens RT's steps: past this share the
-    # pool fills with RT KV and new RT requests wait for memory. (sim-paper, seeds 0-2:
-    # at 0.6 of capacity RT both +2.4 to +7.5 points for -0.5% to +0.1% of BE; at 0.2
-    # within half a point; docs/benchmarks.md, "RT's share of the pool".) >= 1: off.
+    # pool fills with RT KV and new RT requests wait for memory. (Five seeds, 0.6 of
+    # capacity: RT both 0.803 -> 0.845 on sim-paper, 0.822 -> 0.847 on sim-arxiv, BE
+    # still 100.5% and 101.7% of priority's; 0.1-0.3 within 0.4 points; 0.5 and 0.3
+    # gain more RT for 2-7% of BE; docs/benchmarks.md, "RT's share of the pool".) >= 1: off.
     bros_rt_kv_pressure: float = 0.6
     # bros' estimators, learned online from the gaps between plans (no I/O):
     # the step time assumed until one is measured (ms);
