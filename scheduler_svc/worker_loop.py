@@ -625,7 +625,7 @@ class WorkerLoop:
         for rid in finished:
             self.seqs.pop(rid, None)
         self._unwritten = (b, finished)
-        views = {rid: run.view for rid, run in self.seqs.items()}
+        views = {rid: run.view for rid, run in self.seqs.items()} if self._sent else {}
         for later in self._sent:   # made before this report: what it set stands
             reapply(views, later.plan.recompute, (*later.plan.preempt, *later.plan.checkpoint),
                     (s.seq_id for s in later.plan.scheduled))

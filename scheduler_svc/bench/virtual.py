@@ -118,7 +118,6 @@ class _Driver:
         # As the pipelined live loop: plans made whose reports are not read, oldest first,
         # and the steps read since the last plan (PlanInput.steps).
         self.in_flight: deque[_Made] = deque()
-        self.plan_freed_blocks = 0   # of the plan being made: its recomputes and checkpoints
         self.steps_seen: list[StepSample] = []
         self.iterations: list[IterationRecord] = []
         self.num_done = 0
@@ -166,9 +165,8 @@ class _Driver:
         planner_ms = (time.perf_counter() - t0) * 1e3
         prefill = self.cfg.pipeline_depth > 0 and holds_prefill(   # only a pipelined loop's step samples use it
             decision.scheduled, {v.request_id: v for v in inp.running}, {v.request_id for v in inp.waiting})
-        self.plan_freed_blocks = 0
-        plan, was_preempted = self._to_plan(decision, plan_id)
-        self.in_flight.append(_Made(plan, was_preempted, planner_ms, prefill, self.plan_freed_blocks))
+        plan, was_preempted, num_freed = self._to_plan(decision, plan_id)
+        self.in_flight.append(_Made(plan, was_preempted, planner_ms, prefill, num_freed))
         if ended is not None:
             reports.append(self._read(self.in_flight.popleft(), ended))
         idle = not plan.scheduled and not self.resident   # the live loop reads every report then
@@ -246,25 +244,26 @@ class _Driver:
 
     # ---- decision -> plan ----------------------------------------------------------------
 
-    def _to_plan(self, decision: PlanDecision, plan_id: int) -> tuple[Plan, dict[str, bool]]:
-        """The worker plan, and the `preempted` flag each scheduled sequence had before."""
+    def _to_plan(self, decision: PlanDecision, plan_id: int) -> tuple[Plan, dict[str, bool], int]:
+        """The worker plan, the `preempted` flag each scheduled sequence had before, and
+        the blocks its recomputes and checkpoints free."""
         plan = Plan(plan_id=plan_id, free=self.pending_free)
         self.pending_free = []
         for rid in decision.admit:
             self._admit(rid, plan)
-        bs = self.engine.limits.block_size
+        bs, num_freed = self.engine.limits.block_size, 0
         for rid in decision.recompute:
             if rid in self.resident:
                 plan.recompute.append(rid)
                 view = self.resident[rid].view
-                self.plan_freed_blocks += blocks_of(view.num_computed_tokens, bs)
+                num_freed += blocks_of(view.num_computed_tokens, bs)
                 view.num_computed_tokens, view.preempted = 0, False  # the worker resumes it empty
         for ids, ops in ((decision.preempt, plan.preempt), (decision.checkpoint, plan.checkpoint)):
             for rid in ids:
                 if rid in self.resident:
                     ops.append(rid)
                     if ops is plan.checkpoint:
-                        self.plan_freed_blocks += blocks_of(self.resident[rid].view.num_computed_tokens, bs)
+                        num_freed += blocks_of(self.resident[rid].view.num_computed_tokens, bs)
                     self.resident[rid].view.preempted = True
         was_preempted: dict[str, bool] = {}
         for rid, num_tokens in decision.scheduled:
@@ -272,7 +271,7 @@ class _Driver:
                 plan.scheduled.append((rid, num_tokens))
                 view = self.resident[rid].view
                 was_preempted[rid], view.preempted = view.preempted, False  # scheduling resumes it
-        return plan, was_preempted
+        return plan, was_preempted, num_freed
 
     def _admit(self, rid: str, plan: Plan) -> None:
         record = self.records.get(rid)
@@ -298,7 +297,7 @@ class _Driver:
         for out in report.outputs:
             if out.seq_id in self.resident:
                 self._on_output(self.resident[out.seq_id], out, t)
-        views = {rid: r.view for rid, r in self.resident.items()}
+        views = {rid: r.view for rid, r in self.resident.items()} if self.in_flight else {}
         for made in self.in_flight:   # made before this report: what it set stands
             p = made.plan
             reapply(views, p.recompute, (*p.preempt, *p.checkpoint), (rid for rid, _ in p.scheduled))

@@ -335,7 +335,7 @@ class Bros:
             seq = active.pop(0)
             n = step.chunk(seq) if gate is None else gate.allow(seq, step.chunk(seq))
             if not grow and is_prompt_work(n, False, seq):
-                continue
+                continue   # not scheduled, but still a recompute victim below (newest first)
             if n == 0 or step.seqs == 0:
                 return resident
             while not step.fits(seq, n) and active:
