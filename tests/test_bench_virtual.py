@@ -231,6 +231,21 @@ def test_metrics_by_hand():
     assert m.planner_p50_ms == 0.3 and m.rt_unfinished == 1 and m.be_unfinished == 0
 
 
+def test_busy_fraction_is_the_share_of_the_run_with_a_request_in_the_system():
+    records = [
+        _record("a", BE, 1000, 1100, 2000, 5),      # the run starts at the first arrival
+        _record("b", BE, 1500, 1600, 3000, 5),      # overlaps a: busy 1000-3000
+        _record("c", BE, 4000, 4100, 4500, 5),      # after a 1 s idle gap: busy 4000-4500
+        _record("d", BE, 5000, 5100, 6000, 5),      # busy 5000-6000, the last finish: span 5 s
+        _record("e", BE, 5200, 5300, 5400, 5),      # inside d's run: adds nothing
+    ]
+    assert metrics.busy_fraction(records) == pytest.approx((2000 + 500 + 1000) / 5000)
+    # An unfinished request keeps the worker busy to the end of the run.
+    lost = _record("lost", BE, 3500, None, None, 0)
+    assert metrics.busy_fraction(records + [lost]) == pytest.approx(1.0 - 500 / 5000)
+    assert metrics.busy_fraction([lost]) == 0.0
+
+
 def test_one_token_output_meets_tpot_and_is_left_out_of_its_percentiles():
     r = _record("one", RT, 0, 50, 50, 1)
     assert r.tpot_ms() == 0 and r.tpot_met()

@@ -64,5 +64,34 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
                     "total_tok_s", "preemptions", "mean_batch_size"):
             assert key in point["policies"][name], key
     assert result["points"][0]["policies"]["bros"]["num_rt"] == point["policies"]["bros"]["num_rt"]
+    # The run states the load it measured under: BE alone, the first seed's stream.
+    assert saved["config"]["be_rate"] == point["be_rate"] == ch.BE_RATE
+    assert 0 < saved["be_alone"]["busy_fraction"] <= 1 and saved["be_alone"]["be_unfinished"] == 0
+
+
+@needs_traces
+def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path, monkeypatch):
+    """--be-rate reaches the workload, and the BE-alone measurement follows it."""
+    from scheduler_svc.bench.__main__ import main
+    busy = {}
+    for rate in (0.5, 3.0):
+        out = tmp_path / str(rate)
+        main(["--scenario", "cpu-hybrid-virtual", "--policies", "fcfs", "--duration-s", "20",
+              "--num-seeds", "1", "--be-rate", str(rate), "--out", str(out)])
+        saved = json.loads((out / "cpu-hybrid-virtual.json").read_text())
+        assert saved["config"]["be_rate"] == rate
+        busy[rate] = saved["be_alone"]["busy_fraction"]
+        # ~rate x 20 s of BE requests (Poisson), all of them served in every run
+        assert 0.4 * rate * 20 < saved["points"][0]["policies"]["fcfs"]["num_be"] < 2 * rate * 20
+    assert busy[0.5] < 0.5 < busy[3.0]
+
+
+def test_be_rate_is_refused_outside_cpu_hybrid(capsys):
+    from scheduler_svc.bench.__main__ import main
+    with pytest.raises(SystemExit, match="--be-rate: only for --scenario cpu-hybrid"):
+        main(["--scenario", "sim-paper", "--be-rate", "2"])
+    with pytest.raises(SystemExit):
+        main(["--scenario", "cpu-hybrid-virtual", "--be-rate", "0"])
+    assert "--be-rate: must be > 0" in capsys.readouterr().err
 
 

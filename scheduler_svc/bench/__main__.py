@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline-depth", type=int, choices=(0, 1), default=None,
                    help="sim scenarios: the loop makes each plan while the step before it runs (1), as "
                         "the scheduler's --pipeline-depth 1, or after its report (0, the default)")
+    p.add_argument("--be-rate", type=_positive, default=None,
+                   help="cpu-hybrid scenarios: BE requests/s (default: the scenario's; the run reports "
+                        "how busy BE alone keeps the worker at that rate)")
     p.add_argument("--shared-cores", action="store_true",
                    help="sim-scale: the scheduler shares every core with Redis and the workers "
                         "(default: it gets the last core to itself)")
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.num_seeds is not None and args.num_seeds < 1:
         sys.exit(f"--num-seeds: must be at least 1, got {args.num_seeds}")
+    if args.be_rate is not None and args.scenario not in ("cpu-hybrid", "cpu-hybrid-virtual"):
+        sys.exit("--be-rate: only for --scenario cpu-hybrid or cpu-hybrid-virtual "
+                 "(the sim scenarios size BE from the worker's capacity)")
     unknown = sorted(set(args.policies or ()) - set(policy_names()))
     if unknown:
         sys.exit(f"--policies: unknown {unknown}; registered: {policy_names()}")
@@ -109,7 +115,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
     if name in ("cpu-hybrid", "cpu-hybrid-virtual"):  # the real model on this CPU, or its replica
         from .cpu_hybrid import run_cpu_hybrid
         run_cpu_hybrid(policies, duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds,
-                       out=args.out, mode="live" if name == "cpu-hybrid" else "virtual")
+                       out=args.out, mode="live" if name == "cpu-hybrid" else "virtual",
+                       **({"be_rate": args.be_rate} if args.be_rate else {}))
         return
     run_sim(configure(args, name), policies, args)
 

@@ -31,10 +31,10 @@ import torch
 from worker_svc.config import MB, WorkerConfig
 from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
 
-from ..planner import RT, PlannerConfig, make_policy
+from ..planner import BE, RT, PlannerConfig, make_policy
 from . import virtual, workload
 from .live import replay_live, with_steps
-from .metrics import BenchMetrics, compute, json_safe, mean_of_runs
+from .metrics import BenchMetrics, busy_fraction, compute, json_safe, mean_of_runs
 from .plots import plot_ttft_cdf, ready
 
 LENGTH_SCALE = 8
@@ -72,9 +72,10 @@ def _scaled(reqs: list[workload.Request]) -> list[workload.Request]:
             for r in reqs]
 
 
-def build(duration_s: float, seed: int, ttft_ms: float, tpot_ms: float) -> list[workload.Request]:
+def build(duration_s: float, seed: int, ttft_ms: float, tpot_ms: float,
+          be_rate: float = BE_RATE) -> list[workload.Request]:
     rt = _scaled(workload.rt_azure(RT_RATE, duration_s, seed, MAX_MODEL_LEN, ttft_ms, tpot_ms))
-    be = _scaled(workload.be_requests("poisson", "paper", BE_RATE, duration_s, seed + 1, MAX_MODEL_LEN))
+    be = _scaled(workload.be_requests("poisson", "paper", be_rate, duration_s, seed + 1, MAX_MODEL_LEN))
     return workload.merge(rt, be)
 
 
@@ -91,18 +92,20 @@ def serve(reqs: list[workload.Request], policy: str, mode: str) -> tuple[BenchMe
 
 
 def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int | None = None,
-                   out: Path = Path("bench/out"), mode: str = "live") -> dict:
+                   out: Path = Path("bench/out"), mode: str = "live", be_rate: float = BE_RATE) -> dict:
     name = MODES[mode]
     num_seeds = num_seeds or DEFAULT_NUM_SEEDS[mode]
-    rt_only = [r for r in build(duration_s, seed, 1e9, 1e9) if r.service_class == RT]
+    first = build(duration_s, seed, 1e9, 1e9, be_rate)
+    rt_only = [r for r in first if r.service_class == RT]
     _log(f"{name}: measuring RT alone ({len(rt_only)} requests)")
     alone, _ = serve(rt_only, "fcfs", mode)
     ttft, tpot = TARGET_FACTOR * alone.rt_ttft_p50_ms, TARGET_FACTOR * alone.rt_tpot_p50_ms
+    be_alone = measure_be_alone([r for r in first if r.service_class == BE], mode, name, be_rate)
     seeds = list(range(seed, seed + num_seeds))
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     ttfts: dict[str, list] = {p: [] for p in policies}
     for s in seeds:
-        reqs = build(duration_s, s, ttft, tpot)
+        reqs = build(duration_s, s, ttft, tpot, be_rate)
         for p in policies:
             _log(f"{name}: seed {s}, {p} ({len(reqs)} requests, {duration_s:.0f} s of arrivals)")
             m, records = serve(reqs, p, mode)
@@ -111,18 +114,30 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
             _log(f"  {p}: RT both {m.rt_attain_both:.3f}, TTFT p99 {m.rt_ttft_p99_ms:.0f} ms, "
                  f"BE {m.be_tok_s:.1f} tok/s, total {m.total_tok_s:.1f} tok/s")
     config = {"length_scale": LENGTH_SCALE, "target_factor": TARGET_FACTOR, "rt_rate": RT_RATE,
-              "be_rate": BE_RATE, "max_num_seqs": PLANNER.max_num_seqs,
+              "be_rate": be_rate, "max_num_seqs": PLANNER.max_num_seqs,
               "max_num_batched_tokens": PLANNER.max_num_batched_tokens}
     if mode == "live":
         config.update(scheduler_args=list(SCHEDULER_ARGS), worker_args=list(TORCH_WORKER))
     else:
         config.update(planner_knobs=_SCALED_KNOBS, num_blocks=VIRTUAL.num_blocks, sim_cost=VIRTUAL.sim_cost)
     result = {"scenario": name, "mode": mode, "seeds": seeds, "duration_s": duration_s,
-              "rt_alone": alone.to_dict(), "targets_ms": {"ttft": ttft, "tpot": tpot}, "config": config,
-              "points": [{"rt_rate": RT_RATE, "be_rate": BE_RATE,
+              "rt_alone": alone.to_dict(), "be_alone": be_alone,
+              "targets_ms": {"ttft": ttft, "tpot": tpot}, "config": config,
+              "points": [{"rt_rate": RT_RATE, "be_rate": be_rate,
                           "policies": {p: {**mean_of_runs(rs), "runs": rs} for p, rs in runs.items()}}]}
     _report(result, out, ttfts)
     return result
+
+
+def measure_be_alone(be_only: list[workload.Request], mode: str, name: str, be_rate: float) -> dict:
+    """The first seed's BE stream served alone: how busy it keeps the worker (the share of
+    the run with a request in the system), so the load the table is measured under is
+    stated by the run itself, not assumed."""
+    _log(f"{name}: measuring BE alone ({len(be_only)} requests at {be_rate:g} req/s)")
+    m, records = serve(be_only, "fcfs", mode)
+    busy = busy_fraction(records)
+    _log(f"  BE alone keeps the worker {busy:.0%} busy; {m.be_req_s:.2f} req/s served")
+    return {"busy_fraction": busy, **m.to_dict()}
 
 
 def _log(text: str) -> None:
@@ -134,6 +149,8 @@ def _report(r: dict, out: Path, ttfts: dict[str, list]) -> None:
     name = r["scenario"]
     print(f"\n{name}: targets TTFT {t['ttft']:.0f} ms, TPOT {t['tpot']:.0f} ms "
           f"({TARGET_FACTOR}x the RT-alone p50); mean of seeds {r['seeds']}")
+    print(f"RT {RT_RATE:g} req/s; BE {r['config']['be_rate']:g} req/s, which alone keeps the worker "
+          f"{r['be_alone']['busy_fraction']:.0%} busy (seed {r['seeds'][0]})")
     print("| policy | RT both | RT TTFT | RT TPOT | TTFT p99 ms | TPOT p99 ms | RT norm ms | BE req/s | BE tok/s | total tok/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for policy, m in r["points"][0]["policies"].items():

@@ -121,6 +121,26 @@ def makespan_ms(records: list[RequestRecord]) -> float:
     return max(finishes) - min(r.request.arrival_ms for r in records)
 
 
+def busy_fraction(records: list[RequestRecord]) -> float:
+    """The share of the makespan during which some request was in the system (arrived,
+    not finished; an unfinished one counts to the end). A continuously batching worker
+    runs a step whenever one is, so this is how busy a load keeps it, measured the same
+    way live and in virtual time, from the requests alone."""
+    span_ms = makespan_ms(records)
+    if not span_ms:
+        return 0.0
+    end = min(r.request.arrival_ms for r in records) + span_ms
+    busy_ms, run_start, run_end = 0.0, None, None
+    for start, finish in sorted((r.request.arrival_ms, end if r.finish_ms is None else r.finish_ms)
+                                for r in records):
+        if run_end is None or start > run_end:   # a gap: the last busy run ended
+            busy_ms += 0.0 if run_end is None else run_end - run_start
+            run_start, run_end = start, finish
+        else:
+            run_end = max(run_end, finish)
+    return (busy_ms + run_end - run_start) / span_ms
+
+
 def compute(records: list[RequestRecord], iterations: list[IterationRecord]) -> BenchMetrics:
     rt = [r for r in records if r.request.service_class == RT]
     be = [r for r in records if r.request.service_class == BE]
