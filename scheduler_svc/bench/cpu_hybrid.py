@@ -41,10 +41,10 @@ from .plots import plot_ttft_cdf, ready
 LENGTH_SCALE = 8
 TARGET_FACTOR = 2.0
 RT_RATE = 0.5          # req/s
-# req/s. Alone, the share of the run with a request in the system (busy_fraction), seeds
-# 0 / 1, live: 2.0 req/s 69% / 63%, 2.5: 78% / 69%, 3.0: 84% / 75%; the replica within
-# 3 points (docs/benchmarks.md, "cpu-hybrid's BE load"). Until that measurement this was
-# 1.5, believed ~80%: it keeps the worker 51-59% busy.
+# req/s. How busy BE alone keeps the worker (busy_fraction), the replica's mean over
+# seeds 0-11: 1.5 req/s 54%, 2.5 74%, 2.75 79%, 3.0 82% (76-86% by seed: 90 s of Poisson
+# arrivals vary); live runs measure within 3 points of it (docs/benchmarks.md, "cpu-hybrid's
+# BE load"). This was 1.5 until that was measured, believed ~80%.
 BE_RATE = 3.0
 MAX_MODEL_LEN = 2048
 KV_CACHE_MB = 256
