@@ -70,7 +70,7 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
 
 
 @needs_traces
-def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path, monkeypatch):
+def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path):
     """--be-rate reaches the workload, and the BE-alone measurement follows it."""
     from scheduler_svc.bench.__main__ import main
     busy = {}
@@ -81,7 +81,7 @@ def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path, monkeypatch):
         saved = json.loads((out / "cpu-hybrid-virtual.json").read_text())
         assert saved["config"]["be_rate"] == rate
         busy[rate] = saved["be_alone"]["busy_fraction"]
-        # ~rate x 20 s of BE requests (Poisson), all of them served in every run
+        # ~rate x 20 s of BE requests (Poisson arrivals; the replica raises if any is left unserved)
         assert 0.4 * rate * 20 < saved["points"][0]["policies"]["fcfs"]["num_be"] < 2 * rate * 20
     assert busy[0.5] < 0.5 < busy[3.0]
 

@@ -154,7 +154,7 @@ def _report(r: dict, out: Path, ttfts: dict[str, list]) -> None:
     name = r["scenario"]
     print(f"\n{name}: targets TTFT {t['ttft']:.0f} ms, TPOT {t['tpot']:.0f} ms "
           f"({TARGET_FACTOR}x the RT-alone p50); mean of seeds {r['seeds']}")
-    print(f"RT {RT_RATE:g} req/s; BE {r['config']['be_rate']:g} req/s, which alone keeps the worker "
+    print(f"RT {r['config']['rt_rate']:g} req/s; BE {r['config']['be_rate']:g} req/s, which alone keeps the worker "
           f"{r['be_alone']['busy_fraction']:.0%} busy (seed {r['seeds'][0]})")
     print("| policy | RT both | RT TTFT | RT TPOT | TTFT p99 ms | TPOT p99 ms | RT norm ms | BE req/s | BE tok/s | total tok/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
