@@ -71,6 +71,12 @@ class PlanInput:
     # steps reported since the last plan, oldest first.
     steps: tuple[StepSample, ...] | None = None
 
+    def num_pool_blocks(self) -> int:
+        """The worker's KV pool in blocks: as its last report gave it, else (no report
+        yet) what is free plus what the running sequences hold."""
+        return self.occupancy.get("num_blocks") or self.free_blocks + sum(
+            blocks_of(s.num_computed_tokens, self.block_size) for s in self.running)
+
 
 @dataclass
 class PlanDecision:

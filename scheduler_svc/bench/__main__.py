@@ -115,8 +115,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
     if name in ("cpu-hybrid", "cpu-hybrid-virtual"):  # the real model on this CPU, or its replica
         from .cpu_hybrid import run_cpu_hybrid
         run_cpu_hybrid(policies, duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds,
-                       out=args.out, mode="live" if name == "cpu-hybrid" else "virtual",
-                       **({"be_rate": args.be_rate} if args.be_rate else {}))
+                       out=args.out, mode="live" if name == "cpu-hybrid" else "virtual", be_rate=args.be_rate)
         return
     run_sim(configure(args, name), policies, args)
 

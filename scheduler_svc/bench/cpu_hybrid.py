@@ -7,8 +7,9 @@ token-valued knob (the step budget 2048 -> 256; bros' AIMD floor and step, its
 admission headroom), so a CPU
 step holds the same share of a request as a GPU step of the original sizes. BE arrives
 as a Poisson stream at BE_RATE, which alone keeps this 2-core CPU about 80% busy (the
-paper's BE load; each run measures and reports it, measure_be_alone); RT at RT_RATE
-from the trace's arrival gaps. The RT targets come from a measured RT-only run:
+paper's BE load, read as busy time; each run measures and reports it, measure_be_alone;
+the sim scenarios read it as 80% of estimated throughput, which here would overload the
+CPU); RT at RT_RATE from the trace's arrival gaps. The RT targets come from a measured RT-only run:
 TARGET_FACTOR x its p50 TTFT and TPOT, so "meeting the target" means "as good as alone,
 within a factor", whatever machine this runs on. Each policy serves the same workload
 once per seed; the table shows the mean over seeds, the JSON each run as well.
@@ -97,8 +98,9 @@ def serve(reqs: list[workload.Request], policy: str, mode: str) -> tuple[BenchMe
 
 
 def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int | None = None,
-                   out: Path = Path("bench/out"), mode: str = "live", be_rate: float = BE_RATE) -> dict:
+                   out: Path = Path("bench/out"), mode: str = "live", be_rate: float | None = None) -> dict:
     name = MODES[mode]
+    be_rate = be_rate or BE_RATE
     num_seeds = num_seeds or DEFAULT_NUM_SEEDS[mode]
     first = build(duration_s, seed, 1e9, 1e9, be_rate)
     rt_only = [r for r in first if r.service_class == RT]

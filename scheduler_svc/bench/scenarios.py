@@ -1,8 +1,9 @@
 """Named benchmark scenarios, and how one (scenario, RT rate, policy) point is run.
 
 Every scenario serves RT requests from the Azure conversation trace at a fraction of the
-worker's estimated RT capacity, next to a BE load sized to keep the worker ~80% busy on
-its own (workload.capacity_req_s), on one simulated OPT-13B / A100 worker. All policies
+worker's estimated RT capacity, next to a BE load at 80% of its estimated BE capacity
+(workload.capacity_req_s: the paper's "about 80% busy"), on one simulated OPT-13B / A100
+worker. All policies
 at a rate see the same workload (same seed).
 """
 from __future__ import annotations
@@ -56,10 +57,10 @@ class Scenario:
 
 _PAPER = "OPT-13B/A100 TP-2 cost model, 2048-token context; RT: Azure conv trace; "
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("sim-paper", _PAPER + "BE: paper-synthetic lengths, Poisson at ~80% busy", "poisson", "paper"),
+    Scenario("sim-paper", _PAPER + "BE: paper-synthetic lengths, Poisson at ~80% of capacity", "poisson", "paper"),
     Scenario("sim-paper-backlog", _PAPER + "BE: paper-synthetic lengths, the same count as a backlog at t=0",
              "backlog", "paper"),
-    Scenario("sim-arxiv", _PAPER + "BE: arXiv-summarization lengths, Poisson at ~80% busy", "poisson", "arxiv"),
+    Scenario("sim-arxiv", _PAPER + "BE: arXiv-summarization lengths, Poisson at ~80% of capacity", "poisson", "arxiv"),
 )}
 
 

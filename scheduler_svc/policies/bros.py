@@ -316,9 +316,9 @@ class Bros:
     def _rt_kv_pressed(inp: PlanInput, rt_running: list[SeqView], cfg: PlannerConfig) -> bool:
         """Whether RT's sequences on this worker hold, or will once prefilled, more than
         bros_rt_kv_pressure of its pool (then BE takes no prompt work: _run_be)."""
-        pool_tokens = inp.occupancy.get("num_blocks", 0) * inp.block_size
-        if not pool_tokens or cfg.bros_rt_kv_pressure >= 1:
+        if cfg.bros_rt_kv_pressure >= 1:
             return False
+        pool_tokens = inp.num_pool_blocks() * inp.block_size
         return sum(s.num_tokens for s in rt_running) > cfg.bros_rt_kv_pressure * pool_tokens
 
     def _run_be(self, inp: PlanInput, be_running: list[SeqView], taken: set[str], step: StepBudget,

@@ -10,8 +10,7 @@ class Partition:
     name = "partition"
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
-        total_blocks = inp.occupancy.get("num_blocks") or inp.free_blocks + sum(
-            blocks_of(s.num_computed_tokens, inp.block_size) for s in inp.running)
+        total_blocks = inp.num_pool_blocks()
         out = PlanDecision()
         rt_tokens = min(cfg.max_num_batched_tokens, max(1, round(cfg.max_num_batched_tokens * cfg.partition_rt_fraction)))
         rt_seqs = min(cfg.max_num_seqs, max(1, round(cfg.max_num_seqs * cfg.partition_rt_fraction)))
