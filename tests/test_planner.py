@@ -81,3 +81,12 @@ def test_every_planner_knob_is_a_documented_scheduler_flag():
     for name, f in PlannerConfig.__dataclass_fields__.items():
         assert getattr(SchedulerConfig(), name) == f.default, name
         assert f"| `--{name.replace('_', '-')}` |" in doc, f"docs/scheduler.md has no row for --{name}"
+
+
+def test_the_pool_size_comes_from_the_report_else_from_what_is_free_and_held():
+    running = [SeqView("a", RT, 0.0, 40, 40, num_computed_tokens=40), SeqView("b", BE, 1.0, 17, 17, num_computed_tokens=17)]
+    before_any_report = PlanInput(now_ms=0.0, running=running, waiting=[], free_blocks=10, block_size=16)
+    assert before_any_report.num_pool_blocks() == 10 + 3 + 2
+    reported = PlanInput(now_ms=0.0, running=running, waiting=[], free_blocks=10, block_size=16,
+                         occupancy={"num_blocks": 64})
+    assert reported.num_pool_blocks() == 64
