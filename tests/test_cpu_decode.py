@@ -169,6 +169,60 @@ def test_default_model_matches_eager(ext, torch_runner):
         check_step(ext, model, cache, *random_step(16, 64, seed, max_rows=rows), seed=seed, tol=1e-3)
 
 
+def test_prefill_steps_take_the_cpp_gemm_up_to_its_row_cap(ext, torch_runner):
+    """Steps with prompt tokens run the eager model; its matmuls go through the C++ GEMM
+    when the step holds at most linear_max_rows tokens, torch's above, with the same
+    hidden states and K/V writes as torch's GEMM (a step of prefill chunks, one after
+    earlier chunks, and decodes on a poisoned pool)."""
+    assert torch_runner.model.linear is ext.linear_small   # the worker wires it in
+    model = random_model(ODD, seed=3)
+    B = 4
+    cache = KVCache(ODD.num_layers, 64 * B, ODD.num_kv_heads, ODD.head_dim, torch.float32)
+    alloc = BlockAllocator(64, B)
+    steps = [("d0", SeqClass.RT, 9, 1), ("d1", SeqClass.BE, 6, 1), ("p0", SeqClass.BE, 0, 11),
+             ("p1", SeqClass.RT, 5, 7)]   # (seq, class, tokens already in the pool, new tokens)
+    for seq_id, cls, old, new in steps:
+        alloc.add_sequence(seq_id, cls)
+        alloc.allocate(seq_id, old + new)
+    seqs = [BatchSeq(alloc.slots(s), new, [(r.block_id, r.num_tokens) for r in alloc.seqs[s].runs],
+                     cls == SeqClass.BE) for s, cls, _, new in steps]
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(ODD.vocab_size, (sum(n for *_, n in steps),), generator=g)
+    positions = torch.tensor([p for _, _, old, new in steps for p in range(old, old + new)])
+    calls = []
+
+    def counted(x, w):
+        calls.append(x.shape[0])
+        return ext.linear_small(x, w)
+
+    poison(cache)
+    for s, _, old, _ in steps:
+        slots = torch.tensor(alloc.slots(s)[:old], dtype=torch.long)
+        cache.k[:, slots] = torch.randn(ODD.num_layers, old, ODD.num_kv_heads, ODD.head_dim, generator=g)
+        cache.v[:, slots] = torch.randn(ODD.num_layers, old, ODD.num_kv_heads, ODD.head_dim, generator=g)
+    before = cache.k.clone(), cache.v.clone()
+    outs = {}
+    with torch.inference_mode():
+        for name, max_rows in [("torch", 0), ("cpp", len(ids)), ("over the cap", len(ids) - 1)]:
+            cache.k.copy_(before[0])
+            cache.v.copy_(before[1])
+            model.use_linear(counted, max_rows)
+            attn = TorchAttention(cache, B)
+            calls.clear()
+            outs[name] = model(ids, positions, attn, attn.build_metadata(seqs)), cache.k.clone(), cache.v.clone()
+            assert calls == ([len(ids)] * 4 * ODD.num_layers if name == "cpp" else []), name
+    new_slots = torch.tensor([t for s, _, old, _ in steps for t in alloc.slots(s)[old:]])
+    ref, got = outs["torch"], outs["cpp"]
+    assert rel_err(got[0], ref[0]) < 1e-5
+    for i in (1, 2):   # K, V: the step's slots up to fp32 order, every other one untouched
+        assert rel_err(got[i][:, new_slots], ref[i][:, new_slots]) < 1e-5
+        rest = torch.ones(got[i].shape[1], dtype=torch.bool)
+        rest[new_slots] = False
+        assert torch.equal(got[i][:, rest], ref[i][:, rest])
+    for ref, got in zip(outs["torch"], outs["over the cap"]):
+        assert torch.equal(got, ref)
+
+
 def test_bad_indices_are_rejected_before_any_write(ext):
     model = random_model(ODD, seed=2)
     cache = KVCache(ODD.num_layers, 8 * 4, ODD.num_kv_heads, ODD.head_dim, torch.float32)

@@ -11,7 +11,7 @@ from .engine import RunResult, StepItem
 from .kv_cache import KVCache, kv_bytes_per_slot
 from .model.checkpoint import generation_defaults, load_state_dict
 from .model.config import ModelConfig
-from .model.cpu_decode import CpuDecode
+from .model.cpu_decode import MAX_EAGER_LINEAR_ROWS, CpuDecode, eager_linear
 from .model.fast_decode import FastDecode
 from .model.llama import LlamaModel
 from .model.tokenizer import Tokenizer
@@ -28,6 +28,7 @@ class TorchRunner:
         self.cfg = ModelConfig.from_hf_dir(model_dir)
         self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
         self.model = LlamaModel.from_state_dict(self.cfg, load_state_dict(model_dir), self.dtype, self.device)
+        self.model.use_linear(eager_linear(self.model), MAX_EAGER_LINEAR_ROWS)
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = self.cfg.name
         self.vocab_size = self.cfg.vocab_size

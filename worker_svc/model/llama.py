@@ -6,16 +6,22 @@ sequences (prefill chunks and decode tokens mixed); attention over each sequence
 context is delegated to an AttentionBackend, which owns the pool layout.
 
 Weights are fused at load time (q|k|v and gate|up) so a decoder layer is four matmuls.
+Those run through torch (MKL on a CPU) unless `use_linear` installs another GEMM for
+steps of up to a given number of rows (the C++ one on a CPU: cpu_decode.py says why).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+
+
+# x [T, K], w [N, K] -> x @ w^T [T, N]; x contiguous.
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class AttentionBackend(Protocol):
@@ -83,21 +89,27 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, layer_idx: int, x: torch.Tensor, freqs: torch.Tensor,
-                attn: AttentionBackend, meta: object) -> torch.Tensor:
+                attn: AttentionBackend, meta: object, linear: Linear | None = None) -> torch.Tensor:
+        """linear: the GEMM for this step's four matmuls; None = torch's."""
         T = x.shape[0]
         h = rms_norm(x, self.input_norm, self.eps)
-        qkv = self.qkv_proj(h)                                           # [T, (H + 2 Hkv) D]
+        qkv = self.qkv_proj(h) if linear is None else linear(h, self.qkv_proj.weight)   # [T, (H + 2 Hkv) D]
         q_size, kv_size, _ = self.split
         # q and k rotate together: one complex multiply over H + Hkv heads.
         qk = apply_rope(qkv[:, :q_size + kv_size].view(T, -1, self.head_dim), freqs)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        o = attn.forward(layer_idx, q, k, v, meta)                      # [T, H, D]
-        # Residual adds ride in the matmul (addmm: x + a @ W^T): one op fewer each.
-        x = torch.addmm(x, o.reshape(T, -1), self.o_proj.weight.t())
+        o = attn.forward(layer_idx, q, k, v, meta).reshape(T, -1)       # [T, H * D]
+        if linear is None:
+            # Residual adds ride in the matmul (addmm: x + a @ W^T): one op fewer each.
+            x = torch.addmm(x, o, self.o_proj.weight.t())
+            h = rms_norm(x, self.post_attn_norm, self.eps)
+            gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+            return torch.addmm(x, F.silu(gate) * up, self.down_proj.weight.t())
+        x = x + linear(o.contiguous(), self.o_proj.weight)
         h = rms_norm(x, self.post_attn_norm, self.eps)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return torch.addmm(x, F.silu(gate) * up, self.down_proj.weight.t())
+        gate, up = linear(h, self.gate_up_proj.weight).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class LlamaModel(nn.Module):
@@ -109,6 +121,13 @@ class LlamaModel(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None
+        self.linear: Linear | None = None      # see use_linear
+        self.linear_max_rows = 0
+
+    def use_linear(self, linear: Linear | None, max_rows: int) -> None:
+        """Run the layers' matmuls of steps with at most max_rows tokens through linear
+        (None: always torch's)."""
+        self.linear, self.linear_max_rows = linear, max_rows
 
     def init_rope(self, max_positions: int) -> None:
         self.rope = RotaryEmbedding(self.cfg.head_dim, max_positions, self.cfg.rope_theta,
@@ -119,8 +138,9 @@ class LlamaModel(nn.Module):
         """input_ids, positions [T] -> final hidden states [T, hidden] (normed)."""
         x = self.embed_tokens(input_ids)
         freqs = self.rope.lookup(positions)
+        linear = self.linear if input_ids.shape[0] <= self.linear_max_rows else None
         for i, layer in enumerate(self.layers):
-            x = layer(i, x, freqs, attn, meta)
+            x = layer(i, x, freqs, attn, meta, linear)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
