@@ -34,10 +34,10 @@ def test_the_live_scheduler_gets_the_replicas_planner():
 
 def test_smollm2_cpu_costs():
     cost = CostModel.smollm2_cpu()
-    assert cost.iteration_ms([], [100]) == pytest.approx(26 + 3.4)            # decode-only: the C++ stack
-    assert cost.iteration_ms([], [100] * 8) == pytest.approx(26 + 3.4 * 8)
-    assert cost.iteration_ms([100], []) == pytest.approx(72 + 1.2 * 100)      # any prompt: the eager model
-    assert cost.iteration_ms([100], [50, 60]) == pytest.approx(72 + 1.2 * 100 + 3.4 * 2)
+    assert cost.iteration_ms([], [100]) == pytest.approx(21 + 1.9)            # decode-only: the C++ stack
+    assert cost.iteration_ms([], [100] * 8) == pytest.approx(21 + 1.9 * 8)
+    assert cost.iteration_ms([100], []) == pytest.approx(32 + 1.42 * 100)     # any prompt: the eager model
+    assert cost.iteration_ms([100], [50, 60]) == pytest.approx(32 + 1.42 * 100 + 1.9 * 2)
 
 
 @needs_traces
@@ -47,9 +47,9 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
     assert saved["scenario"] == "cpu-hybrid-virtual" and saved["mode"] == "virtual"
     assert saved["seeds"] == [0, 1]
     alone = saved["rt_alone"]
-    # Targets from the RT-only run, as live; on this cost model RT alone decodes at ~26 + 3.4 ms.
+    # Targets from the RT-only run, as live; on this cost model RT alone decodes at ~21 + 1.9 ms.
     assert saved["targets_ms"]["tpot"] == pytest.approx(ch.TARGET_FACTOR * alone["rt_tpot_p50_ms"])
-    assert 25 < alone["rt_tpot_p50_ms"] < 45
+    assert 20 < alone["rt_tpot_p50_ms"] < 40
     (point,) = saved["points"]
     for name in ("bros", "priority"):
         runs = point["policies"][name]["runs"]

@@ -58,16 +58,17 @@ class CostModel:
     @classmethod
     def smollm2_cpu(cls) -> CostModel:
         """SmolLM2-135M in fp32 on this project's 2-core CPU worker (torch backend), a step
-        as the scheduler's loop sees it (traced live; docs/benchmarks.md, cpu-hybrid): a
-        decode-only step runs the fused C++ stack, ~26 ms + 3.4 ms per sequence; a step
-        holding any prompt tokens runs the eager model, ~72 ms + 1.2 ms per token. No
-        context or quadratic term: at cpu-hybrid's lengths (prompts <= 256 tokens) the
-        step is the weights' streaming, not attention. In a mixed step the decodes cost
-        their decode rate (3.4 ms) where the eager path charges them about a token's
-        (1.2 ms): mixed steps come out a little slower than live."""
-        return cls(prefill_base_ms=72.0, prefill_ms_per_token=1.2, prefill_ms_per_token_sq=0.0,
-                   decode_base_ms=26.0, decode_ms_per_context_token=0.0, decode_ms_per_seq=3.4,
-                   large_decode_base_ms=26.0, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=3.4)
+        as the scheduler's loop sees it: least-squares lines through the gaps between plans
+        of a live cpu-hybrid run under bros (seed 0, 1,828 steps; docs/benchmarks.md,
+        cpu-hybrid). A decode-only step runs the fused C++ stack, ~21 ms + 1.9 ms per
+        sequence; a step holding any prompt tokens runs the eager model with the same C++
+        GEMM, ~32 ms + 1.42 ms per token (decodes riding along counted as tokens in the
+        fit; here they cost their decode rate, which is close). No context or quadratic
+        term: at cpu-hybrid's lengths (prompts <= 256 tokens) the step is the weights'
+        streaming and the GEMMs, not attention."""
+        return cls(prefill_base_ms=32.0, prefill_ms_per_token=1.42, prefill_ms_per_token_sq=0.0,
+                   decode_base_ms=21.0, decode_ms_per_context_token=0.0, decode_ms_per_seq=1.9,
+                   large_decode_base_ms=21.0, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=1.9)
 
     @classmethod
     def _without_large_batch_fit(cls, prefill: tuple[float, float, float],
