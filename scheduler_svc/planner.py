@@ -126,7 +126,7 @@ class PlannerConfig:
     bros_admit_headroom_sd: float = 1.5
     # bros: a BE prompt chunk that would turn a decode-only step serving RT into a step with
     # prefill must hold at least this many times the tokens whose time equals that regime's
-    # overhead (as learned; on a CPU worker ~46 ms, ~38 tokens), or the rest of the prompt, or
+    # overhead (as learned; on a CPU worker ~10 ms, ~7 tokens), or the rest of the prompt, or
     # all the step budget holds, if less; a smaller chunk (cut by RT's slack or BE's allowance)
     # waits. RT banks slack between such steps, so fewer, larger chunks pay the overhead
     # less often for the same RT deadlines (cpu-hybrid-virtual, 24 seeds: 1 -> 4 raised RT

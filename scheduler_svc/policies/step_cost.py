@@ -2,9 +2,9 @@
 
 Two regimes, because workers have two: a step of decodes only, and a step with prompt
 tokens in it. On an A100 they cost about the same per step; on a CPU worker a decode-only
-batch runs a fused path (~26 ms for SmolLM2 at batch 1) while any prefill chunk sends the
-whole step through the eager model (~72 ms + 1.2 ms per token), so one 8-token BE chunk
-riding along with an RT decode triples that RT's token time. Each regime is a straight
+batch runs a fused path (~21 ms for SmolLM2 at batch 1) while any prefill chunk sends the
+whole step through the eager model (~32 ms + 1.4 ms per token), so one 8-token BE chunk
+riding along with an RT decode doubles that RT's token time. Each regime is a straight
 line fitted by exponentially weighted least squares:
 
     decode only:   ms = base + per_seq   * num_seqs
