@@ -35,8 +35,8 @@ MAX_NUM_ROWS = 64
 # Steps of up to this many tokens run the eager model's matmuls (prefill and mixed steps)
 # through the same GEMM (`linear_small`) instead of torch's MKL GEMM: on this 2-core
 # AVX-512 CPU, SmolLM2-135M's 30 layers of matmuls took 24 ms against MKL's 68 at 8 rows,
-# 161 against 245 at 128, 593 against 790 at 512, and about the same at 1024 (MKL packs
-# the whole weight for every call, which small row counts never pay back).
+# 161 against 245 at 128, 593 against 790 at 512, and about the same at 1024 (measured,
+# docs/performance.md; why torch's MKL call is this slow at few rows was not pinned down).
 MAX_EAGER_LINEAR_ROWS = 512
 
 # /proc/cpuinfo flag sets, best first, and the gcc flags each one allows. No -march=native:
