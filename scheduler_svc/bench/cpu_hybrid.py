@@ -6,7 +6,7 @@ trace's (RT) and the paper's synthetic BE, divided by LENGTH_SCALE, and so is ev
 token-valued knob (the step budget 2048 -> 256; bros' AIMD floor and step, its
 admission headroom), so a CPU
 step holds the same share of a request as a GPU step of the original sizes. BE arrives
-as a Poisson stream at BE_RATE, which alone keeps this 2-core CPU about 80% busy (the
+as a Poisson stream at BE_RATE, which alone keeps this 2-core CPU 75-85% busy (the
 paper's BE load, read as busy time; each run measures and reports it, measure_be_alone;
 the sim scenarios read it as 80% of estimated throughput, which here would overload the
 CPU); RT at RT_RATE from the trace's arrival gaps. The RT targets come from a measured RT-only run:
@@ -42,10 +42,10 @@ from .plots import plot_ttft_cdf, ready
 LENGTH_SCALE = 8
 TARGET_FACTOR = 2.0
 RT_RATE = 0.5          # req/s
-# req/s. How busy BE alone keeps the worker (busy_fraction), the replica's mean over
-# seeds 0-11: 1.5 req/s 54%, 2.5 74%, 2.75 79%, 3.0 82% (76-86% by seed: 90 s of Poisson
-# arrivals vary); live runs measure within 3 points of it (docs/benchmarks.md, "cpu-hybrid's
-# BE load"). This was 1.5 until that was measured, believed ~80%.
+# req/s. How busy BE alone keeps the worker (busy_fraction) at 3.0 req/s: live, seed 0,
+# 77-85% over three runs; the replica's mean over seeds 0-11, 75% (68-80% by seed: 90 s of
+# Poisson arrivals vary; 82% before prompt steps moved to the C++ GEMM, 3f09cd8).
+# docs/benchmarks.md, "cpu-hybrid's BE load". This was 1.5 (~55% busy) until measured.
 BE_RATE = 3.0
 MAX_MODEL_LEN = 2048
 KV_CACHE_MB = 256

@@ -126,13 +126,18 @@ def _first_lines(e: Exception, n: int = 6) -> str:
     return " | ".join(str(e).strip().splitlines()[:n])
 
 
-def eager_linear(model: LlamaModel):
-    """The C++ GEMM for the eager model's matmuls where it applies (fp32 weights on a CPU,
-    the extension built), else None."""
+def extension_for(model: LlamaModel):
+    """The compiled module where the C++ code applies to this model (fp32 weights on a
+    CPU, the extension built), else None."""
     w = model.embed_tokens.weight
     if not (w.device.type == "cpu" and w.dtype == torch.float32):
         return None
-    ext = load_extension()
+    return load_extension()
+
+
+def eager_linear(model: LlamaModel):
+    """The C++ GEMM for the eager model's matmuls where it applies, else None."""
+    ext = extension_for(model)
     return None if ext is None else ext.linear_small
 
 
@@ -159,13 +164,10 @@ class CpuDecode:
                block_size: int) -> "CpuDecode | None":
         """The C++ path for this model and pool, or None where it does not apply (not fp32
         on CPU) or the extension is unavailable."""
-        if not (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32
-                and model.embed_tokens.weight.dtype == torch.float32):
+        if not (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32):
             return None
-        ext = load_extension()
-        if ext is None:
-            return None
-        return cls(ext, model, k_cache, v_cache, block_size)
+        ext = extension_for(model)
+        return None if ext is None else cls(ext, model, k_cache, v_cache, block_size)
 
     def handles(self, num_rows: int) -> bool:
         return 0 < num_rows <= MAX_NUM_ROWS

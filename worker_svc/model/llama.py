@@ -93,23 +93,27 @@ class DecoderLayer(nn.Module):
         """linear: the GEMM for this step's four matmuls; None = torch's."""
         T = x.shape[0]
         h = rms_norm(x, self.input_norm, self.eps)
-        qkv = self.qkv_proj(h) if linear is None else linear(h, self.qkv_proj.weight)   # [T, (H + 2 Hkv) D]
+        qkv = _matmul(h, self.qkv_proj.weight, linear)                  # [T, (H + 2 Hkv) D]
         q_size, kv_size, _ = self.split
         # q and k rotate together: one complex multiply over H + Hkv heads.
         qk = apply_rope(qkv[:, :q_size + kv_size].view(T, -1, self.head_dim), freqs)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, q_size + kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        o = attn.forward(layer_idx, q, k, v, meta).reshape(T, -1)       # [T, H * D]
-        if linear is None:
-            # Residual adds ride in the matmul (addmm: x + a @ W^T): one op fewer each.
-            x = torch.addmm(x, o, self.o_proj.weight.t())
-            h = rms_norm(x, self.post_attn_norm, self.eps)
-            gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-            return torch.addmm(x, F.silu(gate) * up, self.down_proj.weight.t())
-        x = x + linear(o.contiguous(), self.o_proj.weight)
+        o = attn.forward(layer_idx, q, k, v, meta)                      # [T, H, D]
+        x = _matmul_add(x, o.reshape(T, -1), self.o_proj.weight, linear)
         h = rms_norm(x, self.post_attn_norm, self.eps)
-        gate, up = linear(h, self.gate_up_proj.weight).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, self.down_proj.weight)
+        gate, up = _matmul(h, self.gate_up_proj.weight, linear).chunk(2, dim=-1)
+        return _matmul_add(x, F.silu(gate) * up, self.down_proj.weight, linear)
+
+
+def _matmul(a: torch.Tensor, w: torch.Tensor, linear: Linear | None) -> torch.Tensor:
+    """a @ w^T, by linear or torch."""
+    return F.linear(a, w) if linear is None else linear(a.contiguous(), w)
+
+
+def _matmul_add(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, linear: Linear | None) -> torch.Tensor:
+    """x + a @ w^T. On torch's GEMM the residual add rides in the matmul (addmm): one op fewer."""
+    return torch.addmm(x, a, w.t()) if linear is None else x + linear(a.contiguous(), w)
 
 
 class LlamaModel(nn.Module):
