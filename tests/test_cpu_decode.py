@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import POISON, poison
-from worker_svc.attention import BatchSeq, TorchAttention
+from worker_svc.attention import BatchSeq, TorchAttention, build_row_metadata
 from worker_svc.block_allocator import BlockAllocator, SeqClass
 from worker_svc.engine import Engine, EngineLimits
 from worker_svc.kv_cache import KVCache
@@ -81,9 +81,9 @@ def shared_block_step(B: int) -> tuple[BlockAllocator, list[str]]:
     return alloc, rows
 
 
-def random_step(B: int, num_blocks: int, seed: int, max_rows: int) -> tuple[BlockAllocator, list[str]]:
+def random_pool(B: int, num_blocks: int, seed: int, max_rows: int) -> tuple[BlockAllocator, list[str], random.Random]:
     """Sequences of both classes and random lengths filling the pool, half the BE ones
-    paused (their slots stay poisoned); up to max_rows others decode one token."""
+    paused (their slots stay poisoned); up to max_rows others that can grow, and the rng."""
     rng = random.Random(seed)
     alloc = BlockAllocator(num_blocks, B)
     for i in range(4 * max_rows):
@@ -97,9 +97,28 @@ def random_step(B: int, num_blocks: int, seed: int, max_rows: int) -> tuple[Bloc
         if alloc.seqs[seq_id].seq_class == SeqClass.BE and rng.random() < 0.5:
             alloc.pause(seq_id)
     rows = [s for s, a in alloc.seqs.items() if not a.paused and alloc.capacity(s) > 0][:max_rows]
+    return alloc, rows, rng
+
+
+def random_step(B: int, num_blocks: int, seed: int, max_rows: int) -> tuple[BlockAllocator, list[str]]:
+    """random_pool's rows decode one token each."""
+    alloc, rows, _ = random_pool(B, num_blocks, seed, max_rows)
     for seq_id in rows:
         alloc.allocate(seq_id, 1)
     return alloc, rows
+
+
+def random_mixed_step(B: int, num_blocks: int, seed: int, max_rows: int) -> tuple[BlockAllocator, dict[str, int]]:
+    """random_pool's rows take 1 to 7 new tokens each (a decode, or a prompt chunk after
+    earlier ones), at most max_rows in all: {seq: new tokens}."""
+    alloc, rows, rng = random_pool(B, num_blocks, seed, max_rows)
+    step: dict[str, int] = {}
+    for seq_id in rows:
+        n = min(rng.randint(1, 7), alloc.capacity(seq_id), max_rows - sum(step.values()))
+        if n > 0:
+            alloc.allocate(seq_id, n)
+            step[seq_id] = n
+    return alloc, step
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -221,6 +240,84 @@ def test_prefill_steps_take_the_cpp_gemm_up_to_its_row_cap(ext, torch_runner):
         assert torch.equal(got[i][:, rest], ref[i][:, rest])
     for ref, got in zip(outs["torch"], outs["over the cap"]):
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mixed_steps_run_in_cpp_one_row_per_token(ext, seed):
+    """A step of prompt chunks and decodes from both classes, sharing blocks, on a poisoned
+    pool: the C++ stack with every token a row (build_row_metadata) gives the eager model's
+    hidden states and K/V writes, and writes nothing else. TorchAttention reads the row
+    metadata the same way, so the builder is checked apart from the C++ code."""
+    model = random_model(ODD, seed=5 + seed)
+    B = 4
+    alloc, step = random_mixed_step(B, 160, seed, MAX_NUM_ROWS)
+    alloc.check_integrity()
+    assert any(n > 1 for n in step.values()) and any(n == 1 for n in step.values())
+    assert any(alloc.rt_owner[b] is not None and alloc.be_owner[b] is not None for b in range(160))
+    cache = KVCache(ODD.num_layers, 160 * B, ODD.num_kv_heads, ODD.head_dim, torch.float32)
+    poison(cache)
+    g = torch.Generator().manual_seed(seed)
+    for s, n in step.items():
+        old = torch.tensor(alloc.slots(s)[:-n], dtype=torch.long)
+        cache.k[:, old] = torch.randn(ODD.num_layers, len(old), ODD.num_kv_heads, ODD.head_dim, generator=g)
+        cache.v[:, old] = torch.randn(ODD.num_layers, len(old), ODD.num_kv_heads, ODD.head_dim, generator=g)
+    # The engine's order: single-token rows first (build_metadata needs it; rows do not).
+    order = sorted(step, key=lambda s: step[s] > 1)
+    seqs = [BatchSeq(alloc.slots(s), step[s], [(r.block_id, r.num_tokens) for r in alloc.seqs[s].runs],
+                     alloc.seqs[s].seq_class == SeqClass.BE) for s in order]
+    num_rows = sum(step.values())
+    ids = torch.randint(ODD.vocab_size, (num_rows,), generator=g)
+    positions = torch.tensor([p for s in order for p in range(len(alloc.slots(s)) - step[s], len(alloc.slots(s)))])
+    before = cache.k.clone(), cache.v.clone()
+    attn = TorchAttention(cache, B)
+    rows = build_row_metadata(seqs, B)
+    assert rows.num_decode == num_rows and not rows.prefills and num_rows > len(seqs)
+    outs = {}
+    with torch.inference_mode():
+        for name in ("eager", "eager, rows", "cpp"):
+            cache.k.copy_(before[0])
+            cache.v.copy_(before[1])
+            if name == "cpp":
+                hidden = CpuDecode(ext, model, cache.k, cache.v, B).forward(ids, positions, rows)
+            else:
+                hidden = model(ids, positions, attn, rows if name == "eager, rows" else attn.build_metadata(seqs))
+            outs[name] = hidden, cache.k.clone(), cache.v.clone()
+    new = rows.slot_mapping
+    untouched = torch.ones(cache.k.shape[1], dtype=torch.bool)
+    untouched[new] = False
+    ref = outs["eager"]
+    for name in ("eager, rows", "cpp"):
+        got = outs[name]
+        assert rel_err(got[0], ref[0]) < 1e-5, name
+        for i in (1, 2):
+            assert rel_err(got[i][:, new], ref[i][:, new]) < 1e-5, name
+            assert torch.equal(got[i][:, untouched], before[i - 1][:, untouched]), name
+
+
+def test_engine_runs_small_mixed_steps_in_cpp(torch_runner):
+    """The worker sends a step with prompt tokens through the C++ stack while it holds at
+    most MAX_NUM_ROWS tokens, and its outputs match the eager model's (greedy tokens of
+    the same requests served by steps too large for it)."""
+    engine = Engine(torch_runner, EngineLimits(num_blocks=64, block_size=16, max_num_host_slots=0,
+                                               max_num_seqs=8, max_num_batched_tokens=4096))
+    greedy = SamplingConfig(max_tokens=3, temperature=0.0, ignore_eos=True)
+    tok = torch_runner.tokenizer
+    prompt = tok.encode("The capital of France is a city called")
+    filler = tok.encode(" and".join(["one two three four five six seven eight nine ten"] * 6))
+    got = {}
+    for case, pad in [("small", 0), ("large", MAX_NUM_ROWS + 1 - len(prompt))]:
+        new = [NewSeq(case, SeqClass.RT, prompt, greedy)]
+        scheduled = [(case, len(prompt))]
+        if pad:   # a BE prompt riding along pushes the step past the C++ stack's rows
+            new.append(NewSeq(case + "-be", SeqClass.BE, filler[:pad], greedy))
+            scheduled.append((case + "-be", pad))
+        report = engine.step(Plan(new_sequences=new, scheduled=scheduled))
+        assert not report.errors
+        assert torch_runner.last_forward == ("cpp" if case == "small" else "eager")
+        got[case] = [o.token_ids for o in report.outputs if o.seq_id == case]
+        engine.step(Plan(free=[s for s, _ in scheduled]))
+    assert got["small"] == got["large"]
+    engine.check_integrity()
 
 
 def test_bad_indices_are_rejected_before_any_write(ext):

@@ -79,6 +79,45 @@ def build_metadata(seqs: list[BatchSeq], block_size: int,
                                   num_decode, decode_blocks, decode_mask, prefills)
 
 
+def build_row_metadata(seqs: list[BatchSeq], block_size: int,
+                       device: torch.device | str = "cpu") -> TorchAttentionMetadata:
+    """The same step with every new token a single-token row, prompt tokens included: the
+    shape the C++ stack runs (cpu_decode.py). A prompt token's row reads its sequence's
+    blocks, and its mask keeps the sequence's slots up to its own position, which makes
+    causality a matter of the mask:
+
+        chunk of 3 after 2 computed, RT blocks [7, 2], B = 4:
+          row (pos 2)  cols  b7: 1 1 1 0   b2: 0 0 0 0
+          row (pos 3)        b7: 1 1 1 1   b2: 0 0 0 0
+          row (pos 4)        b7: 1 1 1 1   b2: 1 0 0 0
+
+    A step of decodes only is exactly build_metadata's."""
+    if all(seq.num_new_tokens == 1 for seq in seqs):
+        return build_metadata(seqs, block_size, device)
+    B = block_size
+    max_blocks = max(len(seq.runs) for seq in seqs)
+    num_rows = sum(seq.num_new_tokens for seq in seqs)
+    tables = torch.empty(num_rows, max_blocks, dtype=torch.long)
+    mask = torch.zeros(num_rows, max_blocks * B, dtype=torch.bool)
+    slot_mapping, row = [], 0
+    for seq in seqs:
+        n, ctx = seq.num_new_tokens, len(seq.ctx_slots)
+        if n < 1:
+            raise ValueError("every sequence in a step processes at least one token")
+        blocks = [b for b, _ in seq.runs]
+        tables[row:row + n] = torch.tensor(blocks + blocks[:1] * (max_blocks - len(blocks)))
+        slots = torch.tensor(seq.ctx_slots, dtype=torch.long)
+        # Each context slot's column among the row's gathered blocks: its run's index, then
+        # its offset in the block (either direction: the offset is the slot's own).
+        run_index = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor([k for _, k in seq.runs]))
+        visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]   # [n, ctx]
+        mask[row:row + n, run_index * B + slots % B] = visible
+        slot_mapping += seq.ctx_slots[ctx - n:]
+        row += n
+    return TorchAttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long, device=device), num_rows,
+                                  tables.to(device), mask.to(device)[:, None, None, :], [])
+
+
 def _decode_block_tables(seqs: list[BatchSeq], B: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each row's blocks and, per slot of those blocks, whether it holds the row's KV."""
     max_blocks = max(len(s.runs) for s in seqs)
@@ -108,6 +147,9 @@ class TorchAttention:
 
     def build_metadata(self, seqs: list[BatchSeq]) -> TorchAttentionMetadata:
         return build_metadata(seqs, self.block_size, self.cache.device)
+
+    def build_row_metadata(self, seqs: list[BatchSeq]) -> TorchAttentionMetadata:
+        return build_row_metadata(seqs, self.block_size, self.cache.device)
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: TorchAttentionMetadata) -> torch.Tensor:

@@ -85,17 +85,19 @@ class TorchRunner:
             row += item.num_new_tokens
             if item.samples:
                 last_rows.append(row - 1)
-        meta = self.attn.build_metadata([BatchSeq(i.ctx_slots, i.num_new_tokens, i.runs,
-                                                  i.seq.seq_class == SeqClass.BE) for i in items])
+        seqs = [BatchSeq(i.ctx_slots, i.num_new_tokens, i.runs, i.seq.seq_class == SeqClass.BE) for i in items]
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        decode_only = meta.num_decode == len(items)
-        if decode_only and self.cpu_decode is not None and self.cpu_decode.handles(len(items)):
+        if self.cpu_decode is not None and self.cpu_decode.handles(len(input_ids)):
+            # Prompt tokens too: each is a row of the C++ stack (attention.build_row_metadata).
+            meta = self.attn.build_row_metadata(seqs)
             hidden, self.last_forward = self.cpu_decode.forward(ids, pos, meta), "cpp"
-        elif decode_only and self.fast_decode is not None:
-            hidden, self.last_forward = self.fast_decode.forward(ids, pos, meta), "script"
         else:
-            hidden, self.last_forward = self.model(ids, pos, self.attn, meta), "eager"
+            meta = self.attn.build_metadata(seqs)
+            if meta.num_decode == len(items) and self.fast_decode is not None:
+                hidden, self.last_forward = self.fast_decode.forward(ids, pos, meta), "script"
+            else:
+                hidden, self.last_forward = self.model(ids, pos, self.attn, meta), "eager"
         token_ids: list[int] = []
         t1 = time.perf_counter()
         if last_rows:

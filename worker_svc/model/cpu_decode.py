@@ -1,9 +1,17 @@
-"""The C++ decode stack (csrc/decode.cpp) for small decode-only steps on a CPU.
+"""The C++ decode stack (csrc/decode.cpp) for small steps on a CPU.
 
 At batch 1 a step streams every weight once; the TorchScript stack (fast_decode.py) adds
 ~40 small ops per layer on top, each with a dispatch and an OpenMP fork/join. The C++
 stack runs the 30 layers in one OpenMP region with its own GEMV and the small ops fused
 into it (see the file's header). Same math as LlamaModel + TorchAttention in fp32.
+
+A step with prompt tokens runs here too while it holds at most MAX_NUM_ROWS tokens: each
+prompt token is a row like a decode, reading its sequence's blocks through a mask that
+ends at its own position (attention.build_row_metadata). The stack writes every row's K/V
+before any row attends, so a chunk's later tokens see its earlier ones. Against the eager
+model (with the same GEMM) this saves the ~10 ms of per-op overhead a step pays there:
+on SmolLM2-135M, 4 decodes + an 8 / 32 / 56-token chunk took 30 / 60 / 83 ms against
+47 / 73 / 102 (docs/performance.md).
 
 Built once per (source, compile flags, torch, python) with torch.utils.cpp_extension and
 cached under the bros cache dir, so a later start only loads the .so. `make install`
@@ -28,9 +36,11 @@ from .llama import LlamaModel
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
-# Decode rows per step up to which the C++ stack runs: kMaxRows in decode.cpp, and the
+# Rows (tokens) per step up to which the C++ stack runs: kMaxRows in decode.cpp, and the
 # default --max-num-seqs. It measured faster than the TorchScript stack (MKL GEMMs) at
-# every batch from 1 to 64 (docs/performance.md); larger steps take TorchScript.
+# every decode batch from 1 to 64, and than the eager model at every mixed step of up to
+# 64 tokens (docs/performance.md); larger decode steps take TorchScript, larger steps with
+# prompt tokens the eager model.
 MAX_NUM_ROWS = 64
 # Steps of up to this many tokens run the eager model's matmuls (prefill and mixed steps)
 # through the same GEMM (`linear_small`) instead of torch's MKL GEMM: on this 2-core
@@ -142,9 +152,9 @@ def eager_linear(model: LlamaModel):
 
 
 class CpuDecode:
-    """Binds a model's fp32 weights and the KV pool to the C++ stack; decode-only steps of
-    at most MAX_NUM_ROWS rows go through `forward`, and logits of that many rows through
-    `logits`."""
+    """Binds a model's fp32 weights and the KV pool to the C++ stack; steps of at most
+    MAX_NUM_ROWS tokens go through `forward` (decode-only, or with prompt tokens as rows of
+    their own), and logits of that many rows through `logits`."""
 
     def __init__(self, ext, model: LlamaModel, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
         cfg, layers = model.cfg, model.layers
@@ -173,8 +183,8 @@ class CpuDecode:
         return 0 < num_rows <= MAX_NUM_ROWS
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
-        """Same contract as LlamaModel.forward for a decode-only step: [S] ids and positions
-        -> final hidden states [S, hidden]."""
+        """Same contract as LlamaModel.forward: [S] ids and positions -> final hidden states
+        [S, hidden]; meta has every token as a single-token row (build_row_metadata)."""
         return self.stack.forward(input_ids, positions, meta.slot_mapping, meta.decode_blocks,
                                   None if meta.decode_mask is None else meta.decode_mask.view(-1))
 

@@ -1,4 +1,4 @@
-// The decoder stack for small decode-only steps on a CPU, in one call.
+// The decoder stack for small steps on a CPU, in one call.
 //
 // At batch 1 a step must stream every weight from DRAM once (~538 MB for SmolLM2-135M in
 // fp32), so its floor is that read; what keeps an op-by-op framework above it are the ~40
@@ -7,7 +7,10 @@
 // whose small ops ride in its epilogue while the outputs are still in L1 (RoPE and the K/V
 // pool write after q|k|v; SiLU(gate) * up after gate|up; the residual add after o and down).
 //
-// Per layer, five phases for S rows (one decode token each):
+// Per layer, five phases for S rows, one token each: a decode, or one token of a prompt
+// chunk, whose mask keeps its sequence's slots up to its own position. Every row's K/V is
+// in the pool before any row attends (qkv is a phase of its own), so a chunk's later
+// tokens see its earlier ones:
 //
 //   qkv   h = rmsnorm(x) * input_norm (per thread); q|k|v = h @ Wqkv^T;
 //         q rotated -> q buffer, k rotated and v -> the pool slots
