@@ -70,6 +70,10 @@ class PlanInput:
     # ahead (each plan is made before the last one's report is in), the gaps are not: the
     # steps reported since the last plan, oldest first.
     steps: tuple[StepSample, ...] | None = None
+    # The worker's WorkerInfo.max_num_fused_tokens: steps of up to this many tokens run
+    # its fused path, prompt tokens or not (0: it has none). bros' step-time model keys a
+    # regime on it (policies/step_cost.py).
+    max_num_fused_tokens: int = 0
 
     def num_pool_blocks(self) -> int:
         """The worker's KV pool in blocks: as its last report gave it, else (no report

@@ -438,7 +438,8 @@ class WorkerLoop:
                                  for r in waiting.values()],
                         free_blocks=max(0, occ.get("free_blocks", self.info.num_blocks) - num_taken),
                         block_size=self.info.block_size, occupancy=occ, refused=frozenset(self._refused),
-                        steps=tuple(self._steps_seen) if self.pipeline_depth else None)
+                        steps=tuple(self._steps_seen) if self.pipeline_depth else None,
+                        max_num_fused_tokens=self.info.max_num_fused_tokens)
         self._refused, self._steps_seen = set(), []
         t0, c0 = time.perf_counter(), time.thread_time()
         decision = self.policy.plan(inp, self.cfg)

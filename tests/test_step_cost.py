@@ -2,6 +2,8 @@
 joins a step that serves RT only if the step still ends before RT's earliest deadline."""
 import math
 
+import pytest
+
 from scheduler_svc.planner import BE, RT, PlanInput, PlannerConfig, SeqView, make_policy
 from scheduler_svc.policies.step_cost import StepCost
 
@@ -40,6 +42,52 @@ def test_ignores_empty_and_negative_gaps():
     cost.observe(-3, 2, 2, False)
     cost.observe(10, 0, 0, True)
     assert cost.decode.w == cost.prefill.w == 0
+
+
+def fused_cpu(cost: StepCost, steps: int = 40) -> None:
+    """A CPU worker with a fused path for steps of <= 64 tokens: decode-only 21 + 1.9/seq
+    ms, a fused step with prompt tokens 22 + 1.0/token, a larger one 32 + 1.42/token."""
+    for i in range(steps):
+        seqs = 1 + i % 5
+        cost.observe(21 + 1.9 * seqs, seqs, seqs, False)
+        small = 6 + 7 * (i % 9)
+        cost.observe(22 + 1.0 * small, 2, small, True)
+        large = 70 + 23 * (i % 9)
+        cost.observe(32 + 1.42 * large, 2, large, True)
+
+
+def test_a_fused_path_is_a_regime_of_its_own():
+    cost = StepCost(first_step_ms=50, prefill_ms_per_token=0.15, max_num_fused_tokens=64)
+    fused_cpu(cost)
+    assert math.isclose(cost.predict(3, 3, False), 21 + 3 * 1.9, rel_tol=0.02)
+    assert math.isclose(cost.predict(2, 40, True), 22 + 40, rel_tol=0.02)
+    assert math.isclose(cost.predict(2, 64, True), 22 + 64, rel_tol=0.02)
+    assert math.isclose(cost.predict(2, 65, True), 32 + 1.42 * 65, rel_tol=0.02)
+    # A small chunk joins a decode step at the fused line's price: ~1 ms over the decode
+    # line's base, so it is worth one token, not the ~37 the eager path's overhead asks.
+    assert cost.ms_per_prefill_token() == cost.fused.fit()[1]
+    assert cost.prefill_penalty_ms() < 2 and cost.worth_tokens(4) <= 8
+    # 60 ms holding 2 tokens: (60 - 22 - 2) / 1.0 = 36 more, in the fused regime.
+    assert cost.prefill_tokens_within(60, 2, 2) in (35, 36)
+    # 100 ms: the fused regime stops at 62 more (64 in all, 86 ms); 2 + 45 eager tokens
+    # would also fit 100 ms, but a step that small runs fused: 62.
+    assert cost.prefill_tokens_within(100, 2, 2) == 62
+    # 200 ms: eager, (200 - 32 - 1.42 * 2) / 1.42 = 116 more (a 118-token step).
+    assert cost.prefill_tokens_within(200, 2, 2) in (115, 116)
+
+
+def test_without_a_fused_path_small_steps_with_prefill_are_the_prefill_regime():
+    cost = StepCost(first_step_ms=50, prefill_ms_per_token=0.15)
+    cost.observe(40, 2, 10, True)
+    assert cost.prefill.w == 1 and cost.fused.w == 0
+    cost = StepCost(first_step_ms=50, prefill_ms_per_token=0.15, max_num_fused_tokens=64)
+    cost.observe(40, 2, 10, True)
+    cost.observe(90, 2, 65, True)
+    assert cost.prefill.w == cost.fused.w == 1
+    # Before the fused line has the weight, a fused step costs the decode line's base.
+    for _ in range(5):
+        cost.observe(20, 4, 4, False)
+    assert cost.predict(1, 10, True) == pytest.approx(20 + 0.15 * 10)
 
 
 def _plan_with_rt_slack(slack_ms: float, gate: bool, token_budget: int | None = None, **knobs):

@@ -94,6 +94,7 @@ def test_describe_and_reflection(sim_worker):
     info = worker_pb2_grpc.WorkerStub(sim_worker).Describe(worker_pb2.DescribeRequest(), timeout=5)
     assert (info.backend, info.num_blocks, info.block_size) == ("sim", 64, 16)
     assert info.max_model_len > 0 and info.vocab_size > 0 and info.kv_bytes_per_slot == 819200
+    assert info.max_num_fused_tokens == 0   # the A100 cost model has no fused path
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     stub = reflection_pb2_grpc.ServerReflectionStub(sim_worker)
     resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
@@ -182,6 +183,7 @@ def test_torch_worker_answers_a_chat_prompt():
         stub = worker_pb2_grpc.WorkerStub(channel)
         info = stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
         assert info.model_name.startswith("SmolLM2") and info.vocab_size == 49152
+        assert info.max_num_fused_tokens == 64   # the C++ stack's rows (cpu_decode.MAX_NUM_ROWS)
         chat = worker_pb2.ChatList(messages=[worker_pb2.ChatMessage(role="user",
                                                                     content="What is the capital of France?")])
         ids = list(stub.Tokenize(worker_pb2.TokenizeRequest(chat=chat), timeout=5).token_ids)

@@ -56,6 +56,9 @@ class Runner(Protocol):
     vocab_size: int
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    # Steps of up to this many tokens run a fused path of their own (0: none); see
+    # WorkerInfo.max_num_fused_tokens.
+    max_num_fused_tokens: int
 
     def apply_copies(self, copies: list[SlotCopy]) -> float: ...        # returns ms spent
     def execute(self, items: list[StepItem]) -> RunResult: ...

@@ -94,7 +94,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             max_num_batched_tokens=lim.max_num_batched_tokens, max_num_seqs=lim.max_num_seqs,
             eos_token_ids=r.eos_token_ids, kv_bytes_per_slot=r.kv_bytes_per_slot,
             default_sampling=sampling_to_pb(r.default_sampling),
-            occupancy=worker_pb2.PoolOccupancy(**self._occupancy), integrity_error=engine.integrity_error)
+            occupancy=worker_pb2.PoolOccupancy(**self._occupancy), integrity_error=engine.integrity_error,
+            max_num_fused_tokens=r.max_num_fused_tokens)
 
     async def Tokenize(self, request, context):
         engine = await self._ready_or_abort(context)

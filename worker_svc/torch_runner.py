@@ -11,7 +11,7 @@ from .engine import RunResult, StepItem
 from .kv_cache import KVCache, kv_bytes_per_slot
 from .model.checkpoint import generation_defaults, load_state_dict
 from .model.config import ModelConfig
-from .model.cpu_decode import MAX_EAGER_LINEAR_ROWS, CpuDecode, eager_linear
+from .model.cpu_decode import MAX_EAGER_LINEAR_ROWS, MAX_NUM_ROWS, CpuDecode, eager_linear
 from .model.fast_decode import FastDecode
 from .model.llama import LlamaModel
 from .model.tokenizer import Tokenizer
@@ -44,6 +44,12 @@ class TorchRunner:
         self.last_forward = ""            # which stack ran the last step: cpp, script or eager
         self.keep_logits = False          # tests: keep the last step's logits
         self.last_logits: torch.Tensor | None = None
+
+    @property
+    def max_num_fused_tokens(self) -> int:
+        """Steps of up to this many tokens run the C++ stack (0 before the pool exists, or
+        where it does not apply)."""
+        return MAX_NUM_ROWS if self.cpu_decode is not None else 0
 
     @property
     def kv_bytes_per_slot(self) -> int:

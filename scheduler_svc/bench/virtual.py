@@ -238,7 +238,8 @@ class _Driver:
                         free_blocks=max(0, self.occupancy.get("free_blocks", self.engine.limits.num_blocks) - num_taken),
                         block_size=self.engine.limits.block_size, occupancy=dict(self.occupancy),
                         refused=frozenset(self.refused),
-                        steps=tuple(self.steps_seen) if self.cfg.pipeline_depth else None)
+                        steps=tuple(self.steps_seen) if self.cfg.pipeline_depth else None,
+                        max_num_fused_tokens=self.engine.runner.max_num_fused_tokens)
         self.refused, self.steps_seen = set(), []
         return inp
 

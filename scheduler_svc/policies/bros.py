@@ -96,6 +96,7 @@ class Bros:
             self.iteration_ms = self.iteration_ms or cfg.bros_first_step_ms
             self.cost = StepCost(self.iteration_ms, cfg.bros_prefill_ms_per_token,
                                  cfg.bros_step_cost_decay, cfg.bros_step_cost_min_weight)
+        self.cost.max_num_fused_tokens = inp.max_num_fused_tokens
         if inp.steps is not None:
             for step in inp.steps:
                 self._observe(step.ms, step.num_seqs, step.num_tokens, step.prefill, cfg)

@@ -32,6 +32,11 @@ class CostModel:
     large_decode_base_ms: float = 7.17         # ms, once per iteration
     large_decode_ms_per_context_token: float = 5.80e-4  # ms per context token, summed
     large_decode_ms_per_seq: float = 0.158     # ms per decoding request
+    # A fused path (a CPU worker's C++ stack): an iteration of at most fused_max_tokens
+    # tokens in all, prompt tokens among them, costs the decode formula for its decodes
+    # plus fused_ms_per_prompt_token per prompt token (0 tokens: no such path).
+    fused_max_tokens: int = 0                  # tokens per iteration
+    fused_ms_per_prompt_token: float = 0.0     # ms per prompt token in such an iteration
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -124,8 +129,14 @@ class CostModel:
         A mixed iteration is the prefill formula plus the decode terms, with one constant:
         the larger of the two (the per-iteration overhead is paid once, and taking the
         larger keeps a mixed iteration no cheaper than either of its halves alone). The
-        decode regime is chosen by the number of decoding requests.
+        decode regime is chosen by the number of decoding requests. An iteration small
+        enough for the fused path (fused_max_tokens) is the decode formula plus its prompt
+        tokens at fused_ms_per_prompt_token.
         """
+        num_tokens = sum(prefill_chunk_lens) + len(decode_context_lens)
+        if len(prefill_chunk_lens) and num_tokens <= self.fused_max_tokens:
+            base_ms, decode_variable_ms = self._decode_terms(decode_context_lens)
+            return base_ms + decode_variable_ms + self.fused_ms_per_prompt_token * sum(prefill_chunk_lens)
         base_ms = 0.0
         variable_ms = 0.0
         if len(prefill_chunk_lens):

@@ -66,6 +66,7 @@ class SimRunner:
         self.vocab_size = self.sim.vocab_size
         self.max_model_len = self.sim.max_model_len
         self.eos_token_ids = (self.sim.eos_token_id,)
+        self.max_num_fused_tokens = self.cost.fused_max_tokens
         self.kv_bytes_per_slot = self.sim.kv_bytes_per_slot
         self.dtype_name, self.device = "float16", "sim"
         self.default_sampling = SamplingConfig(max_tokens=1, temperature=0.0)
