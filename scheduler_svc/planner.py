@@ -146,6 +146,14 @@ class PlannerConfig:
     # still 100.5% and 101.7% of priority's; 0.1-0.3 within 0.4 points; 0.5 and 0.3
     # gain more RT for 2-7% of BE; docs/benchmarks.md, "RT's share of the pool".) >= 1: off.
     bros_rt_kv_pressure: float = 0.6
+    # bros: cap each step at the worker's fused-path size (PlanInput.max_num_fused_tokens)
+    # while the step-time model says a step of that size costs less per token than one of
+    # max_num_batched_tokens: on a CPU worker a 64-token step runs the C++ stack (~25 ms
+    # + 1.1 ms per prompt token in the live loop) and a 256-token one the eager model
+    # (~25 + 1.8), so BE prompts go through ~25% cheaper in 64-token chunks
+    # (docs/benchmarks.md, cpu-hybrid). No effect on a worker without a fused path (a GPU,
+    # the A100 sim), or where a full step is the cheaper one per token.
+    bros_fused_steps: bool = True
     # bros' estimators, learned online from the gaps between plans (no I/O):
     # the step time assumed until one is measured (ms);
     bros_first_step_ms: float = 50.0

@@ -34,10 +34,11 @@ def test_the_live_scheduler_gets_the_replicas_planner():
 
 def test_smollm2_cpu_costs():
     cost = CostModel.smollm2_cpu()
-    assert cost.iteration_ms([], [100]) == pytest.approx(21 + 1.9)            # decode-only: the C++ stack
-    assert cost.iteration_ms([], [100] * 8) == pytest.approx(21 + 1.9 * 8)
-    assert cost.iteration_ms([100], []) == pytest.approx(32 + 1.42 * 100)     # any prompt: the eager model
-    assert cost.iteration_ms([100], [50, 60]) == pytest.approx(32 + 1.42 * 100 + 1.9 * 2)
+    assert cost.iteration_ms([], [100]) == pytest.approx(21.6 + 2.48)           # decode-only: the C++ stack
+    assert cost.iteration_ms([], [100] * 8) == pytest.approx(21.6 + 2.48 * 8)
+    assert cost.iteration_ms([60], [50, 60]) == pytest.approx(24.9 + 1.1 * 60 + 2.48 * 2)   # 62 tokens: C++
+    assert cost.iteration_ms([100], []) == pytest.approx(25.2 + 1.77 * 100)     # larger: the eager model
+    assert cost.iteration_ms([100], [50, 60]) == pytest.approx(25.2 + 1.77 * 100 + 2.48 * 2)
 
 
 @needs_traces
@@ -47,7 +48,7 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
     assert saved["scenario"] == "cpu-hybrid-virtual" and saved["mode"] == "virtual"
     assert saved["seeds"] == [0, 1]
     alone = saved["rt_alone"]
-    # Targets from the RT-only run, as live; on this cost model RT alone decodes at ~21 + 1.9 ms.
+    # Targets from the RT-only run, as live; on this cost model RT alone decodes at ~21.6 + 2.48 ms.
     assert saved["targets_ms"]["tpot"] == pytest.approx(ch.TARGET_FACTOR * alone["rt_tpot_p50_ms"])
     assert 20 < alone["rt_tpot_p50_ms"] < 40
     (point,) = saved["points"]

@@ -80,12 +80,12 @@ def test_chunks_of_one_prompt_cost_the_unchunked_prompt_plus_a_constant_each(chu
 def test_a_fused_path_charges_small_mixed_iterations_the_decode_formula_plus_prompt_tokens():
     cost = CostModel(decode_base_ms=20.0, decode_ms_per_context_token=0.0, decode_ms_per_seq=2.0,
                      prefill_base_ms=30.0, prefill_ms_per_token=1.5, prefill_ms_per_token_sq=0.0,
-                     fused_max_tokens=64, fused_ms_per_prompt_token=1.0)
-    assert cost.iteration_ms([8], [100] * 4) == pytest.approx(20 + 2 * 4 + 8)      # 12 tokens: fused
-    assert cost.iteration_ms([60], [100] * 4) == pytest.approx(20 + 2 * 4 + 60)    # 64: fused
+                     fused_max_tokens=64, fused_base_ms=23.0, fused_ms_per_prompt_token=1.0)
+    assert cost.iteration_ms([8], [100] * 4) == pytest.approx(23 + 2 * 4 + 8)      # 12 tokens: fused
+    assert cost.iteration_ms([60], [100] * 4) == pytest.approx(23 + 2 * 4 + 60)    # 64: fused
     assert cost.iteration_ms([61], [100] * 4) == pytest.approx(30 + 1.5 * 61 + 2 * 4)  # 65: not
     assert cost.iteration_ms([], [100] * 4) == pytest.approx(20 + 2 * 4)           # decodes alone as before
-    assert cost.iteration_ms([64], []) == pytest.approx(20 + 64)
+    assert cost.iteration_ms([64], []) == pytest.approx(23 + 64)
     assert CostModel.from_dict({"fused_max_tokens": "32"}).fused_max_tokens == 32
 
 

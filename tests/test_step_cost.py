@@ -141,3 +141,32 @@ def test_gate_takes_what_the_step_budget_holds_when_that_is_under_the_minimum():
     d = dict(_plan_with_rt_slack(1000, gate=True, max_num_batched_tokens=40, bros_min_batched_tokens=40).scheduled)
     assert d["be"] == 40
 
+
+
+def _be_prompt_step(fused_steps: bool = True, max_num_fused_tokens: int = 64, train=fused_cpu) -> int:
+    """Tokens a bros step gives a lone 200-token BE prompt once the step-time model knows
+    the worker (no RT: nothing else bounds the step)."""
+    p = make_policy("bros")
+    cfg = PlannerConfig(max_num_batched_tokens=256, bros_fused_steps=fused_steps)
+    empty = PlanInput(now_ms=0, running=[], waiting=[], free_blocks=100, block_size=16,
+                      max_num_fused_tokens=max_num_fused_tokens)
+    p.plan(empty, cfg)
+    train(p.cost)
+    be = SeqView("be", BE, 1, 200, num_tokens=200)
+    d = p.plan(PlanInput(now_ms=1000, running=[], waiting=[be], free_blocks=100, block_size=16,
+                         max_num_fused_tokens=max_num_fused_tokens), cfg)
+    return dict(d.scheduled)["be"]
+
+
+def test_steps_stay_within_the_fused_path_while_it_is_cheaper_per_token():
+    # fused_cpu: a 64-token step costs (22 + 64) / 64 = 1.34 ms a token, a 256-token one
+    # (32 + 1.42 * 256) / 256 = 1.55: the prompt goes through in 64-token steps.
+    assert _be_prompt_step() == 64
+    assert _be_prompt_step(fused_steps=False) == 200
+    assert _be_prompt_step(max_num_fused_tokens=0) == 200     # no fused path: nothing to cap at
+
+    def big_steps_cheaper(cost: StepCost) -> None:
+        for i in range(40):   # a fused step dear per token (3 ms), a large one cheap (1 ms)
+            cost.observe(22 + 3.0 * (6 + 7 * (i % 9)), 2, 6 + 7 * (i % 9), True)
+            cost.observe(32 + 1.0 * (70 + 23 * (i % 9)), 2, 70 + 23 * (i % 9), True)
+    assert _be_prompt_step(train=big_steps_cheaper) == 200

@@ -149,7 +149,8 @@ class Bros:
 
     def _plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         be_allowance = self._adapt(inp, cfg)
-        step = StepBudget(inp, cfg, chunked=self.chunked)
+        step_tokens = self._step_tokens(cfg)
+        step = StepBudget(inp, cfg, max_tokens=step_tokens, chunked=self.chunked)
         step.needs_block = set(self._refused)
         evictable = self._evictable_blocks(inp)
         rt_running = [s for s in inp.running if s.service_class == RT]
@@ -167,15 +168,14 @@ class Bros:
             evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable,
                                                pausable, resident, cfg)
         scheduled = {rid for rid, _ in step.out.scheduled} | set(step.out.preempt) | set(step.out.recompute)
-        rt_tokens = cfg.max_num_batched_tokens - step.tokens
+        rt_tokens = step_tokens - step.tokens
         # Tokens BE may not use: the allowance bounds BE decodes and prefill chunks alike
         # (on a CPU a BE decode batch alone can stretch an RT step past its TPOT target).
         reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))
         step.tokens -= reserve
         time_left = self._time_left_ms(inp, rt_running, step) if self.slack_gate else math.inf
         gate = None if math.isinf(time_left) else _TimeGate(self.cost, time_left, step, inp, waiting_ids,
-                                                            cfg.bros_prefill_switch_overheads,
-                                                            cfg.max_num_batched_tokens)
+                                                            cfg.bros_prefill_switch_overheads, step_tokens)
         grow_be = not self._rt_kv_pressed(inp, rt_running, cfg)
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate, grow_be)
         step.tokens += reserve
@@ -188,6 +188,18 @@ class Bros:
         if not step.out.scheduled and not step.out.preempt:
             self._unjam(inp, step)
         return step.out
+
+    def _step_tokens(self, cfg: PlannerConfig) -> int:
+        """This step's token budget: max_num_batched_tokens, or the worker's fused-path size
+        while a step of that size costs less per token (bros_fused_steps). Both regimes
+        must have been measured; once capped, the larger regime's line keeps its last fit."""
+        full, fused = cfg.max_num_batched_tokens, self.cost.max_num_fused_tokens
+        if not (cfg.bros_fused_steps and 0 < fused < full):
+            return full
+        if min(self.cost.fused.w, self.cost.prefill.w) < cfg.bros_step_cost_min_weight:
+            return full
+        cheaper = self.cost.predict(1, fused, True) / fused < self.cost.predict(1, full, True) / full
+        return fused if cheaper else full
 
     def _unjam(self, inp: PlanInput, step: StepBudget) -> None:
         """Work is resident or queued but nothing could run: free the KV of the newest

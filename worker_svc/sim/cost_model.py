@@ -33,9 +33,11 @@ class CostModel:
     large_decode_ms_per_context_token: float = 5.80e-4  # ms per context token, summed
     large_decode_ms_per_seq: float = 0.158     # ms per decoding request
     # A fused path (a CPU worker's C++ stack): an iteration of at most fused_max_tokens
-    # tokens in all, prompt tokens among them, costs the decode formula for its decodes
-    # plus fused_ms_per_prompt_token per prompt token (0 tokens: no such path).
+    # tokens in all, prompt tokens among them, costs fused_base_ms, the decode formula's
+    # variable terms for its decodes, and fused_ms_per_prompt_token per prompt token (0
+    # tokens: no such path).
     fused_max_tokens: int = 0                  # tokens per iteration
+    fused_base_ms: float = 0.0                 # ms, once per such iteration
     fused_ms_per_prompt_token: float = 0.0     # ms per prompt token in such an iteration
 
     def __post_init__(self) -> None:
@@ -63,17 +65,20 @@ class CostModel:
     @classmethod
     def smollm2_cpu(cls) -> CostModel:
         """SmolLM2-135M in fp32 on this project's 2-core CPU worker (torch backend), a step
-        as the scheduler's loop sees it: least-squares lines through the gaps between plans
-        of a live cpu-hybrid run under bros (seed 0, 1,828 steps; docs/benchmarks.md,
-        cpu-hybrid). A decode-only step runs the fused C++ stack, ~21 ms + 1.9 ms per
-        sequence; a step holding any prompt tokens runs the eager model with the same C++
-        GEMM, ~32 ms + 1.42 ms per token (decodes riding along counted as tokens in the
-        fit; here they cost their decode rate, which is close). No context or quadratic
-        term: at cpu-hybrid's lengths (prompts <= 256 tokens) the step is the weights'
-        streaming and the GEMMs, not attention."""
-        return cls(prefill_base_ms=32.0, prefill_ms_per_token=1.42, prefill_ms_per_token_sq=0.0,
-                   decode_base_ms=21.0, decode_ms_per_context_token=0.0, decode_ms_per_seq=1.9,
-                   large_decode_base_ms=21.0, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=1.9)
+        as the scheduler's loop sees it (docs/benchmarks.md, cpu-hybrid): least-squares
+        lines through the gaps between plans of a live cpu-hybrid run under bros (seed 0,
+        1,251 steps, commit fc47b16), three regimes as the worker has three paths:
+        - decode-only, the fused C++ stack: 21.6 ms + 2.48 ms per sequence;
+        - with prompt tokens, <= 64 tokens in all, the same stack (each prompt token a
+          row): 24.9 ms + 1.1 ms per prompt token, decodes at the decode rate;
+        - larger, the eager model: 25.2 ms + 1.77 ms per token (the worker's own step
+          times over 400 such steps of bros and priority, + the loop's 3.5 ms a step).
+        No context or quadratic term: at cpu-hybrid's lengths (prompts <= 256 tokens) the
+        step is the weights' streaming and the GEMMs, not attention."""
+        return cls(prefill_base_ms=25.2, prefill_ms_per_token=1.77, prefill_ms_per_token_sq=0.0,
+                   decode_base_ms=21.6, decode_ms_per_context_token=0.0, decode_ms_per_seq=2.48,
+                   large_decode_base_ms=21.6, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=2.48,
+                   fused_max_tokens=64, fused_base_ms=24.9, fused_ms_per_prompt_token=1.1)
 
     @classmethod
     def _without_large_batch_fit(cls, prefill: tuple[float, float, float],
@@ -131,12 +136,12 @@ class CostModel:
         larger keeps a mixed iteration no cheaper than either of its halves alone). The
         decode regime is chosen by the number of decoding requests. An iteration small
         enough for the fused path (fused_max_tokens) is the decode formula plus its prompt
-        tokens at fused_ms_per_prompt_token.
+        tokens at fused_ms_per_prompt_token, over fused_base_ms.
         """
         num_tokens = sum(prefill_chunk_lens) + len(decode_context_lens)
         if len(prefill_chunk_lens) and num_tokens <= self.fused_max_tokens:
-            base_ms, decode_variable_ms = self._decode_terms(decode_context_lens)
-            return base_ms + decode_variable_ms + self.fused_ms_per_prompt_token * sum(prefill_chunk_lens)
+            decode_variable_ms = self._decode_terms(decode_context_lens)[1]
+            return self.fused_base_ms + decode_variable_ms + self.fused_ms_per_prompt_token * sum(prefill_chunk_lens)
         base_ms = 0.0
         variable_ms = 0.0
         if len(prefill_chunk_lens):
