@@ -9,9 +9,9 @@ A step with prompt tokens runs here too while it holds at most MAX_NUM_ROWS toke
 prompt token is a row like a decode, reading its sequence's blocks through a mask that
 ends at its own position (attention.build_row_metadata). The stack writes every row's K/V
 before any row attends, so a chunk's later tokens see its earlier ones. Against the eager
-model (with the same GEMM) this saves the ~10 ms of per-op overhead a step pays there:
-on SmolLM2-135M, 4 decodes + an 8 / 32 / 56-token chunk took 30 / 60 / 83 ms against
-47 / 73 / 102 (docs/performance.md).
+model (with the same GEMM) this saves the per-op overhead a step pays there: on
+SmolLM2-135M, the forward of 4 decodes + an 8 / 32 / 56-token chunk took 30 / 61 / 85 ms
+against 48 / 74 / 104 (docs/performance.md).
 
 Built once per (source, compile flags, torch, python) with torch.utils.cpp_extension and
 cached under the bros cache dir, so a later start only loads the .so. `make install`

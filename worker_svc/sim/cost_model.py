@@ -66,19 +66,22 @@ class CostModel:
     def smollm2_cpu(cls) -> CostModel:
         """SmolLM2-135M in fp32 on this project's 2-core CPU worker (torch backend), a step
         as the scheduler's loop sees it (docs/benchmarks.md, cpu-hybrid): least-squares
-        lines through the gaps between plans of a live cpu-hybrid run under bros (seed 0,
-        1,251 steps, commit fc47b16), three regimes as the worker has three paths:
-        - decode-only, the fused C++ stack: 21.6 ms + 2.48 ms per sequence;
+        fits to the live cpu-hybrid run at commit 7d02999 (4 seeds, every policy), three
+        regimes as the worker has three paths:
+        - decode-only, the fused C++ stack: 18.7 ms + 1.87 ms per sequence (bros' gaps
+          between plans, 4,561 steps);
         - with prompt tokens, <= 64 tokens in all, the same stack (each prompt token a
-          row): 24.9 ms + 1.1 ms per prompt token, decodes at the decode rate;
-        - larger, the eager model: 25.2 ms + 1.77 ms per token (the worker's own step
-          times over 400 such steps of bros and priority, + the loop's 3.5 ms a step).
+          row): 26.0 ms + 0.98 ms per prompt token, decodes at the decode rate (bros'
+          gaps, 2,576 steps);
+        - larger, the eager model: 24.8 ms + 1.48 ms per token (the worker's own times
+          for the 2,968 such steps of fcfs, priority and partition, + the loop's median
+          2.7 ms a step between report and plan).
         No context or quadratic term: at cpu-hybrid's lengths (prompts <= 256 tokens) the
         step is the weights' streaming and the GEMMs, not attention."""
-        return cls(prefill_base_ms=25.2, prefill_ms_per_token=1.77, prefill_ms_per_token_sq=0.0,
-                   decode_base_ms=21.6, decode_ms_per_context_token=0.0, decode_ms_per_seq=2.48,
-                   large_decode_base_ms=21.6, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=2.48,
-                   fused_max_tokens=64, fused_base_ms=24.9, fused_ms_per_prompt_token=1.1)
+        return cls(prefill_base_ms=24.8, prefill_ms_per_token=1.48, prefill_ms_per_token_sq=0.0,
+                   decode_base_ms=18.7, decode_ms_per_context_token=0.0, decode_ms_per_seq=1.87,
+                   large_decode_base_ms=18.7, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=1.87,
+                   fused_max_tokens=64, fused_base_ms=26.0, fused_ms_per_prompt_token=0.98)
 
     @classmethod
     def _without_large_batch_fit(cls, prefill: tuple[float, float, float],
