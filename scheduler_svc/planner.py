@@ -130,7 +130,7 @@ class PlannerConfig:
     bros_admit_headroom_sd: float = 1.5
     # bros: a BE prompt chunk that would turn a decode-only step serving RT into a step with
     # prefill must hold at least this many times the tokens whose time equals that regime's
-    # overhead (as learned; on a CPU worker ~10 ms, ~7 tokens), or the rest of the prompt, or
+    # overhead (as learned; on a CPU worker ~7 ms, ~7 tokens), or the rest of the prompt, or
     # all the step budget holds, if less; a smaller chunk (cut by RT's slack or BE's allowance)
     # waits. RT banks slack between such steps, so fewer, larger chunks pay the overhead
     # less often for the same RT deadlines (cpu-hybrid-virtual, 24 seeds: 1 -> 4 raised RT
@@ -148,9 +148,9 @@ class PlannerConfig:
     bros_rt_kv_pressure: float = 0.6
     # bros: cap each step at the worker's fused-path size (PlanInput.max_num_fused_tokens)
     # while the step-time model says a step of that size costs less per token than one of
-    # max_num_batched_tokens: on a CPU worker a 64-token step runs the C++ stack (~25 ms
-    # + 1.1 ms per prompt token in the live loop) and a 256-token one the eager model
-    # (~25 + 1.8), so BE prompts go through ~25% cheaper in 64-token chunks
+    # max_num_batched_tokens: on a CPU worker a 64-token step runs the C++ stack (~26 ms
+    # + 1.0 ms per prompt token in the live loop) and a 256-token one the eager model
+    # (~25 + 1.5), so BE prompts go through ~12% cheaper in 64-token chunks
     # (docs/benchmarks.md, cpu-hybrid). No effect on a worker without a fused path (a GPU,
     # the A100 sim), or where a full step is the cheaper one per token.
     bros_fused_steps: bool = True

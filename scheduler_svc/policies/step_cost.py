@@ -4,8 +4,9 @@ Up to three regimes, because workers have up to three: a step of decodes only, a
 step with prompt tokens in it, and a large one. On an A100 they cost about the same per
 step. A CPU worker runs every step of up to `max_num_fused_tokens` tokens (its
 WorkerInfo says how many; 64 there) through one fused C++ stack, prompt tokens as rows
-like decodes (~21 ms for SmolLM2 at batch 1, ~1 ms per extra token), and a larger step
-with prompt tokens through the eager model (~32 ms + 1.4 ms per token). Each regime is a
+like decodes (for SmolLM2 in the live loop: decodes ~19 ms + 1.9 ms per sequence, a step
+with prompt tokens ~26 ms + 1.0 ms per prompt token), and a larger step with prompt
+tokens through the eager model (~25 ms + 1.5 ms per token). Each regime is a
 straight line fitted by exponentially weighted least squares:
 
     decode only:                    ms = base + per_seq   * num_seqs
