@@ -90,8 +90,12 @@ class StepCost:
         with its prior slope, else the first-step guess."""
         if own.w >= self.min_weight:
             return own.fit()
-        near = {id(self.decode): (self.fused, self.prefill), id(self.fused): (self.decode, self.prefill),
-                id(self.prefill): (self.fused, self.decode)}[id(own)]
+        if own is self.decode:
+            near = (self.fused, self.prefill)
+        elif own is self.fused:
+            near = (self.decode, self.prefill)
+        else:
+            near = (self.fused, self.decode)
         for other in near:
             if other.w >= self.min_weight and (other is not self.fused or self.max_num_fused_tokens):
                 return other.fit()[0], own.prior_slope
