@@ -44,6 +44,24 @@ def test_smollm2_cpu_costs():
 
 
 @needs_traces
+def test_bros_keeps_the_replicas_steps_within_the_fused_path():
+    """The replica's worker reports its fused size (64) through the virtual driver, and
+    once bros has measured both prompt regimes (four small prompt steps take it ~250
+    plans here, since uncapped BE prompts mostly run whole) it caps every step there;
+    without bros_fused_steps whole BE prompts keep making larger steps."""
+    from dataclasses import replace
+    from scheduler_svc.bench import virtual
+    from scheduler_svc.planner import make_policy
+    reqs = ch.build(30.0, 0, 1e9, 1e9, ch.BE_RATE)
+    sizes = {}
+    for on in (True, False):
+        result = virtual.run(reqs, make_policy("bros"), replace(ch.PLANNER, bros_fused_steps=on), ch.VIRTUAL)
+        sizes[on] = [it.num_tokens for it in result.iterations if it.batch_size]
+    assert max(sizes[True][:300]) > 64 >= max(sizes[True][300:])   # capped once both were seen
+    assert sum(n > 64 for n in sizes[False][300:]) > 10
+
+
+@needs_traces
 def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
     result = ch.run_cpu_hybrid(["bros", "priority"], duration_s=20, num_seeds=2, out=tmp_path, mode="virtual")
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())

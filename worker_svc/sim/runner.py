@@ -66,12 +66,16 @@ class SimRunner:
         self.vocab_size = self.sim.vocab_size
         self.max_model_len = self.sim.max_model_len
         self.eos_token_ids = (self.sim.eos_token_id,)
-        self.max_num_fused_tokens = self.cost.fused_max_tokens
         self.kv_bytes_per_slot = self.sim.kv_bytes_per_slot
         self.dtype_name, self.device = "float16", "sim"
         self.default_sampling = SamplingConfig(max_tokens=1, temperature=0.0)
         self._d2h_free_ms = 0.0                  # when the copy stream's queue drains
         self._host_ready_ms: dict[int, float] = {}  # checkpoint handle -> when it lands in host memory
+
+    @property
+    def max_num_fused_tokens(self) -> int:
+        """The cost model's fused-path size (0: none), as a torch worker reports its own."""
+        return self.cost.fused_max_tokens
 
     def apply_copies(self, copies: list[SlotCopy]) -> float:
         """Issue the copies; returns their PCIe time, whether or not the step waits for it."""
