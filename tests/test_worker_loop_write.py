@@ -34,15 +34,18 @@ def depth(request):
     return request.param
 
 
-def count_plans(monkeypatch, loop, sent: list[int]) -> None:
-    """sent[0]: plans sent so far (counted as the loop starts sending one)."""
-    write_plan = loop._write_plan
+def count_plans(monkeypatch, sent: list[int]) -> None:
+    """sent[0]: plans sent so far (counted as the loop starts sending one). Patched on the
+    class before the stack starts: patched on a running loop, a call already inside the
+    old method (its write held by the test, waiting for a plan the loop cannot send)
+    would go uncounted and stall the test."""
+    write_plan = worker_loop.WorkerLoop._write_plan
 
-    async def counting(stream, plan):
+    async def counting(self, stream, plan):
         sent[0] += 1
-        return await write_plan(stream, plan)
+        return await write_plan(self, stream, plan)
 
-    monkeypatch.setattr(loop, "_write_plan", counting)
+    monkeypatch.setattr(worker_loop.WorkerLoop, "_write_plan", counting)
 
 
 def generate(address: str, max_tokens: int) -> Final:
@@ -72,8 +75,8 @@ def test_a_reports_write_waits_for_the_next_plan_to_be_sent(redis_server, monkey
             return await super().execute()
 
     monkeypatch.setattr(worker_loop, "Batch", HeldUntilNextPlan)
+    count_plans(monkeypatch, sent)
     with InProcessStack(redis_server.url, pipeline_depth=depth) as stack:
-        count_plans(monkeypatch, stack.worker_loop, sent)
         final = generate(stack.address, 6)
     assert not final.error and final.num_output_tokens == 6
     assert not stalled, f"report writes waited on by the loop after plans {stalled}"
