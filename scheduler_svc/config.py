@@ -40,6 +40,7 @@ class SchedulerConfig:
     bros_admit_headroom_sd: float = _P.bros_admit_headroom_sd
     bros_prefill_switch_overheads: float = _P.bros_prefill_switch_overheads
     bros_rt_kv_pressure: float = _P.bros_rt_kv_pressure
+    bros_slack_reserve_steps: float = _P.bros_slack_reserve_steps
     bros_fused_steps: bool = _P.bros_fused_steps
     bros_first_step_ms: float = _P.bros_first_step_ms
     bros_step_time_smoothing: float = _P.bros_step_time_smoothing

@@ -146,6 +146,15 @@ class PlannerConfig:
     # still 100.5% and 101.7% of priority's; 0.1-0.3 within 0.4 points; 0.5 and 0.3
     # gain more RT for 2-7% of BE; docs/benchmarks.md, "RT's share of the pool".) >= 1: off.
     bros_rt_kv_pressure: float = 0.6
+    # bros: the slack gate lets BE spend an RT request's slack only beyond a reserve of this
+    # many times what one full step with prompt work (the step budget, as the step-time
+    # model prices it) overruns the request's TPOT target. RT cannot refuse such a step
+    # (another RT request's urgent prompt chunk fills one): spent to its deadline, a decoding
+    # RT request goes late on the next one and may end late, and each miss cuts BE's
+    # allowance too. (cpu-hybrid-virtual, 24 seeds, where a 64-token step is ~90 ms against
+    # a ~41 ms TPOT target: RT both 0.572 -> 0.652, BE unchanged; docs/benchmarks.md, "The
+    # slack reserve".) 0: off (BE may spend all of it).
+    bros_slack_reserve_steps: float = 1.0
     # bros: cap each step at the worker's fused-path size (PlanInput.max_num_fused_tokens)
     # while the step-time model says a step of that size costs less per token than one of
     # max_num_batched_tokens: on a CPU worker a 64-token step runs the C++ stack (~26 ms
@@ -191,6 +200,8 @@ class PlannerConfig:
             raise ValueError("bros_admit_headroom_sd must be >= 0")
         if self.bros_rt_kv_pressure <= 0:
             raise ValueError("bros_rt_kv_pressure must be > 0")
+        if self.bros_slack_reserve_steps < 0:
+            raise ValueError("bros_slack_reserve_steps must be >= 0")
         if self.bros_prefill_switch_overheads < 0:
             raise ValueError("bros_prefill_switch_overheads must be >= 0")
         if self.bros_first_step_ms <= 0 or not 0 < self.bros_step_time_smoothing <= 1:

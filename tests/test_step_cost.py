@@ -94,7 +94,7 @@ def _plan_with_rt_slack(slack_ms: float, gate: bool, token_budget: int | None = 
     p = make_policy("bros")
     p.slack_gate = gate
     cfg = PlannerConfig(**{"max_num_batched_tokens": 256, "bros_urgent_slack_ms": 0, "bros_urgent_iterations": 0,
-                           **knobs})
+                           "bros_slack_reserve_steps": 0, **knobs})
     p.plan(PlanInput(now_ms=0, running=[], waiting=[], free_blocks=100, block_size=16), cfg)  # set up
     cpu_like(p.cost)
     p.long_iteration_ms = 0
@@ -133,6 +133,45 @@ def test_gate_waits_for_the_allowance_to_hold_a_chunk_worth_its_overhead():
     assert "be" not in dict(_plan_with_rt_slack(1000, gate=True, token_budget=40).scheduled)
     d = dict(_plan_with_rt_slack(1000, gate=True, token_budget=40, bros_prefill_switch_overheads=0).scheduled)
     assert d == {"rt": 1, "be": 39}
+
+
+def test_gate_keeps_a_full_prompt_steps_overrun_of_tpot_in_reserve():
+    # The step budget's 256 tokens cost 72 + 1.23 * 256 = 387 ms, 287 over RT's 100 ms TPOT:
+    # of 450 ms banked BE may spend 163, (163 - 72 - 1.23) / 1.23 = 73 tokens.
+    d = dict(_plan_with_rt_slack(450, gate=True, bros_prefill_switch_overheads=0, bros_slack_reserve_steps=1).scheduled)
+    assert d["rt"] == 1 and 72 <= d["be"] <= 75
+    assert dict(_plan_with_rt_slack(450, gate=True, bros_prefill_switch_overheads=0).scheduled)["be"] == 96
+    # Half a step's overrun in reserve: 306 ms to spend, the whole prompt fits again.
+    d = dict(_plan_with_rt_slack(450, gate=True, bros_prefill_switch_overheads=0, bros_slack_reserve_steps=0.5).scheduled)
+    assert d["be"] == 96
+    # The reserve is priced at the step budget: at 128 tokens a full step is 229 ms, 129 over.
+    d = dict(_plan_with_rt_slack(300, gate=True, bros_prefill_switch_overheads=0, bros_slack_reserve_steps=1,
+                                 max_num_batched_tokens=128).scheduled)
+    assert 78 <= d["be"] <= 80    # (300 - 129 - 72 - 1.23) / 1.23
+    # Not even a BE decode joins a step once the reserve is all RT has left.
+    be = SeqView("be", BE, 1, 8, num_tokens=20, num_computed_tokens=19, num_output_tokens=12)
+    p = make_policy("bros")
+    cfg = PlannerConfig(max_num_batched_tokens=256, bros_urgent_slack_ms=0, bros_urgent_iterations=0)
+    p.plan(PlanInput(now_ms=0, running=[], waiting=[], free_blocks=100, block_size=16), cfg)
+    cpu_like(p.cost)
+    for slack, joins in ((300, False), (400, True)):   # a decode step of both: 26 + 2 * 3.4 ms
+        rt = SeqView("rt", RT, 0, 8, num_tokens=9, num_computed_tokens=8, ttft_deadline_ms=1e9, tpot_ms=100,
+                     first_token_ms=1000 + slack - 100, num_output_tokens=1)
+        d = p.plan(PlanInput(now_ms=1000, running=[rt, be], waiting=[], free_blocks=100, block_size=16), cfg)
+        assert ("be", 1) in d.scheduled if joins else d.scheduled == [("rt", 1)]
+
+
+def test_gate_keeps_the_reserve_on_a_first_token_deadline():
+    # An RT prompt ending in this step, due 450 ms from now: a BE prompt gets what ends
+    # the step 287 ms (a full step's overrun of TPOT) before that deadline.
+    p = make_policy("bros")
+    cfg = PlannerConfig(max_num_batched_tokens=256, bros_urgent_slack_ms=1e9, bros_prefill_switch_overheads=0)
+    p.plan(PlanInput(now_ms=0, running=[], waiting=[], free_blocks=100, block_size=16), cfg)
+    cpu_like(p.cost)
+    rt = SeqView("rt", RT, 990, 10, num_tokens=10, ttft_deadline_ms=1450, tpot_ms=100)
+    be = SeqView("be", BE, 1, 96, num_tokens=96)
+    d = dict(p.plan(PlanInput(now_ms=1000, running=[], waiting=[rt, be], free_blocks=100, block_size=16), cfg).scheduled)
+    assert d["rt"] == 10 and 63 <= d["be"] <= 65    # (450 - 287 - 72 - 1.23 * 10) / 1.23 = 64
 
 
 def test_gate_takes_what_the_step_budget_holds_when_that_is_under_the_minimum():

@@ -14,8 +14,9 @@ Each iteration, in phases:
      BE, by arrival, and only while the free blocks keep growth room for the running
      sequences and no paused BE waits for memory. A step that serves RT takes BE work
      only while it still ends, by the learned step-time model (step_cost.py), before the
-     earliest RT deadline it serves (_TimeGate): RT that runs ahead of its TPOT target
-     banks slack, and BE spends it. While RT's sequences hold more than
+     earliest RT deadline it serves (_TimeGate), less a reserve that lets RT survive a
+     full step it cannot refuse (_reserve_ms): RT that runs ahead of its TPOT target
+     banks slack, and BE spends what is beyond the reserve. While RT's sequences hold more than
      bros_rt_kv_pressure of the pool, BE only decodes what it has (_rt_kv_pressed);
   4. RT with slack to spare takes what is left, least slack first: a BE request may
      have taken its place this iteration, which its slack absorbs (only while the BE
@@ -173,7 +174,7 @@ class Bros:
         # (on a CPU a BE decode batch alone can stretch an RT step past its TPOT target).
         reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))
         step.tokens -= reserve
-        time_left = self._time_left_ms(inp, rt_running, step) if self.slack_gate else math.inf
+        time_left = self._time_left_ms(inp, rt_running, step, cfg, step_tokens) if self.slack_gate else math.inf
         gate = None if math.isinf(time_left) else _TimeGate(self.cost, time_left, step, inp, waiting_ids,
                                                             cfg.bros_prefill_switch_overheads, step_tokens)
         grow_be = not self._rt_kv_pressed(inp, rt_running, cfg)
@@ -314,16 +315,32 @@ class Bros:
         step.release(victim)
         return 0
 
-    @staticmethod
-    def _time_left_ms(inp: PlanInput, rt_running: list[SeqView], step: StepBudget) -> float:
+    def _time_left_ms(self, inp: PlanInput, rt_running: list[SeqView], step: StepBudget, cfg: PlannerConfig,
+                      step_tokens: int) -> float:
         """How long this step may take before the earliest deadline of an RT request it
-        serves: the next token of every decoding RT (an RT decode not in this step waits
-        for it too), the first token of each RT prefill in it. inf without RT."""
+        serves, less that request's reserve (_reserve_ms): the next token of every
+        decoding RT (an RT decode not in this step waits for it too), the first token of
+        each RT prefill in it. inf without RT."""
         scheduled = {rid for rid, _ in step.out.scheduled}
-        deadlines = [s.next_deadline_ms() for s in rt_running
-                     if not s.preempted and (s.first_token_ms is not None or s.request_id in scheduled)]
-        deadlines += [s.ttft_deadline_ms for s in inp.waiting if s.request_id in scheduled]
-        return min(deadlines, default=math.inf) - inp.now_ms
+        full_step_ms = self.cost.predict(1, step_tokens, True)
+        served = [s for s in rt_running if not s.preempted and (s.first_token_ms is not None or s.request_id in scheduled)]
+        served += [s for s in inp.waiting if s.request_id in scheduled]
+        return min((s.next_deadline_ms() - self._reserve_ms(s, full_step_ms, cfg) for s in served),
+                   default=math.inf) - inp.now_ms
+
+    @staticmethod
+    def _reserve_ms(seq: SeqView, full_step_ms: float, cfg: PlannerConfig) -> float:
+        """Slack an RT request keeps from BE: bros_slack_reserve_steps times what a full step
+        with prompt work (the step budget, as the step-time model prices it) overruns the
+        request's TPOT target by. RT cannot refuse such a step: another RT request's
+        urgent prompt chunk fills one.
+
+            now -|---- BE may spend ----|---- reserve ----|- deadline
+        Spent to its deadline, a decoding request goes late on the next such step (its last
+        token may then miss TPOT, and every miss cuts BE's allowance); on a first-token
+        deadline the reserve keeps BE from stretching the step that ends a prompt, which
+        the next RT arrival of a burst waits behind (docs/benchmarks.md, "The slack reserve")."""
+        return cfg.bros_slack_reserve_steps * max(0.0, full_step_ms - seq.tpot_ms)
 
     @staticmethod
     def _rt_kv_pressed(inp: PlanInput, rt_running: list[SeqView], cfg: PlannerConfig) -> bool:
