@@ -88,6 +88,14 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
     # The run states the load it measured under: BE alone, the first seed's stream.
     assert saved["config"]["be_rate"] == point["be_rate"] == ch.BE_RATE
     assert 0 < saved["be_alone"]["busy_fraction"] <= 1 and saved["be_alone"]["be_unfinished"] == 0
+    # Each seed's RT requests alone, against the same targets: the ceiling on attainment.
+    alone_runs = point["rt_alone"]["runs"]
+    assert [r["seed"] for r in alone_runs] == [0, 1]
+    for a, b in zip(alone_runs, point["policies"]["bros"]["runs"]):
+        assert a["num_rt"] == b["num_rt"] and a["num_be"] == 0 and a["rt_unfinished"] == 0
+    assert point["rt_alone"]["rt_attain_both"] == pytest.approx(sum(r["rt_attain_both"] for r in alone_runs) / 2)
+    # Against ~2x its own p50 the first seed's RT alone misses some (the targets are real).
+    assert alone_runs[0]["rt_attain_both"] < 1
 
 
 @needs_traces

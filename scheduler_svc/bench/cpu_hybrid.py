@@ -35,6 +35,7 @@ from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
 
 from ..planner import BE, RT, PlannerConfig, make_policy
 from . import virtual, workload
+from .criteria import check, format_rows
 from .live import replay_live, with_steps
 from .metrics import BenchMetrics, busy_fraction, compute, json_safe, mean_of_runs
 from .plots import plot_ttft_cdf, ready
@@ -111,8 +112,13 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     seeds = list(range(seed, seed + num_seeds))
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     ttfts: dict[str, list] = {p: [] for p in policies}
+    alone_runs: list[dict] = []
     for s in seeds:
         reqs = build(duration_s, s, ttft, tpot, be_rate)
+        _log(f"{name}: seed {s}, RT alone against the targets")
+        m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode)
+        alone_runs.append({"seed": s, **m.to_dict()})
+        _log(f"  RT alone: both {m.rt_attain_both:.3f}")
         for p in policies:
             _log(f"{name}: seed {s}, {p} ({len(reqs)} requests, {duration_s:.0f} s of arrivals)")
             m, records = serve(reqs, p, mode)
@@ -131,7 +137,8 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
               "rt_alone": alone.to_dict(), "be_alone": be_alone,
               "targets_ms": {"ttft": ttft, "tpot": tpot}, "config": config,
               "points": [{"rt_rate": RT_RATE, "be_rate": be_rate,
-                          "policies": {p: {**mean_of_runs(rs), "runs": rs} for p, rs in runs.items()}}]}
+                          "policies": {p: {**mean_of_runs(rs), "runs": rs} for p, rs in runs.items()},
+                          "rt_alone": {**mean_of_runs(alone_runs), "runs": alone_runs}}]}
     _report(result, out, ttfts)
     return result
 
@@ -160,10 +167,14 @@ def _report(r: dict, out: Path, ttfts: dict[str, list]) -> None:
           f"{r['be_alone']['busy_fraction']:.0%} busy (seed {r['seeds'][0]})")
     print("| policy | RT both | RT TTFT | RT TPOT | TTFT p99 ms | TPOT p99 ms | RT norm ms | BE req/s | BE tok/s | total tok/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for policy, m in r["points"][0]["policies"].items():
+    point = r["points"][0]
+    for policy, m in [*point["policies"].items(), ("RT alone (no BE)", point["rt_alone"])]:
         print(f"| {policy} | {m['rt_attain_both']:.3f} | {m['rt_attain_ttft']:.3f} | {m['rt_attain_tpot']:.3f} | "
               f"{m['rt_ttft_p99_ms']:.0f} | {m['rt_tpot_p99_ms']:.0f} | {m['rt_norm_latency_ms']:.1f} | "
               f"{m['be_req_s']:.2f} | {m['be_tok_s']:.1f} | {m['total_tok_s']:.1f} |")
+    rows = check(r)
+    if rows:
+        print(format_rows(rows))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(json_safe(r), indent=2, allow_nan=False))
     print(f"wrote {out / f'{name}.json'}")
