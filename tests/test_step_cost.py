@@ -142,7 +142,8 @@ def test_gate_keeps_a_full_prompt_steps_overrun_of_tpot_in_reserve():
     assert d["rt"] == 1 and 72 <= d["be"] <= 75
     assert dict(_plan_with_rt_slack(450, gate=True, bros_prefill_switch_overheads=0).scheduled)["be"] == 96
     # Half a step's overrun in reserve: 306 ms to spend, the whole prompt fits again.
-    d = dict(_plan_with_rt_slack(450, gate=True, bros_prefill_switch_overheads=0, bros_slack_reserve_steps=0.5).scheduled)
+    d = dict(_plan_with_rt_slack(450, gate=True, bros_prefill_switch_overheads=0,
+                                 bros_slack_reserve_steps=0.5).scheduled)
     assert d["be"] == 96
     # The reserve is priced at the step budget: at 128 tokens a full step is 229 ms, 129 over.
     d = dict(_plan_with_rt_slack(300, gate=True, bros_prefill_switch_overheads=0, bros_slack_reserve_steps=1,
@@ -170,7 +171,8 @@ def test_gate_keeps_the_reserve_on_a_first_token_deadline():
     cpu_like(p.cost)
     rt = SeqView("rt", RT, 990, 10, num_tokens=10, ttft_deadline_ms=1450, tpot_ms=100)
     be = SeqView("be", BE, 1, 96, num_tokens=96)
-    d = dict(p.plan(PlanInput(now_ms=1000, running=[], waiting=[rt, be], free_blocks=100, block_size=16), cfg).scheduled)
+    d = dict(p.plan(PlanInput(now_ms=1000, running=[], waiting=[rt, be], free_blocks=100, block_size=16),
+                    cfg).scheduled)
     assert d["rt"] == 10 and 63 <= d["be"] <= 65    # (450 - 287 - 72 - 1.23 * 10) / 1.23 = 64
 
 

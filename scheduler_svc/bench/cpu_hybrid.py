@@ -12,7 +12,10 @@ the sim scenarios read it as 80% of estimated throughput, which here would overl
 CPU); RT at RT_RATE from the trace's arrival gaps. The RT targets come from a measured RT-only run:
 TARGET_FACTOR x its p50 TTFT and TPOT, so "meeting the target" means "as good as alone,
 within a factor", whatever machine this runs on. Each policy serves the same workload
-once per seed; the table shows the mean over seeds, the JSON each run as well.
+once per seed; the table shows the mean over seeds, the JSON each run as well. Each
+seed's RT requests are also served alone against those targets (the "RT alone" row,
+point["rt_alone"]): against ~2x its own median, RT alone misses some of them too, and no
+policy that also serves BE can be expected to do better.
 
 `live` runs the real stack (Redis, scheduler, the torch worker; ~2 minutes per policy
 and seed). `virtual` (scenario cpu-hybrid-virtual) replays the same workloads through

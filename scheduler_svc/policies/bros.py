@@ -323,7 +323,8 @@ class Bros:
         each RT prefill in it. inf without RT."""
         scheduled = {rid for rid, _ in step.out.scheduled}
         full_step_ms = self.cost.predict(1, step_tokens, True)
-        served = [s for s in rt_running if not s.preempted and (s.first_token_ms is not None or s.request_id in scheduled)]
+        served = [s for s in rt_running
+                  if not s.preempted and (s.first_token_ms is not None or s.request_id in scheduled)]
         served += [s for s in inp.waiting if s.request_id in scheduled]
         return min((s.next_deadline_ms() - self._reserve_ms(s, full_step_ms, cfg) for s in served),
                    default=math.inf) - inp.now_ms
