@@ -96,6 +96,12 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
     assert point["rt_alone"]["rt_attain_both"] == pytest.approx(sum(r["rt_attain_both"] for r in alone_runs) / 2)
     # Against ~2x its own p50 the first seed's RT alone misses some (the targets are real).
     assert alone_runs[0]["rt_attain_both"] < 1
+    # That seed's is the targets' own run judged again, as if served against them.
+    t = saved["targets_ms"]
+    served, _ = ch.serve([r for r in ch.build(20, 0, t["ttft"], t["tpot"]) if r.service_class == ch.RT],
+                         "fcfs", "virtual")
+    for key in ("rt_attain_ttft", "rt_attain_tpot", "rt_attain_both", "rt_norm_latency_ms", "num_rt"):
+        assert alone_runs[0][key] == pytest.approx(getattr(served, key)), key
 
 
 @needs_traces

@@ -109,7 +109,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     first = build(duration_s, seed, 1e9, 1e9, be_rate)
     rt_only = [r for r in first if r.service_class == RT]
     _log(f"{name}: measuring RT alone ({len(rt_only)} requests)")
-    alone, _ = serve(rt_only, "fcfs", mode)
+    alone, alone_records = serve(rt_only, "fcfs", mode)
     ttft, tpot = TARGET_FACTOR * alone.rt_ttft_p50_ms, TARGET_FACTOR * alone.rt_tpot_p50_ms
     be_alone = measure_be_alone([r for r in first if r.service_class == BE], mode, name, be_rate)
     seeds = list(range(seed, seed + num_seeds))
@@ -118,8 +118,11 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     alone_runs: list[dict] = []
     for s in seeds:
         reqs = build(duration_s, s, ttft, tpot, be_rate)
-        _log(f"{name}: seed {s}, RT alone against the targets")
-        m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode)
+        if s == seed:   # the run the targets came from: judge it again, do not serve it twice
+            m = against_targets(alone, alone_records, ttft, tpot)
+        else:
+            _log(f"{name}: seed {s}, RT alone against the targets")
+            m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode)
         alone_runs.append({"seed": s, **m.to_dict()})
         _log(f"  RT alone: both {m.rt_attain_both:.3f}")
         for p in policies:
@@ -144,6 +147,14 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
                           "rt_alone": {**mean_of_runs(alone_runs), "runs": alone_runs}}]}
     _report(result, out, ttfts)
     return result
+
+
+def against_targets(m: BenchMetrics, records: list, ttft_ms: float, tpot_ms: float) -> BenchMetrics:
+    """m, a run's metrics, with its RT attainment judged against these targets (the
+    requests ran with none); no other metric depends on them."""
+    judged = compute([replace(r, request=replace(r.request, ttft_ms=ttft_ms, tpot_ms=tpot_ms)) for r in records], [])
+    return replace(m, rt_attain_ttft=judged.rt_attain_ttft, rt_attain_tpot=judged.rt_attain_tpot,
+                   rt_attain_both=judged.rt_attain_both)
 
 
 def measure_be_alone(be_only: list[workload.Request], mode: str, name: str, be_rate: float) -> dict:

@@ -172,14 +172,14 @@ class Bros:
         rt_tokens = step_tokens - step.tokens
         # Tokens BE may not use: the allowance bounds BE decodes and prefill chunks alike
         # (on a CPU a BE decode batch alone can stretch an RT step past its TPOT target).
-        reserve = max(0, step.tokens - max(0, be_allowance - rt_tokens))
-        step.tokens -= reserve
+        held_back = max(0, step.tokens - max(0, be_allowance - rt_tokens))
+        step.tokens -= held_back
         time_left = self._time_left_ms(inp, rt_running, step, cfg, step_tokens) if self.slack_gate else math.inf
         gate = None if math.isinf(time_left) else _TimeGate(self.cost, time_left, step, inp, waiting_ids,
                                                             cfg.bros_prefill_switch_overheads, step_tokens)
         grow_be = not self._rt_kv_pressed(inp, rt_running, cfg)
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate, grow_be)
-        step.tokens += reserve
+        step.tokens += held_back
         tried = scheduled | {s.request_id for s in urgent}
         relaxed = heapq.nsmallest(max(step.seqs, 0), [s for s in rt if s.request_id not in tried],
                                   key=lambda s: slack[s.request_id])
