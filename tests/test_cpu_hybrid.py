@@ -63,7 +63,8 @@ def test_bros_keeps_the_replicas_steps_within_the_fused_path():
 
 @needs_traces
 def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
-    result = ch.run_cpu_hybrid(["bros", "priority"], duration_s=20, num_seeds=2, out=tmp_path, mode="virtual")
+    result = ch.run_cpu_hybrid(["bros", "priority"], duration_s=20, num_seeds=2, out=tmp_path, mode="virtual",
+                               rt_rates=[ch.RT_RATE])
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
     assert saved["scenario"] == "cpu-hybrid-virtual" and saved["mode"] == "virtual"
     assert saved["seeds"] == [0, 1]
@@ -105,6 +106,34 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
 
 
 @needs_traces
+def test_an_rt_rate_sweep_judges_every_rate_against_the_same_targets(tmp_path):
+    """--rt-rates: a point per rate, each with its own RT-alone runs, all against the
+    targets measured at RT_RATE; the targets' own run is reused only at that rate; more
+    RT load, more RT requests; the attainment-against-rate plot is written."""
+    from scheduler_svc.bench.__main__ import main
+    main(["--scenario", "cpu-hybrid-virtual", "--policies", "fcfs,bros", "--duration-s", "20",
+          "--num-seeds", "1", "--rt-rates", f"0.25,{ch.RT_RATE},1.5", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
+    assert [pt["rt_rate"] for pt in saved["points"]] == [0.25, ch.RT_RATE, 1.5]
+    assert saved["config"]["rt_rates"] == [0.25, ch.RT_RATE, 1.5] and saved["config"]["targets_rt_rate"] == ch.RT_RATE
+    t = saved["targets_ms"]
+    assert t["ttft"] == pytest.approx(ch.TARGET_FACTOR * saved["rt_alone"]["rt_ttft_p50_ms"])
+    num_rt = [pt["rt_alone"]["num_rt"] for pt in saved["points"]]
+    assert num_rt[0] < num_rt[1] < num_rt[2]
+    for pt in saved["points"]:
+        assert pt["policies"]["fcfs"]["num_rt"] == pt["rt_alone"]["num_rt"]
+        # Each rate's RT alone is that rate's RT requests served against the one set of targets.
+        reqs = ch.build(20, 0, t["ttft"], t["tpot"], rt_rate=pt["rt_rate"])
+        served, _ = ch.serve([r for r in reqs if r.service_class == ch.RT], "fcfs", "virtual")
+        assert pt["rt_alone"]["rt_attain_both"] == pytest.approx(served.rt_attain_both)
+    # The heavier RT load is the harder one for RT served alone, against fixed targets.
+    assert saved["points"][2]["rt_alone"]["rt_norm_latency_ms"] > saved["points"][0]["rt_alone"]["rt_norm_latency_ms"]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "cpu-hybrid-virtual-vs-rate.png").stat().st_size > 0
+    assert (tmp_path / "cpu-hybrid-virtual-ttft-cdf.png").stat().st_size > 0
+
+
+@needs_traces
 def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path):
     """--be-rate reaches the workload, and the BE-alone measurement follows it."""
     from scheduler_svc.bench.__main__ import main
@@ -112,7 +141,7 @@ def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path):
     for rate in (0.5, 3.0):
         out = tmp_path / str(rate)
         main(["--scenario", "cpu-hybrid-virtual", "--policies", "fcfs", "--duration-s", "20",
-              "--num-seeds", "1", "--be-rate", str(rate), "--out", str(out)])
+              "--num-seeds", "1", "--be-rate", str(rate), "--rt-rates", str(ch.RT_RATE), "--out", str(out)])
         saved = json.loads((out / "cpu-hybrid-virtual.json").read_text())
         assert saved["config"]["be_rate"] == rate
         busy[rate] = saved["be_alone"]["busy_fraction"]
@@ -128,6 +157,15 @@ def test_be_rate_is_refused_outside_cpu_hybrid(capsys):
     with pytest.raises(SystemExit):
         main(["--scenario", "cpu-hybrid-virtual", "--be-rate", "0"])
     assert "--be-rate: must be > 0" in capsys.readouterr().err
+
+
+def test_rt_rates_are_refused_outside_cpu_hybrid_and_when_not_positive(capsys):
+    from scheduler_svc.bench.__main__ import main
+    with pytest.raises(SystemExit, match="--rt-rates: only for --scenario cpu-hybrid"):
+        main(["--scenario", "sim-paper", "--rt-rates", "0.5"])
+    with pytest.raises(SystemExit):
+        main(["--scenario", "cpu-hybrid-virtual", "--rt-rates", "0.5,-1"])
+    assert "--rt-rates" in capsys.readouterr().err
 
 
 

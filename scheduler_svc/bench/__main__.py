@@ -1,15 +1,15 @@
-"""`python -m scheduler_svc.bench`: the hybrid RT + BE benchmark in virtual time.
+"""`python -m scheduler_svc.bench`: the hybrid RT + BE benchmark, in virtual time or live.
 
-For each RT rate (a fraction of the worker's estimated RT capacity) every policy serves
-the same seeded workload on a simulated worker. Progress goes to stderr; a rate x policy
-table to stdout; the numbers to <out>/<scenario>.json; plots, if matplotlib is
+For each RT rate (sim scenarios: a fraction of the worker's estimated RT capacity;
+cpu-hybrid: requests/s, cpu_hybrid.py) every policy serves the same seeded workload, on a
+simulated worker in virtual time or on the live stack (cpu-hybrid, sim-scale: their own
+modules). Progress goes to stderr; a rate x policy table to stdout; the numbers to <out>/<scenario>.json; plots, if matplotlib is
 installed, to <out>/<scenario>-ttft-cdf.png and <out>/<scenario>-vs-rate.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 from scheduler_svc.planner import RT
 
 from .criteria import check, format_rows
-from .plots import plot_ttft_cdf, ready, save
+from .plots import plot_ttft_cdf, plot_vs_rate, ready
 from .metrics import BenchMetrics, json_safe, mean_of_runs
 from .scenarios import SCENARIOS, Capacity, PointResult, Scenario, build_workload, capacity, policy_names, run_policy
 
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--be-rate", type=_positive, default=None,
                    help="cpu-hybrid scenarios: BE requests/s (default: the scenario's; the run reports "
                         "how busy BE alone keeps the worker at that rate)")
+    p.add_argument("--rt-rates", type=_csv(_positive), default=None,
+                   help="cpu-hybrid scenarios: RT requests/s to sweep, e.g. 0.25,0.5,1.0 (default: 0.5 live; "
+                        "0.25,0.5,0.75,1.0 virtual); the targets are measured at 0.5 either way")
     p.add_argument("--shared-cores", action="store_true",
                    help="sim-scale: the scheduler shares every core with Redis and the workers "
                         "(default: it gets the last core to itself)")
@@ -96,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.be_rate is not None and args.scenario not in ("cpu-hybrid", "cpu-hybrid-virtual"):
         sys.exit("--be-rate: only for --scenario cpu-hybrid or cpu-hybrid-virtual "
                  "(the sim scenarios size BE from the worker's capacity)")
+    if args.rt_rates is not None and args.scenario not in ("cpu-hybrid", "cpu-hybrid-virtual"):
+        sys.exit("--rt-rates: only for --scenario cpu-hybrid or cpu-hybrid-virtual "
+                 "(the sim scenarios take --rates, fractions of the worker's RT capacity)")
     unknown = sorted(set(args.policies or ()) - set(policy_names()))
     if unknown:
         sys.exit(f"--policies: unknown {unknown}; registered: {policy_names()}")
@@ -115,7 +121,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
     if name in ("cpu-hybrid", "cpu-hybrid-virtual"):  # the real model on this CPU, or its replica
         from .cpu_hybrid import run_cpu_hybrid
         run_cpu_hybrid(policies, duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds,
-                       out=args.out, mode="live" if name == "cpu-hybrid" else "virtual", be_rate=args.be_rate)
+                       out=args.out, mode="live" if name == "cpu-hybrid" else "virtual", be_rate=args.be_rate,
+                       rt_rates=args.rt_rates)
         return
     run_sim(configure(args, name), policies, args)
 
@@ -250,26 +257,7 @@ def write_outputs(out: Path, scn: Scenario, cap: Capacity, seeds: list[int], poi
     if ready():
         plot_ttft_cdf(out / f"{scn.name}-ttft-cdf.png", ttfts, scn.rt_ttft_ms,
                       f"{scn.name}: RT TTFT CDF at {cdf_frac:.2f} of RT capacity")
-        _plot_vs_rate(out / f"{scn.name}-vs-rate.png", scn, points, policies)
-
-
-def _plot_vs_rate(path: Path, scn: Scenario, points: list[dict], policies: list[str]) -> None:
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    rates = [pt["rt_rate"] for pt in points]
-    for name in policies:
-        left.plot(rates, _series(points, name, "rt_attain_both"), marker="o", label=name)
-        right.plot(rates, _series(points, name, "be_req_s"), marker="o", label=name)
-    left.set(xlabel="RT rate (req/s)", ylabel="RT attainment (TTFT and TPOT)", ylim=(0, 1.02),
-             title=f"{scn.name}: RT SLO attainment")
-    right.set(xlabel="RT rate (req/s)", ylabel="BE throughput (req/s)", ylim=(0, None),
-              title=f"{scn.name}: BE throughput")
-    left.legend(fontsize="small")
-    save(fig, path)
-
-
-def _series(points: list[dict], policy: str, key: str) -> list[float]:
-    return [math.nan if pt["policies"][policy][key] is None else pt["policies"][policy][key] for pt in points]
+        plot_vs_rate(out / f"{scn.name}-vs-rate.png", points, policies, scn.name)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Plots shared by the benchmark's scenarios (matplotlib; call ready() first)."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -50,3 +51,23 @@ def plot_planner_time(path: Path, results: dict[str, dict], title: str) -> None:
     ax.set(ylabel="planner time per iteration (ms)", title=title)
     ax.legend(fontsize="small")
     save(fig, path)
+
+
+def plot_vs_rate(path: Path, points: list[dict], policies: list[str], name: str) -> None:
+    """RT attainment (both targets) and BE throughput per policy against the RT rate."""
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rates = [pt["rt_rate"] for pt in points]
+    for policy in policies:
+        left.plot(rates, _series(points, policy, "rt_attain_both"), marker="o", label=policy)
+        right.plot(rates, _series(points, policy, "be_req_s"), marker="o", label=policy)
+    left.set(xlabel="RT rate (req/s)", ylabel="RT attainment (TTFT and TPOT)", ylim=(0, 1.02),
+             title=f"{name}: RT SLO attainment")
+    right.set(xlabel="RT rate (req/s)", ylabel="BE throughput (req/s)", ylim=(0, None),
+              title=f"{name}: BE throughput")
+    left.legend(fontsize="small")
+    save(fig, path)
+
+
+def _series(points: list[dict], policy: str, key: str) -> list[float]:
+    return [math.nan if pt["policies"][policy][key] is None else pt["policies"][policy][key] for pt in points]
