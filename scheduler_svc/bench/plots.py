@@ -58,12 +58,13 @@ def plot_vs_rate(path: Path, points: list[dict], policies: list[str], name: str)
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     rates = [pt["rt_rate"] for pt in points]
+    be = [v for policy in policies for v in _series(points, policy, "be_req_s") if not math.isnan(v)]
     for policy in policies:
         left.plot(rates, _series(points, policy, "rt_attain_both"), marker="o", label=policy)
         right.plot(rates, _series(points, policy, "be_req_s"), marker="o", label=policy)
     left.set(xlabel="RT rate (req/s)", ylabel="RT attainment (TTFT and TPOT)", ylim=(0, 1.02),
              title=f"{name}: RT SLO attainment")
-    right.set(xlabel="RT rate (req/s)", ylabel="BE throughput (req/s)", ylim=(0, None),
+    right.set(xlabel="RT rate (req/s)", ylabel="BE throughput (req/s)", ylim=(0, 1.05 * max(be, default=1.0)),
               title=f"{name}: BE throughput")
     left.legend(fontsize="small")
     save(fig, path)
