@@ -51,7 +51,8 @@ helm-check: install
 
 # The hybrid benchmark: every policy on the same workload. SCENARIO=sim-paper|sim-paper-backlog|
 # sim-arxiv|cpu-hybrid-virtual|sim-scale|cpu-hybrid (every one when unset; the list is
-# scheduler_svc/bench's); BENCH_ARGS passes more (e.g. --duration-s 120 --rates 0.2,0.4).
+# scheduler_svc/bench's); BENCH_ARGS passes more (e.g. --duration-s 120 --rates 0.2,0.4; for
+# cpu-hybrid, --rt-rates 0.25,0.5,1.0 in req/s).
 bench: install
 	$(PY) -m scheduler_svc.bench $(if $(SCENARIO),--scenario $(SCENARIO)) $(BENCH_ARGS)
 
