@@ -112,9 +112,9 @@ def test_an_rt_rate_sweep_judges_every_rate_against_the_same_targets(tmp_path):
     RT load, more RT requests; the attainment-against-rate plot is written."""
     from scheduler_svc.bench.__main__ import main
     main(["--scenario", "cpu-hybrid-virtual", "--policies", "fcfs,bros", "--duration-s", "20",
-          "--num-seeds", "1", "--rt-rates", f"0.25,{ch.RT_RATE},1.5", "--out", str(tmp_path)])
+          "--num-seeds", "1", "--rt-rates", f"0.25,{ch.RT_RATE},1.5,0.25", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
-    assert [pt["rt_rate"] for pt in saved["points"]] == [0.25, ch.RT_RATE, 1.5]
+    assert [pt["rt_rate"] for pt in saved["points"]] == [0.25, ch.RT_RATE, 1.5]   # a repeated rate served once
     assert saved["config"]["rt_rates"] == [0.25, ch.RT_RATE, 1.5] and saved["config"]["targets_rt_rate"] == ch.RT_RATE
     t = saved["targets_ms"]
     assert t["ttft"] == pytest.approx(ch.TARGET_FACTOR * saved["rt_alone"]["rt_ttft_p50_ms"])
@@ -150,24 +150,14 @@ def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path):
     assert busy[0.5] < 0.5 < busy[3.0]
 
 
-def test_be_rate_is_refused_outside_cpu_hybrid(capsys):
+@pytest.mark.parametrize("flag, value, bad", [("--be-rate", "2", "0"), ("--rt-rates", "0.5", "0.5,-1")])
+def test_cpu_hybrid_flags_are_refused_elsewhere_and_when_not_positive(capsys, flag, value, bad):
     from scheduler_svc.bench.__main__ import main
-    with pytest.raises(SystemExit, match="--be-rate: only for --scenario cpu-hybrid"):
-        main(["--scenario", "sim-paper", "--be-rate", "2"])
+    with pytest.raises(SystemExit, match=f"{flag}: only for --scenario cpu-hybrid"):
+        main(["--scenario", "sim-paper", flag, value])
     with pytest.raises(SystemExit):
-        main(["--scenario", "cpu-hybrid-virtual", "--be-rate", "0"])
-    assert "--be-rate: must be > 0" in capsys.readouterr().err
-
-
-def test_rt_rates_are_refused_outside_cpu_hybrid_and_when_not_positive(capsys):
-    from scheduler_svc.bench.__main__ import main
-    with pytest.raises(SystemExit, match="--rt-rates: only for --scenario cpu-hybrid"):
-        main(["--scenario", "sim-paper", "--rt-rates", "0.5"])
-    with pytest.raises(SystemExit):
-        main(["--scenario", "cpu-hybrid-virtual", "--rt-rates", "0.5,-1"])
-    assert "--rt-rates" in capsys.readouterr().err
-
-
+        main(["--scenario", "cpu-hybrid-virtual", flag, bad])
+    assert f"{flag}: must be > 0" in capsys.readouterr().err
 
 
 @needs_traces

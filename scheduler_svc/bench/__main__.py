@@ -3,8 +3,9 @@
 For each RT rate (sim scenarios: a fraction of the worker's estimated RT capacity;
 cpu-hybrid: requests/s, cpu_hybrid.py) every policy serves the same seeded workload, on a
 simulated worker in virtual time or on the live stack (cpu-hybrid, sim-scale: their own
-modules). Progress goes to stderr; a rate x policy table to stdout; the numbers to <out>/<scenario>.json; plots, if matplotlib is
-installed, to <out>/<scenario>-ttft-cdf.png and <out>/<scenario>-vs-rate.png.
+modules). Progress goes to stderr; a rate x policy table to stdout; the numbers to
+<out>/<scenario>.json; plots, if matplotlib is installed, to <out>/<scenario>-ttft-cdf.png
+and <out>/<scenario>-vs-rate.png.
 """
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     name = MODES[mode]
     be_rate = be_rate or BE_RATE
     num_seeds = num_seeds or DEFAULT_NUM_SEEDS[mode]
-    rt_rates = list(rt_rates or RT_RATES[mode])
+    rt_rates = list(dict.fromkeys(rt_rates or RT_RATES[mode]))   # a rate named twice is served once
     first = build(duration_s, seed, 1e9, 1e9, be_rate)
     rt_only = [r for r in first if r.service_class == RT]
     _log(f"{name}: measuring RT alone at {RT_RATE:g} req/s ({len(rt_only)} requests)")
@@ -122,12 +122,11 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     seeds = list(range(seed, seed + num_seeds))
     # The targets' own run: judged again where it recurs, not served twice.
     targets_run = (seed, against_targets(alone, alone_records, ttft, tpot))
-    ttfts: dict[float, dict[str, list]] = {}
-    points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run,
-                          ttfts.setdefault(rate, {p: [] for p in policies}))
+    ttfts = {rate: {p: [] for p in policies} for rate in rt_rates}   # RT TTFTs per rate and policy
+    points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run, ttfts[rate])
               for rate in rt_rates]
     config = {"length_scale": LENGTH_SCALE, "target_factor": TARGET_FACTOR, "targets_rt_rate": RT_RATE,
-              "rt_rate": rt_rates[0], "rt_rates": rt_rates, "be_rate": be_rate,
+              "rt_rates": rt_rates, "be_rate": be_rate,
               "max_num_seqs": PLANNER.max_num_seqs, "max_num_batched_tokens": PLANNER.max_num_batched_tokens}
     if mode == "live":
         config.update(scheduler_args=list(SCHEDULER_ARGS), worker_args=list(TORCH_WORKER))
