@@ -66,6 +66,6 @@ class HybridRun:
         assert not missing, f"{len(missing)} unfinished, e.g. {[self.request_id(i) for i in missing[:10]]}"
         for i, chunks in self.seen.items():
             indices = [idx + k for idx, toks in chunks for k in range(len(toks))]
-            assert indices == list(range(self.max_tokens)), f"{self.request_id(i)}: saw indices {indices}"
             f = self.done[i]
+            assert indices == list(range(self.max_tokens)), f"{self.request_id(i)}: saw indices {indices}, then {f}"
             assert f.num_output_tokens == self.max_tokens and f.finish_reason == "length", (self.request_id(i), f)
