@@ -89,6 +89,7 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
         await loop.stop()
     for t in tasks:
         t.cancel()
+    service.close_streams()
     await server.stop(grace=1)
     telemetry.close()  # after the server: spans of the last calls are exported too
     await hub.close()

@@ -43,6 +43,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.loops = loops
         self.hub = hub
         self.draining = False   # SIGTERM: refuse new requests, keep serving streams
+        self.closing = False    # after the drain: end every open stream (clients resume elsewhere)
         self._channels = {loop.address: loop.channel() for loop in loops}
         self._background: set[asyncio.Task] = set()
         # Observability, set by server.py when enabled (None: off, one test per call).
@@ -64,7 +65,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 self.tracing.end(rpc, **{"bros.stream_completed": completed})
             # A cancelled call ends here as CancelledError (at an await) or GeneratorExit
             # (at a yield), and neither may await any more: the abort runs as its own task.
-            if not completed:
+            # A stream this replica cut while shutting down is not the client leaving:
+            # the client resumes it on another replica, so the request must live on.
+            if not completed and not self.draining:
                 task = asyncio.get_running_loop().create_task(self._abort_if_unsubmitted(rid))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
@@ -105,6 +108,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                occupancy=occ, running_sequences=int(w.state.get("running", 0)),
                                last_step_ms=float(w.state.get("last_step_ms", 0.0)))
         return report
+
+    def close_streams(self) -> None:
+        """Shutdown, after the drain: every open stream ends with UNAVAILABLE once it has
+        sent what Redis holds (a finished request still gets its final result), so its
+        client resumes on another replica instead of waiting out the server's stop."""
+        self.closing = True
+        self.hub.wake_all()
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -275,6 +285,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     if not tokens:
                         return
                     continue
+                if self.closing:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "this scheduler replica is shutting "
+                                        f"down; resume after index {after_index} on another replica")
                 try:
                     await asyncio.wait_for(wake.wait(), _STREAM_POLL_S)
                 except TimeoutError:

@@ -84,6 +84,12 @@ class StreamHub:
         if not watched.waiters:
             del self._watched[rid]   # the hub drops the key at its next XREAD
 
+    def wake_all(self) -> None:
+        """Wake every waiting call now (the replica is closing its streams)."""
+        for watched in self._watched.values():
+            for event in watched.waiters:
+                event.set()
+
     @property
     def num_watched(self) -> int:
         return len(self._watched)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bros.client import Client, RetryPolicy
+from bros.client import BrosError, Chunk, Client, Final, RetryPolicy
 from bros.redis_server import EmbeddedRedis
 from hybrid import HybridRun
 from stack import Scheduler, Worker, health_status
@@ -94,3 +94,45 @@ def test_worker_drain_moves_be_and_finishes_rt(tmp_path, depth):
     run.check()
     log = sched.log.read_text()
     assert drain_moved(sched.log) > 0 and "lost: requeued" not in log
+
+
+def test_a_stream_cut_by_a_scheduler_shutdown_resumes_elsewhere_and_is_not_aborted(tmp_path):
+    """A replica that stops while its client's RT stream runs on another replica's worker
+    ends that stream with UNAVAILABLE naming where to resume, and does not take the cut for
+    the client leaving: the request runs on and the client gets the rest from the other."""
+    slow = ("--sim-cost-set", "decode_base_ms=40")  # 200 tokens take ~8 s: the stop lands mid-way
+    with EmbeddedRedis() as redis_server:
+        worker = Worker(tmp_path, *SIM, *slow).start()
+        args = ("--lease-ttl-ms", "1500", "--drain-grace-s", str(GRACE_S))
+        s2 = Scheduler(tmp_path, redis_server.url, [worker.address], *args, "--replica-id", "s2").start()
+        time.sleep(0.5)  # s2 takes the worker's lease: s1 only serves the stream, from Redis
+        s1 = Scheduler(tmp_path, redis_server.url, [worker.address], *args, "--replica-id", "s1").start()
+        c1, c2 = Client(s1.address), Client(s2.address, retry=RETRY)
+        indices, cut = [], None
+        try:
+            stream = c1.generate([7] * 9, service_class="rt", max_tokens=200, temperature=0.0,
+                                 request_id="rt-cut", ttft_ms=120_000, tpot_ms=60_000, resume=False)
+            try:
+                for ev in stream:
+                    assert isinstance(ev, Chunk), ev
+                    indices += range(ev.index, ev.index + len(ev.token_ids))
+                    if len(indices) >= 10 and s1.proc.returncode is None and s1.proc.poll() is None:
+                        s1.proc.send_signal(signal.SIGTERM)
+            except BrosError as e:
+                cut = e
+            s1.proc.wait(GRACE_S + 5)
+            rest = list(c2.watch("rt-cut", resume_from_index=indices[-1]))
+        finally:
+            c1.close()
+            c2.close()
+            s1.kill()
+            s2.stop()
+            worker.stop()
+    assert s1.proc.returncode == 0
+    assert cut is not None and cut.code == "UNAVAILABLE", cut
+    assert f"resume after index {indices[-1]}" in cut.message, cut.message
+    for ev in rest[:-1]:
+        indices += range(ev.index, ev.index + len(ev.token_ids))
+    final = rest[-1]
+    assert isinstance(final, Final) and final.finish_reason == "length", final
+    assert indices == list(range(200)) and final.num_output_tokens == 200
