@@ -60,17 +60,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             async for msg in self._stream(rid, _resume_index(request), True, context):
                 yield msg
             completed = True
+        except grpc.aio.AbortError:
+            raise  # ended by the server with UNAVAILABLE, "resume after index N": not the client leaving
+        except BaseException:
+            # Cancelled (CancelledError at an await, GeneratorExit at a yield; neither may
+            # await any more, so the abort runs as its own task) or broken: nobody resumes
+            # it, so the request goes too. Unless this replica is shutting down: then the
+            # cut is ours and the client resumes elsewhere, so the request lives on.
+            if not self.draining:
+                self._in_background(self._abort_if_unsubmitted(rid))
+            raise
         finally:
             if rpc is not None:  # the request's span ends with its stream
                 self.tracing.end(rpc, **{"bros.stream_completed": completed})
-            # A cancelled call ends here as CancelledError (at an await) or GeneratorExit
-            # (at a yield), and neither may await any more: the abort runs as its own task.
-            # A stream this replica cut while shutting down is not the client leaving:
-            # the client resumes it on another replica, so the request must live on.
-            if not completed and not self.draining:
-                task = asyncio.get_running_loop().create_task(self._abort_if_unsubmitted(rid))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
 
     async def Submit(self, request, context):
         rpc = self.tracing.start_rpc("Submit", context) if self.tracing is not None else None
@@ -332,11 +334,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             tpot_ms=tpot, ttft_met=rt and rec.first_token_ms is not None and ttft <= rec.ttft_ms,
             tpot_met=rt and tpot <= rec.tpot_ms, error=rec.error, ttft_flagged=rec.ttft_flagged)
 
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _abort_if_unsubmitted(self, rid: str) -> None:
-        rec = await self.store.get(rid)
-        if rec is not None and not rec.submitted and rec.state != "finished":
-            if await self.store.request_abort(rid) and self.metrics is not None:
-                await self._count_queued_abort(rid)
+        try:
+            rec = await self.store.get(rid)
+            if rec is not None and not rec.submitted and rec.state != "finished":
+                if await self.store.request_abort(rid) and self.metrics is not None:
+                    await self._count_queued_abort(rid)
+        except RedisError as e:  # the request runs on; its deadline (if any) still ends it
+            log.warning("could not abort %s after its client left: %s", rid, e)
 
     async def _count_queued_abort(self, rid: str) -> None:
         """An abort that finished a queued request at once is counted here (one running on
