@@ -73,6 +73,21 @@ def test_bros_pauses_be_for_a_seat_when_the_sequence_cap_is_full():
     assert sum(1 for rid, _ in d.scheduled if rid.startswith("be")) == 3
 
 
+def test_bros_keeps_decoding_rt_that_holds_every_seat_while_more_rt_waits():
+    # Four RT decodes hold every seat; four RT requests wait with less slack than theirs
+    # (first-token deadlines nearer than the decodes' next tokens) but no seat is free and
+    # no BE can give one up. Those cannot start, so they must not take the step's places:
+    # picked first, they left the decodes unscheduled, step after step (a live stall with
+    # loose targets: 8 seats, 60 s TPOT, tests/test_drain.py's rolling restart).
+    running = [seq(f"run{i}", i, 8, RT, computed=8, produced=1, first=0.0, tpot=60_000.0) for i in range(4)]
+    waiting = [seq(f"wait{i}", 10 + i, 8, RT, deadline=50_000.0) for i in range(4)]
+    d = make_policy("bros").plan(inp(running=running, waiting=waiting), PlannerConfig(max_num_seqs=4))
+    assert d.scheduled == [(f"run{i}", 1) for i in range(4)] and d.admit == [] and d.recompute == []
+    # One seat free: the waiting request with least slack takes it, beside the decodes.
+    d = make_policy("bros").plan(inp(running=running[:3], waiting=waiting), PlannerConfig(max_num_seqs=4))
+    assert d.admit == ["wait0"] and sorted(r for r, _ in d.scheduled) == ["run0", "run1", "run2", "wait0"]
+
+
 def test_partition_keeps_each_class_in_its_share():
     waiting = [seq(f"be{i}", i, 64, BE) for i in range(8)] + [seq("rt", 50, 64, RT)]
     d = make_policy("partition").plan(inp(waiting=waiting), PlannerConfig(max_num_batched_tokens=128))

@@ -161,10 +161,10 @@ class Bros:
         slack = {s.request_id: self._slack(s, inp.now_ms) for s in rt}
         resident = sum(not s.preempted for s in inp.running)
         urgent_ms = self._urgent_slack_ms(cfg)
-        urgent = [s for s in rt if slack[s.request_id] < urgent_ms]
-        # Partial sort: only as many as this step could ever run.
-        urgent = heapq.nsmallest(max(step.seqs, 0), urgent, key=lambda s: self._urgency(s, slack[s.request_id]))
         pausable = sorted((s for s in be_running if not s.preempted), key=lambda s: -s.arrival_ms)
+        urgent = _most_pressing([s for s in rt if slack[s.request_id] < urgent_ms], waiting_ids, step.seqs,
+                                cfg.max_num_seqs - resident + len(pausable),
+                                key=lambda s: self._urgency(s, slack[s.request_id]))
         for seq in urgent:
             evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable,
                                                pausable, resident, cfg)
@@ -181,8 +181,8 @@ class Bros:
         resident = self._run_be(inp, be_running, scheduled, step, resident, cfg, gate, grow_be)
         step.tokens += held_back
         tried = scheduled | {s.request_id for s in urgent}
-        relaxed = heapq.nsmallest(max(step.seqs, 0), [s for s in rt if s.request_id not in tried],
-                                  key=lambda s: slack[s.request_id])
+        relaxed = _most_pressing([s for s in rt if s.request_id not in tried], waiting_ids, step.seqs,
+                                 cfg.max_num_seqs - resident, key=lambda s: slack[s.request_id])
         for seq in relaxed:
             evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable, [],
                                                resident, cfg)
@@ -432,6 +432,18 @@ class BrosNoChunking(Bros):
     """Ablation: prompts are prefilled whole."""
     name = "bros-no-chunking"
     chunked = False
+
+
+def _most_pressing(seqs: list[SeqView], waiting_ids: set[str], num: int, num_seats: int,
+                   key) -> list[SeqView]:
+    """The num seqs with the smallest key (a partial sort: no more than a step can run),
+    counting at most num_seats waiting ones: a waiting request with no seat free (or
+    freeable) cannot start this step, and picked anyway it takes a place a running one
+    needed for its decode. (Without this, RT filling every seat with more RT queued at
+    less slack than theirs never decoded again.)"""
+    running = [s for s in seqs if s.request_id not in waiting_ids]
+    waiting = heapq.nsmallest(max(num_seats, 0), [s for s in seqs if s.request_id in waiting_ids], key=key)
+    return heapq.nsmallest(max(num, 0), running + waiting, key=key)
 
 
 class _TimeGate:
