@@ -124,6 +124,10 @@ class SchedulerConfig:
             (self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0"),
             (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
             (self.policy in POLICIES, "policy", f"must be one of {', '.join(sorted(POLICIES))}"),
+            # partition gives each class its own seats and step tokens: at least one each.
+            (self.policy != "partition" or self.max_num_seqs >= 2, "max_num_seqs", "must be >= 2 with policy partition"),
+            (self.policy != "partition" or self.max_num_batched_tokens >= 2, "max_num_batched_tokens",
+             "must be >= 2 with policy partition"),
             (0 < self.placement_tolerance <= 1, "placement_tolerance", "must be in (0, 1]"),
             (self.placement_refresh_ms > 0, "placement_refresh_ms", "must be > 0"),
             (self.pipeline_depth in (0, 1), "pipeline_depth", "must be 0 or 1"),

@@ -149,7 +149,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     await self._require_owner(existing, context)
                     return request.request_id, False
             prompt = await self._tokenize(request, context)
-            limit, limit_name = self._context_limit(info)
+            limit, limit_name = self._context_limit(info, request.service_class)
             check_length(len(prompt), request.sampling.max_tokens, limit, request.WhichOneof("prompt"), limit_name)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -244,14 +244,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             candidates.append(arrival_ms + remaining_s * 1e3)
         return min(candidates) if candidates else None
 
-    def _context_limit(self, info: worker_pb2.WorkerInfo) -> tuple[int, str]:
+    def _context_limit(self, info: worker_pb2.WorkerInfo, service_class: int) -> tuple[int, str]:
         """The most tokens a request may span. A policy that runs each prompt whole
         (bros-no-chunking) can never run one over the step budget, nor re-run a
         recomputed sequence over it, so the budget caps it too (vLLM refuses such a
-        configuration outright)."""
+        configuration outright). One that fences each class into a share of the pool
+        (partition) can never run one over its class's share, on the smallest worker."""
+        policy = POLICIES[self.cfg.policy]
         budget = self.cfg.max_num_batched_tokens
-        if not getattr(POLICIES[self.cfg.policy], "chunked", True) and budget < info.max_model_len:
+        if not getattr(policy, "chunked", True) and budget < info.max_model_len:
             return budget, f"max_num_batched_tokens (--policy {self.cfg.policy} runs each prompt whole)"
+        per_class = getattr(policy, "max_request_tokens", None)
+        if per_class is not None:
+            share = min(per_class(service_class, i.num_blocks, i.block_size, self.cfg.partition_rt_fraction)
+                        for i in (loop.info for loop in self.loops) if i is not None)
+            if share < info.max_model_len:
+                cls = "RT" if service_class == types_pb2.REALTIME else "BE"
+                return share, f"the {cls} share of the KV pool (--policy {self.cfg.policy})"
         return info.max_model_len, "max_model_len"
 
     def _any_worker_info(self) -> worker_pb2.WorkerInfo | None:

@@ -283,6 +283,25 @@ def test_a_policy_without_chunked_prefill_refuses_what_its_step_cannot_hold(tmp,
         worker.stop()
 
 
+def test_partition_refuses_what_its_class_share_of_the_pool_cannot_hold(tmp, redis_server):
+    """partition fences each class into its share of the pool (half of 64 blocks of 16
+    slots here: 512 tokens), so a longer request would wait forever: refused up front."""
+    worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name="partition").start()
+    sched = Scheduler(tmp, redis_server.url, [worker.address], "--policy", "partition",
+                      prefix="bros-partition").start()
+    try:
+        s = stub_for(sched.address)
+        with pytest.raises(grpc.RpcError) as e:
+            collect(s.Generate(request(ids=[7] * 500, cls=RT, max_tokens=16), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details().startswith("sampling.max_tokens:") and "RT share of the KV pool" in e.value.details()
+        tokens, final = collect(s.Generate(request(ids=[7] * 496, cls=RT, max_tokens=16), timeout=30))
+        assert len(tokens) == 16 == final.num_output_tokens
+    finally:
+        sched.stop()
+        worker.stop()
+
+
 async def _worker_state(url: str, prefix: str, worker_id: str) -> dict:
     client = aioredis.from_url(url)
     try:

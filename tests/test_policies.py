@@ -88,12 +88,46 @@ def test_bros_keeps_decoding_rt_that_holds_every_seat_while_more_rt_waits():
     assert d.admit == ["wait0"] and sorted(r for r, _ in d.scheduled) == ["run0", "run1", "run2", "wait0"]
 
 
+def test_bros_runs_no_chunk_of_a_prompt_that_cannot_fit_and_lets_the_decodes_free_the_pool():
+    # Two RT decodes hold most of a 30-block pool; 4 blocks are free. A 561-token prompt
+    # (36 blocks) cannot fit whatever runs: chunks of it would fill the pool, be
+    # recomputed and start again, and with the step budget theirs the decodes that would
+    # free the pool never ran (a livelock found by a random sweep in virtual time).
+    decodes = [seq(f"dec{i}", i, 250, RT, computed=300, produced=51, first=0.0, tpot=60_000.0) for i in range(2)]
+    cfg = PlannerConfig(max_num_seqs=4, max_num_batched_tokens=64)
+    rt_prompt = seq("rt-big", 5, 561, RT, deadline=500.0)          # urgent: least slack of all
+    d = make_policy("bros").plan(inp(running=decodes, waiting=[rt_prompt], free_blocks=4), cfg)
+    assert d.scheduled == [("dec0", 1), ("dec1", 1)] and d.admit == []
+    be_prompt = seq("be-big", 5, 561, BE, computed=64)               # running, 4 blocks in
+    d = make_policy("bros").plan(inp(running=decodes + [be_prompt], free_blocks=4), cfg)
+    assert sorted(d.scheduled) == [("dec0", 1), ("dec1", 1)]
+    # A prompt that fits runs as before, chunk by chunk.
+    d = make_policy("bros").plan(inp(running=decodes, waiting=[seq("rt-small", 5, 100, RT, deadline=500.0)],
+                                     free_blocks=8), cfg)
+    assert d.admit == ["rt-small"] and d.scheduled == [("rt-small", 64)]
+
+
 def test_partition_keeps_each_class_in_its_share():
     waiting = [seq(f"be{i}", i, 64, BE) for i in range(8)] + [seq("rt", 50, 64, RT)]
     d = make_policy("partition").plan(inp(waiting=waiting), PlannerConfig(max_num_batched_tokens=128))
     tokens = {rid: n for rid, n in d.scheduled}
     assert tokens["rt"] == 64                                 # RT's half is its own
     assert sum(n for rid, n in tokens.items() if rid != "rt") <= 64
+
+
+def test_partition_gives_each_class_a_seat_and_a_token_and_refuses_a_config_that_cannot():
+    from scheduler_svc.config import SchedulerConfig
+    from scheduler_svc.policies.partition import split
+    assert split(4, 0.9) == (3, 1) and split(4, 0.1) == (1, 3) and split(64, 0.5) == (32, 32)
+    # Before: RT's share rounded to all 4 seats at 0.9, and BE never ran.
+    running = [seq(f"rt{i}", i, 8, RT, computed=8, produced=1, first=0.0) for i in range(3)]
+    d = make_policy("partition").plan(inp(running=running, waiting=[seq("be", 9, 8, BE)]),
+                                      PlannerConfig(max_num_seqs=4, partition_rt_fraction=0.9))
+    assert d.admit == ["be"]
+    for flag in ("max_num_seqs", "max_num_batched_tokens"):
+        with pytest.raises(ValueError, match=f"^{flag} must be >= 2 with policy partition"):
+            SchedulerConfig(policy="partition", **{flag: 1})
+        assert SchedulerConfig(policy="fcfs", **{flag: 1})
 
 
 def test_bros_runs_urgent_rt_before_be_and_lets_relaxed_rt_yield():

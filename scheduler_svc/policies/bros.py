@@ -287,6 +287,8 @@ class Bros:
         n = step.chunk(seq)
         if n == 0 or step.seqs == 0 or (waiting and resident >= cfg.max_num_seqs and not pausable):
             return evictable, resident
+        if not self._prompt_fits(seq, n, step, evictable + _blocks_held(pausable, step.block_size)):
+            return evictable, resident
         need = self._blocks_short(seq, n, step)
         # Make room, in memory or in seats (the running-sequence cap, which vLLM's priority
         # policy cannot preempt for): pause (or recompute) the newest BE.
@@ -300,6 +302,17 @@ class Bros:
         step.blocks += max(0, need)  # those blocks come from paused BE, not the free list
         step.take(seq, n, admit=waiting)
         return evictable, resident + (1 if waiting or seq.preempted else 0)
+
+    @staticmethod
+    def _prompt_fits(seq: SeqView, n: int, step: StepBudget, freeable_blocks: int) -> bool:
+        """Whether a prompt chunk of n tokens is worth running: it is the last one, or
+        the rest of the prompt fits in the free blocks plus freeable_blocks (what the
+        caller could take from others). A chunk of a prompt that cannot fit is work
+        thrown away: it fills the pool, nothing can grow, the newest is recomputed (often
+        itself) and starts again, while the decodes that would free the pool wait behind
+        its chunks (with loose RT targets, a livelock)."""
+        return n >= seq.num_uncomputed_tokens or (
+            step.new_blocks(seq, seq.num_uncomputed_tokens) <= step.blocks + freeable_blocks)
 
     @staticmethod
     def _blocks_short(seq: SeqView, n: int, step: StepBudget) -> int:
@@ -369,6 +382,8 @@ class Bros:
                 continue   # not scheduled, but still a recompute victim below (newest first)
             if n == 0 or step.seqs == 0:
                 return resident
+            if not self._prompt_fits(seq, n, step, _blocks_held(active, step.block_size)):
+                continue   # the newer ones can run meanwhile; recomputing them would not make room
             while not step.fits(seq, n) and active:
                 victim = active.pop()
                 step.out.recompute.append(victim.request_id)
@@ -391,7 +406,8 @@ class Bros:
                 if not is_new and blocks_of(seq.num_tokens, step.block_size) > step.blocks:
                     stuck = True
                     continue  # its KV may be on host: resume only when all of it fits back
-                if not step.fits(seq, n) or (is_new and not self._room_to_grow(seq, n, step, headroom)):
+                if (not step.fits(seq, n) or not self._prompt_fits(seq, n, step, 0)
+                        or (is_new and not self._room_to_grow(seq, n, step, headroom))):
                     return resident  # arrival order among new BE: no overtaking
                 step.take(seq, n, admit=is_new)
                 if gate is not None:
@@ -432,6 +448,10 @@ class BrosNoChunking(Bros):
     """Ablation: prompts are prefilled whole."""
     name = "bros-no-chunking"
     chunked = False
+
+
+def _blocks_held(seqs: list[SeqView], block_size: int) -> int:
+    return sum(blocks_of(s.num_computed_tokens, block_size) for s in seqs)
 
 
 def _most_pressing(seqs: list[SeqView], waiting_ids: set[str], num: int, num_seats: int,
