@@ -263,39 +263,28 @@ def test_every_policy_serves_a_mixed_load_end_to_end(tmp, redis_server, policy, 
         worker.stop()
 
 
-def test_a_policy_without_chunked_prefill_refuses_what_its_step_cannot_hold(tmp, redis_server):
+# (policy and its flags, class, prompt tokens refused, prompt tokens that fit, the limit named)
+LIMITED_POLICIES = [
+    (("bros-no-chunking", "--max-num-batched-tokens", "128"), BE, 120, 100, "max_num_batched_tokens"),
+    (("partition",), RT, 500, 496, "RT share of the KV pool"),
+]
+
+
+@pytest.mark.parametrize("policy,cls,refused,fits,limit", LIMITED_POLICIES, ids=["bros-no-chunking", "partition"])
+def test_a_policy_refuses_a_request_it_could_never_run(tmp, redis_server, policy, cls, refused, fits, limit):
     """bros-no-chunking runs each prompt whole, so a request that could not fit one step
-    (prompt + max_tokens: a recompute re-runs the output too) would wait forever:
-    refused up front, naming the field and the limit."""
-    worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name="nochunk").start()
-    sched = Scheduler(tmp, redis_server.url, [worker.address], "--policy", "bros-no-chunking",
-                      "--max-num-batched-tokens", "128", prefix="bros-nochunk").start()
+    (prompt + max_tokens: a recompute re-runs the output too) would wait forever; so would
+    one longer than its class's share of the pool under partition (half of 64 blocks of 16
+    slots: 512 tokens). Refused up front, naming the field and the limit."""
+    worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name=policy[0]).start()
+    sched = Scheduler(tmp, redis_server.url, [worker.address], "--policy", *policy, prefix=f"bros-{policy[0]}").start()
     try:
         s = stub_for(sched.address)
         with pytest.raises(grpc.RpcError) as e:
-            collect(s.Generate(request(ids=[7] * 120, cls=BE, max_tokens=16), timeout=30))
+            collect(s.Generate(request(ids=[7] * refused, cls=cls, max_tokens=16), timeout=30))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert e.value.details().startswith("sampling.max_tokens:") and "max_num_batched_tokens" in e.value.details()
-        tokens, final = collect(s.Generate(request(ids=[7] * 100, cls=BE, max_tokens=16), timeout=30))
-        assert len(tokens) == 16 == final.num_output_tokens
-    finally:
-        sched.stop()
-        worker.stop()
-
-
-def test_partition_refuses_what_its_class_share_of_the_pool_cannot_hold(tmp, redis_server):
-    """partition fences each class into its share of the pool (half of 64 blocks of 16
-    slots here: 512 tokens), so a longer request would wait forever: refused up front."""
-    worker = Worker(tmp, "--backend", "sim", "--sim-clock", "real", "--num-blocks", "64", name="partition").start()
-    sched = Scheduler(tmp, redis_server.url, [worker.address], "--policy", "partition",
-                      prefix="bros-partition").start()
-    try:
-        s = stub_for(sched.address)
-        with pytest.raises(grpc.RpcError) as e:
-            collect(s.Generate(request(ids=[7] * 500, cls=RT, max_tokens=16), timeout=30))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert e.value.details().startswith("sampling.max_tokens:") and "RT share of the KV pool" in e.value.details()
-        tokens, final = collect(s.Generate(request(ids=[7] * 496, cls=RT, max_tokens=16), timeout=30))
+        assert e.value.details().startswith("sampling.max_tokens:") and limit in e.value.details()
+        tokens, final = collect(s.Generate(request(ids=[7] * fits, cls=cls, max_tokens=16), timeout=30))
         assert len(tokens) == 16 == final.num_output_tokens
     finally:
         sched.stop()
