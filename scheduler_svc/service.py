@@ -256,7 +256,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             return budget, f"max_num_batched_tokens (--policy {self.cfg.policy} runs each prompt whole)"
         per_class = getattr(policy, "max_request_tokens", None)
         if per_class is not None:
-            share = min(per_class(service_class, i.num_blocks, i.block_size, self.cfg.partition_rt_fraction)
+            share = min(per_class(service_class, i.num_blocks, i.block_size, self.cfg)
                         for i in (loop.info for loop in self.loops) if i is not None)
             if share < info.max_model_len:
                 cls = "RT" if service_class == types_pb2.REALTIME else "BE"

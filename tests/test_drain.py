@@ -182,7 +182,6 @@ def test_a_rolling_restart_of_every_replica_loses_nothing(tmp_path):
                 w.stop()
     assert all(code == 0 and took_s < GRACE_S for code, took_s in exits), exits
     assert progress[-1] < 80, f"the load ended before the last restart: finished {progress}"
-    print("finished before each restart and after:", progress, "exits:", exits)
     run.check()
     logs = "".join(p.read_text() for p in tmp_path.glob("scheduler-*.log"))
     assert "lost" not in logs and drain_moved_text(logs) > 0, logs[-3000:]

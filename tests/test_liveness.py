@@ -57,7 +57,7 @@ def admitted(name: str, requests: list[Request], planner: PlannerConfig, virtual
             return False
         num_blocks = virtual.num_blocks or 10**6
         return all(r.prompt_len + r.output_len <= Partition.max_request_tokens(
-            r.service_class, num_blocks, BLOCK_SIZE, planner.partition_rt_fraction) for r in requests)
+            r.service_class, num_blocks, BLOCK_SIZE, planner) for r in requests)
     return True
 
 

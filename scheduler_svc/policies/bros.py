@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Iterable
 
 from ..planner import (BE, RT, PlanDecision, PlanInput, PlannerConfig, SeqView, StepBudget, blocks_of,
                        holds_prefill, is_prompt_work)
@@ -287,7 +288,7 @@ class Bros:
         n = step.chunk(seq)
         if n == 0 or step.seqs == 0 or (waiting and resident >= cfg.max_num_seqs and not pausable):
             return evictable, resident
-        if not self._prompt_fits(seq, n, step, evictable + _blocks_held(pausable, step.block_size)):
+        if not self._prompt_fits(seq, n, step, evictable, pausable):
             return evictable, resident
         need = self._blocks_short(seq, n, step)
         # Make room, in memory or in seats (the running-sequence cap, which vLLM's priority
@@ -304,15 +305,19 @@ class Bros:
         return evictable, resident + (1 if waiting or seq.preempted else 0)
 
     @staticmethod
-    def _prompt_fits(seq: SeqView, n: int, step: StepBudget, freeable_blocks: int) -> bool:
+    def _prompt_fits(seq: SeqView, n: int, step: StepBudget, extra_blocks: int = 0,
+                     others: Iterable[SeqView] = ()) -> bool:
         """Whether a prompt chunk of n tokens is worth running: it is the last one, or
-        the rest of the prompt fits in the free blocks plus freeable_blocks (what the
-        caller could take from others). A chunk of a prompt that cannot fit is work
-        thrown away: it fills the pool, nothing can grow, the newest is recomputed (often
-        itself) and starts again, while the decodes that would free the pool wait behind
-        its chunks (with loose RT targets, a livelock)."""
-        return n >= seq.num_uncomputed_tokens or (
-            step.new_blocks(seq, seq.num_uncomputed_tokens) <= step.blocks + freeable_blocks)
+        the rest of the prompt fits in the free blocks plus what the caller could take
+        (extra_blocks, and the blocks the `others` hold). A chunk of a prompt that cannot
+        fit is work thrown away: it fills the pool, nothing can grow, the newest is
+        recomputed (often itself) and starts again, while the decodes that would free the
+        pool wait behind its chunks (with loose RT targets, a livelock). Decodes and last
+        chunks return at once: this runs for every candidate of every plan."""
+        if n >= seq.num_uncomputed_tokens:
+            return True
+        held = sum(blocks_of(s.num_computed_tokens, step.block_size) for s in others)
+        return step.new_blocks(seq, seq.num_uncomputed_tokens) <= step.blocks + extra_blocks + held
 
     @staticmethod
     def _blocks_short(seq: SeqView, n: int, step: StepBudget) -> int:
@@ -382,7 +387,7 @@ class Bros:
                 continue   # not scheduled, but still a recompute victim below (newest first)
             if n == 0 or step.seqs == 0:
                 return resident
-            if not self._prompt_fits(seq, n, step, _blocks_held(active, step.block_size)):
+            if not self._prompt_fits(seq, n, step, others=active):
                 continue   # the newer ones can run meanwhile; recomputing them would not make room
             while not step.fits(seq, n) and active:
                 victim = active.pop()
@@ -406,7 +411,7 @@ class Bros:
                 if not is_new and blocks_of(seq.num_tokens, step.block_size) > step.blocks:
                     stuck = True
                     continue  # its KV may be on host: resume only when all of it fits back
-                if (not step.fits(seq, n) or not self._prompt_fits(seq, n, step, 0)
+                if (not step.fits(seq, n) or not self._prompt_fits(seq, n, step)
                         or (is_new and not self._room_to_grow(seq, n, step, headroom))):
                     return resident  # arrival order among new BE: no overtaking
                 step.take(seq, n, admit=is_new)
@@ -448,10 +453,6 @@ class BrosNoChunking(Bros):
     """Ablation: prompts are prefilled whole."""
     name = "bros-no-chunking"
     chunked = False
-
-
-def _blocks_held(seqs: list[SeqView], block_size: int) -> int:
-    return sum(blocks_of(s.num_computed_tokens, block_size) for s in seqs)
 
 
 def _most_pressing(seqs: list[SeqView], waiting_ids: set[str], num: int, num_seats: int,

@@ -23,10 +23,11 @@ class Partition:
     name = "partition"
 
     @staticmethod
-    def max_request_tokens(service_class: int, num_blocks: int, block_size: int, rt_fraction: float) -> int:
+    def max_request_tokens(service_class: int, num_blocks: int, block_size: int, cfg: PlannerConfig) -> int:
         """A request longer than its class's share of the pool could never run: the
-        scheduler refuses it at admission (INVALID_ARGUMENT) instead of queueing it forever."""
-        return share_blocks(num_blocks, rt_fraction, service_class) * block_size
+        scheduler refuses it at admission (INVALID_ARGUMENT) instead of queueing it forever.
+        (cfg: a PlannerConfig, or the SchedulerConfig that carries the same knob.)"""
+        return share_blocks(num_blocks, cfg.partition_rt_fraction, service_class) * block_size
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
         total_blocks = inp.num_pool_blocks()
