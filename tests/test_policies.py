@@ -89,7 +89,7 @@ def test_bros_keeps_decoding_rt_that_holds_every_seat_while_more_rt_waits():
 
 
 def test_bros_runs_no_chunk_of_a_prompt_that_cannot_fit_and_lets_the_decodes_free_the_pool():
-    # Two RT decodes hold most of a 30-block pool; 4 blocks are free. A 561-token prompt
+    # Two RT decodes hold 38 blocks (300 tokens each); 4 blocks are free. A 561-token prompt
     # (36 blocks) cannot fit whatever runs: chunks of it would fill the pool, be
     # recomputed and start again, and with the step budget theirs the decodes that would
     # free the pool never ran (a livelock found by a random sweep in virtual time).
