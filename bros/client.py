@@ -15,7 +15,7 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -37,8 +37,9 @@ TRANSIENT_CODES = frozenset({"UNAVAILABLE", "ABORTED"})
 # meanwhile fail at once; a restarted or replaced replica should be found within our
 # retry budget instead.
 CHANNEL_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000))
-
-
+# The Abort sent when the caller stops reading a Generate early: best effort and short,
+# as the caller is on its way out (the server's resume grace covers a failure).
+ABANDON_ABORT_TIMEOUT_S = 2.0
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -269,44 +270,59 @@ def _retry_delay(e: grpc.RpcError, backoff: Backoff, retry: bool) -> float:
 
 
 def resumable_events(rpc: Callable, request, *, timeout: float | None, retry: RetryPolicy,
-                     resume: bool) -> Iterator[Event]:
-    """Events of a server stream (Generate or Watch), calling again after transient breaks."""
+                     resume: bool, on_abandon: Callable[[], None] | None = None) -> Iterator[Event]:
+    """Events of a server stream (Generate or Watch), calling again after transient breaks.
+    on_abandon runs when the caller stops reading before the final result."""
     cursor, backoff = ResumeCursor(request), retry.start()
-    while True:
-        call = rpc(cursor.request(), timeout=timeout)
-        try:
-            for pb in call:
-                event = cursor.accept(event_from_pb(pb))
-                if event is not None:
-                    backoff.reset()
-                    yield event
-            return
-        except grpc.RpcError as e:
-            delay = _retry_delay(e, backoff, resume)
-        finally:
-            # Reached early when the caller stops iterating: cancelling aborts the request.
-            call.cancel()
-        time.sleep(delay)
+    done = False
+    try:
+        while True:
+            call = rpc(cursor.request(), timeout=timeout)
+            try:
+                for pb in call:
+                    event = cursor.accept(event_from_pb(pb))
+                    if event is not None:
+                        backoff.reset()
+                        done = isinstance(event, Final)
+                        yield event
+                return
+            except grpc.RpcError as e:
+                delay = _retry_delay(e, backoff, resume)
+            finally:
+                call.cancel()  # reached early when the caller stops iterating
+            time.sleep(delay)
+    except GeneratorExit:
+        if not done and on_abandon is not None:
+            on_abandon()
+        raise
 
 
 async def aresumable_events(rpc: Callable, request, *, timeout: float | None, retry: RetryPolicy,
-                            resume: bool) -> AsyncIterator[Event]:
+                            resume: bool, on_abandon: Callable[[], Awaitable[None]] | None = None
+                            ) -> AsyncIterator[Event]:
     """The asyncio twin of `resumable_events`."""
     cursor, backoff = ResumeCursor(request), retry.start()
-    while True:
-        call = rpc(cursor.request(), timeout=timeout)
-        try:
-            async for pb in call:
-                event = cursor.accept(event_from_pb(pb))
-                if event is not None:
-                    backoff.reset()
-                    yield event
-            return
-        except grpc.RpcError as e:
-            delay = _retry_delay(e, backoff, resume)
-        finally:
-            call.cancel()
-        await asyncio.sleep(delay)
+    done = False
+    try:
+        while True:
+            call = rpc(cursor.request(), timeout=timeout)
+            try:
+                async for pb in call:
+                    event = cursor.accept(event_from_pb(pb))
+                    if event is not None:
+                        backoff.reset()
+                        done = isinstance(event, Final)
+                        yield event
+                return
+            except grpc.RpcError as e:
+                delay = _retry_delay(e, backoff, resume)
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+    except GeneratorExit:
+        if not done and on_abandon is not None:
+            await on_abandon()
+        raise
 
 
 # ---- tracing (bros/telemetry.py) -------------------------------------------------------------
@@ -384,7 +400,7 @@ class EventStream:
         return next(self._events)
 
     def close(self) -> None:
-        """Stop reading; an unfinished Generate is aborted by the server."""
+        """Stop reading; an unfinished Generate is aborted."""
         self._events.close()
 
 
@@ -434,7 +450,8 @@ class Client:
     def generate(self, prompt: Prompt, *, service_class: str, resume: bool = True, **options) -> EventStream:
         """Stream one request's tokens; `options` are those of `build_request`."""
         req = build_request(prompt, service_class=service_class, **options)
-        return EventStream(req.request_id, self._stream(self._stub.Generate, req, resume))
+        return EventStream(req.request_id, self._stream(self._stub.Generate, req, resume,
+                                                        functools.partial(self._abort_abandoned, req.request_id)))
 
     def submit(self, prompt: Prompt, *, service_class: str, **options) -> str:
         """Queue a request and return its id; it runs even if this client goes away."""
@@ -454,10 +471,21 @@ class Client:
     def load(self) -> dict:
         return message_to_dict(self._unary(self._stub.GetLoad, inference_pb2.GetLoadRequest()))
 
-    def _stream(self, rpc, request, resume: bool) -> Iterator[Event]:
+    def _abort_abandoned(self, request_id: str) -> None:
+        """The caller stopped reading a Generate: abort it now. The server would too, once
+        its resume grace (--resume-grace-s) passed, as it cannot tell a cancel from a lost
+        connection; if this call fails, that still happens."""
+        try:
+            self._stub.Abort(inference_pb2.AbortRequest(request_id=request_id), timeout=ABANDON_ABORT_TIMEOUT_S,
+                             metadata=self._metadata)
+        except grpc.RpcError:
+            pass
+
+    def _stream(self, rpc, request, resume: bool, on_abandon: Callable[[], None] | None = None) -> Iterator[Event]:
         def attempts(trace_metadata: tuple) -> Iterator[Event]:
             call = functools.partial(rpc, metadata=self._metadata + trace_metadata)
-            return resumable_events(call, request, timeout=self.timeout, retry=self.retry, resume=resume)
+            return resumable_events(call, request, timeout=self.timeout, retry=self.retry, resume=resume,
+                                    on_abandon=on_abandon)
         return traced_events(self._tracer, _STREAM_METHODS[type(request)], request, attempts)
 
     def _unary(self, rpc, request):
@@ -497,7 +525,8 @@ class AsyncClient:
     def generate(self, prompt: Prompt, *, service_class: str, resume: bool = True,
                  **options) -> AsyncEventStream:
         req = build_request(prompt, service_class=service_class, **options)
-        return AsyncEventStream(req.request_id, self._stream(self._stub.Generate, req, resume))
+        return AsyncEventStream(req.request_id, self._stream(self._stub.Generate, req, resume,
+                                                             functools.partial(self._abort_abandoned, req.request_id)))
 
     async def submit(self, prompt: Prompt, *, service_class: str, **options) -> str:
         req = build_request(prompt, service_class=service_class, **options)
@@ -514,10 +543,20 @@ class AsyncClient:
     async def load(self) -> dict:
         return message_to_dict(await self._unary(self._stub.GetLoad, inference_pb2.GetLoadRequest()))
 
-    def _stream(self, rpc, request, resume: bool) -> AsyncIterator[Event]:
+    async def _abort_abandoned(self, request_id: str) -> None:
+        """As `Client._abort_abandoned`."""
+        try:
+            await self._stub.Abort(inference_pb2.AbortRequest(request_id=request_id),
+                                   timeout=ABANDON_ABORT_TIMEOUT_S, metadata=self._metadata)
+        except grpc.RpcError:
+            pass
+
+    def _stream(self, rpc, request, resume: bool,
+                on_abandon: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Event]:
         def attempts(trace_metadata: tuple) -> AsyncIterator[Event]:
             call = functools.partial(rpc, metadata=self._metadata + trace_metadata)
-            return aresumable_events(call, request, timeout=self.timeout, retry=self.retry, resume=resume)
+            return aresumable_events(call, request, timeout=self.timeout, retry=self.retry, resume=resume,
+                                     on_abandon=on_abandon)
         return atraced_events(self._tracer, _STREAM_METHODS[type(request)], request, attempts)
 
     async def _unary(self, rpc, request):

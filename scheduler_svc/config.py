@@ -74,6 +74,11 @@ class SchedulerConfig:
     step_timeout_ms: int = 30_000            # a worker with no report for this long is dropped
     worker_requeue_after_ms: int = 5_000     # a lost worker's requests are requeued after this
     redis_retry_s: float = 30.0              # open streams wait this long for Redis to come back
+    # A Generate whose call ends early (cancelled, or its connection broke: the server cannot
+    # tell which) keeps its request this long for the client to resume it; then it is aborted
+    # (docs/clients.md). 0 aborts at once. The clients in this repository Abort when their
+    # caller stops reading, so only a lost connection waits this out.
+    resume_grace_s: float = 5.0
     default_timeout_ms: int = 0              # a request's timeout when it sets none (0 = none)
     # Overload (docs/reliability.md#overload): bounds on what waits in the queues, both
     # classes together. BE is admitted only below be_queue_share of them, so a burst
@@ -123,6 +128,7 @@ class SchedulerConfig:
             (self.rt_infeasible in ("reject", "flag"), "rt_infeasible", "must be reject or flag"),
             (self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0"),
             (self.worker_requeue_after_ms >= 0, "worker_requeue_after_ms", "must be >= 0"),
+            (self.resume_grace_s >= 0, "resume_grace_s", "must be >= 0"),
             (self.policy in POLICIES, "policy", f"must be one of {', '.join(sorted(POLICIES))}"),
             # partition gives each class its own seats and step tokens: at least one each.
             (self.policy != "partition" or self.max_num_seqs >= 2, "max_num_seqs", "must be >= 2 with policy partition"),

@@ -54,7 +54,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         rpc = self.tracing.start_rpc("Generate", context) if self.tracing is not None else None
-        rid, _ = await self._admit_traced(request, context, False, rpc)
+        rid, created = await self._admit_traced(request, context, False, rpc)
+        attach = 1 if created else await self._unavailable_on_redis(self.store.attach(rid), context)
         completed = False
         try:
             async for msg in self._stream(rid, _resume_index(request), True, context):
@@ -64,11 +65,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise  # ended by the server with UNAVAILABLE, "resume after index N": not the client leaving
         except BaseException:
             # Cancelled (CancelledError at an await, GeneratorExit at a yield; neither may
-            # await any more, so the abort runs as its own task) or broken: nobody resumes
-            # it, so the request goes too. Unless this replica is shutting down: then the
-            # cut is ours and the client resumes elsewhere, so the request lives on.
+            # await any more, so the abort runs as its own task) or broken: the client may
+            # come back for it within the grace, else the request goes too. Unless this
+            # replica is shutting down: then the cut is ours and the client resumes
+            # elsewhere, so the request lives on.
             if not self.draining:
-                self._in_background(self._abort_if_unsubmitted(rid))
+                self._in_background(self._abort_if_abandoned(rid, attach))
             raise
         finally:
             if rpc is not None:  # the request's span ends with its stream
@@ -206,7 +208,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             tpot_ms=float(request.tpot_ms or (self.cfg.rt_tpot_ms if rt else 0.0)),
             arrival_ms=time.time() * 1e3, submitted=submitted, state="queued", worker_id="",
             num_output_tokens=0, first_scheduled_ms=None, first_token_ms=None, last_token_ms=None,
-            finished_ms=None, finish_reason="", error="")
+            finished_ms=None, finish_reason="", error="",
+            num_attaches=0 if submitted else 1)  # a Generate's own stream is its first
 
     def _bounds(self, rec: RequestRecord) -> AdmissionBounds:
         share = 1.0 if rec.service_class == types_pb2.REALTIME else self.cfg.be_queue_share
@@ -348,11 +351,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _abort_if_unsubmitted(self, rid: str) -> None:
+    async def _abort_if_abandoned(self, rid: str, attach: int) -> None:
+        """A Generate stream that ended early, the attach-th to its request: after
+        resume_grace_s the request is aborted unless a Generate has resumed it since or it
+        was Submitted. A Watch only looks on: it keeps nothing alive. Lost if this replica
+        exits first: the request then runs to its end (or its deadline)."""
         try:
+            if self.cfg.resume_grace_s > 0:
+                await asyncio.sleep(self.cfg.resume_grace_s)
             rec = await self.store.get(rid)
             if rec is not None and not rec.submitted and rec.state != "finished":
-                if await self.store.request_abort(rid) and self.metrics is not None:
+                if await self.store.request_abort(rid, if_attaches=attach) and self.metrics is not None:
                     await self._count_queued_abort(rid)
         except RedisError as e:  # the request runs on; its deadline (if any) still ends it
             log.warning("could not abort %s after its client left: %s", rid, e)

@@ -88,6 +88,9 @@ class RequestRecord:
     prompt_len: int | None = None           # set on peeked records (loop_inputs): no prompt carried
     owner: str = ""                         # identity of the sender's token (never the token); "" without auth
     trace_context: str = ""                 # W3C traceparent of the request's span; "" = not traced
+    # Generate streams that have attached to it (the one that made it counts 1, each resume
+    # adds one): an abort for an abandoned stream lands only if none came since.
+    num_attaches: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -167,6 +170,7 @@ def record_to_fields(rec: RequestRecord) -> dict[str, bytes | str]:
         "error": rec.error,
         "abort_requested": "1" if rec.abort_requested else "0",
         "owner": rec.owner,
+        "attaches": str(rec.num_attaches),
     }
     if rec.trace_context:  # written by admit, with the rest of the record: no extra round trip
         fields["trace_context"] = rec.trace_context
@@ -209,6 +213,7 @@ def record_from_fields(raw: dict[bytes, bytes]) -> RequestRecord:
         ttft_flagged=f.get("ttft_flagged") == b"1",
         owner=text("owner"),
         trace_context=text("trace_context"),
+        num_attaches=int(f.get("attaches", b"0")),
         **{name: float(f[name]) if name in f else None for name in _OPTIONAL_TIMES},
     )
 
@@ -439,17 +444,27 @@ _FINISH = """
 return finish_request(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4])
 """
 
-# ARGV[A+1] id, [A+2] now. 1: a queued request finished now, or a running one's worker
-# will be told; 0: unknown or already finished.
+# ARGV[A+1] id, [A+2] now, [A+3] the attach count the abort is for ('' = any). 1: a
+# queued request finished now, or a running one's worker will be told; 0: unknown,
+# already finished, or a stream attached since (the count moved on).
 _ABORT = """
-local id, now = ARGV[A + 1], ARGV[A + 2]
+local id, now, attaches = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local rec = REQ .. id
-local f = redis.call('HMGET', rec, 'state', 'worker_id')
+local f = redis.call('HMGET', rec, 'state', 'worker_id', 'attaches')
+if attaches ~= '' and (f[3] or '0') ~= attaches then return 0 end
 if f[1] == 'queued' then return finish_request(id, 'abort', now, '') end
 if f[1] ~= 'running' then return 0 end
 redis.call('HSET', rec, 'abort_requested', '1')
 redis.call('SADD', ABORTS .. f[2], id)
 return 1
+"""
+
+# ARGV[A+1] id. A stream attaching to the request: the record's new attach count, or 0
+# for an unknown (or expired) request, which must not be brought back as a stub hash.
+_ATTACH = """
+local rec = REQ .. ARGV[A + 1]
+if redis.call('EXISTS', rec) == 0 then return 0 end
+return redis.call('HINCRBY', rec, 'attaches', 1)
 """
 
 # Leases: KEYS[1] the lease, ARGV[1] replica id, ARGV[2] ttl (ms).
@@ -485,7 +500,7 @@ return out
 """
 
 _REQUEST_SCRIPTS = {"admit": _ADMIT, "expire": _EXPIRE, "peek": _PEEK, "claim": _CLAIM, "requeue": _REQUEUE,
-                    "append": _APPEND, "finish": _FINISH, "abort": _ABORT}
+                    "append": _APPEND, "finish": _FINISH, "abort": _ABORT, "attach": _ATTACH}
 _LEASE_SCRIPTS = {"acquire": _LEASE_ACQUIRE, "renew": _LEASE_RENEW, "release": _LEASE_RELEASE}
 
 
@@ -653,8 +668,16 @@ class Store:
 
     # --- aborts ------------------------------------------------------------------------
 
-    async def request_abort(self, request_id: str, now_ms: float | None = None) -> bool:
-        return bool(await self._run("abort", [request_id, _num(wall_ms(now_ms))]))
+    async def request_abort(self, request_id: str, now_ms: float | None = None,
+                            if_attaches: int | None = None) -> bool:
+        """if_attaches: abort only while the record's attach count is still this (no stream
+        has attached since the one that counted it)."""
+        expected = "" if if_attaches is None else str(if_attaches)
+        return bool(await self._run("abort", [request_id, _num(wall_ms(now_ms)), expected]))
+
+    async def attach(self, request_id: str) -> int:
+        """Count a stream attaching to the request: its new attach count (0: unknown)."""
+        return int(await self._run("attach", [request_id]))
 
     async def loop_inputs(self, worker_id: str, replica_id: str, ttl_ms: int, max_rt: int, max_be: int
                           ) -> tuple[bool, list[str], list[RequestRecord], list[RequestRecord]]:

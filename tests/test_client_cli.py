@@ -364,6 +364,48 @@ def test_stopping_early_cancels_the_call():
     assert call.cancelled
 
 
+def test_stopping_before_the_final_abandons_the_request_and_only_then():
+    """on_abandon (the client's Abort) runs when the caller stops before the final, not
+    after it, not when the stream ends by itself, and not when it fails."""
+    def run(calls, read, close=True):
+        abandoned = []
+        events = resumable_events(ScriptedRpc(*calls), build_request("Hi", service_class="rt"), timeout=None,
+                                  retry=NO_WAIT, resume=True, on_abandon=lambda: abandoned.append(True))
+        stream = EventStream("r", events)
+        for _ in range(read):
+            next(stream)
+        if close:
+            stream.close()
+        return bool(abandoned)
+
+    two = [chunk_pb(0, [1]), chunk_pb(1, [2]), final_pb(finish_reason=types_pb2.LENGTH)]
+    assert run([ScriptedCall(two)], read=1)
+    assert run([ScriptedCall(two[:1], unavailable()), ScriptedCall(two[1:])], read=2)  # after a resume too
+    assert not run([ScriptedCall(two)], read=3)             # the final arrived: nothing to abort
+    assert not run([ScriptedCall(two)], read=0)             # never started: no call was made
+    events = resumable_events(ScriptedRpc(ScriptedCall([], RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "no"))),
+                              build_request("Hi", service_class="rt"), timeout=None, retry=NO_WAIT, resume=True,
+                              on_abandon=lambda: pytest.fail("a failed stream is not abandoned"))
+    with pytest.raises(BrosError):
+        list(events)
+
+
+def test_the_async_stream_abandons_too():
+    abandoned = []
+
+    async def on_abandon():
+        abandoned.append(True)
+
+    async def main():
+        events = aresumable_events(ScriptedRpc(ScriptedCall([chunk_pb(0, [1]), chunk_pb(1, [2])])),
+                                   build_request("Hi", service_class="rt"), timeout=None, retry=NO_WAIT,
+                                   resume=True, on_abandon=on_abandon)
+        await anext(events)
+        await events.aclose()
+    asyncio.run(main())
+    assert abandoned == [True]
+
+
 # ---- CLI output --------------------------------------------------------------------------------
 
 def events_stream(*events):

@@ -37,9 +37,13 @@ def sim_worker(tmp):
     w.stop()
 
 
+RESUME_GRACE_S = 0.5   # a cancelled Generate is aborted after this (tests/test_resume_grace.py)
+
+
 @pytest.fixture(scope="module")
 def scheduler(tmp, redis_server, sim_worker):
-    s = Scheduler(tmp, redis_server.url, [sim_worker.address], "--max-num-batched-tokens", "256").start()
+    s = Scheduler(tmp, redis_server.url, [sim_worker.address], "--max-num-batched-tokens", "256",
+                  "--resume-grace-s", str(RESUME_GRACE_S)).start()
     yield s
     s.stop()
 
@@ -148,7 +152,8 @@ def test_abort_frees_the_kv(stub):
 
 
 def test_cancelled_generate_is_aborted(stub):
-    """Cancels land at different moments (mid-read, between chunks); each must abort."""
+    """Cancels land at different moments (mid-read, between chunks); each must abort
+    (once the resume grace is over: nobody came back for them)."""
     assert wait_for(lambda: occupancy(stub)[:2] == (0, 0))
     ids = [f"cancel-me-{i}" for i in range(6)]
     for i, rid in enumerate(ids):
@@ -158,7 +163,7 @@ def test_cancelled_generate_is_aborted(stub):
         if i % 2:
             time.sleep(0.03)
         call.cancel()
-    assert wait_for(lambda: occupancy(stub)[:2] == (0, 0), timeout=5), occupancy(stub)
+    assert wait_for(lambda: occupancy(stub)[:2] == (0, 0), timeout=5 + RESUME_GRACE_S), occupancy(stub)
     for rid in ids:
         _, final = collect(stub.Watch(ipb.WatchRequest(request_id=rid, wait=True), timeout=10))
         assert final.finish_reason == tpb.ABORT, rid

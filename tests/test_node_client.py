@@ -12,6 +12,7 @@ import pytest
 
 from bros.v1 import inference_pb2 as ipb
 from bros.v1 import inference_pb2_grpc
+from bros.v1 import types_pb2 as tpb
 from stack import sim_stack
 
 NODE_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "node"
@@ -30,7 +31,8 @@ def node():
 
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
-    with sim_stack(tmp_path_factory.mktemp("node")) as (sched, _):
+    # A long resume grace: a request aborted within it was aborted by the client itself.
+    with sim_stack(tmp_path_factory.mktemp("node"), "--resume-grace-s", "120") as (sched, _):
         yield sched
 
 
@@ -94,3 +96,18 @@ def test_node_reports_the_servers_invalid_argument(node, scheduler):
     assert result.stdout == ""
     # 3 = INVALID_ARGUMENT; the message names the field.
     assert "generate failed: 3 " in result.stderr and "max_tokens" in result.stderr
+
+
+def test_node_breaking_out_of_the_stream_aborts_the_request(node, scheduler):
+    """Not after the server's resume grace (120 s here): the client sends Abort itself."""
+    result = run_example(node, "--target", scheduler.address, "--max-tokens", "2000", "--token-ids", "--json",
+                         "--stop-after", "2", "5,6,7")
+    assert result.returncode == 0, result.stderr
+    events = events_of(result.stdout)
+    assert [e["type"] for e in events] == ["chunk", "chunk"]
+    rid = events[0]["requestId"]
+    with grpc.insecure_channel(scheduler.address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        finals = [m.final for m in stub.Watch(ipb.WatchRequest(request_id=rid, wait=True), timeout=20)
+                  if m.HasField("final")]
+    assert finals[0].finish_reason == tpb.ABORT and finals[0].num_output_tokens < 2000

@@ -361,6 +361,24 @@ def test_abort_running_request_goes_to_its_worker(server):
     run(server, body)
 
 
+def test_an_abort_for_an_abandoned_stream_lands_only_while_no_stream_has_attached_since(server):
+    async def body(store):
+        await store.admit(rec("g", num_attaches=1))       # made by a Generate: its stream is the first
+        assert (await store.get("g")).num_attaches == 1
+        assert await store.attach("g") == 2               # the client came back (a resume)
+        assert not await store.request_abort("g", T0 + 1, if_attaches=1)   # the first stream's abort is stale
+        assert (await store.get("g")).state == "queued"
+        assert await store.request_abort("g", T0 + 2, if_attaches=2)       # the resumed one's is not
+        assert (await store.get("g")).finish_reason == "abort"
+        await store.admit(rec("s"))                       # made by Submit: no stream of its own
+        assert not await store.request_abort("s", T0, if_attaches=1)
+        assert await store.request_abort("s", T0, if_attaches=0)
+        # An unknown (or expired) request is not brought back as a stub record.
+        assert await store.attach("gone") == 0
+        assert await store.get("gone") is None
+    run(server, body)
+
+
 # --- load --------------------------------------------------------------------------------
 
 def test_load_numbers(server):

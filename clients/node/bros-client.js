@@ -16,6 +16,7 @@
  *   client.close();
  */
 const path = require('node:path');
+const { randomUUID } = require('node:crypto');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
@@ -51,7 +52,8 @@ function channelCredentials({ rootCerts, privateKey, certChain } = {}) {
  *   exactly one prompt: text (string), tokenIds (array of ints) or chat ([{role, content}]);
  *   serviceClass: 'rt' | 'be' (or the enum names); ttftMs, tpotMs (RT targets, 0 = default);
  *   sampling: maxTokens (required), temperature, topP, topK, seed, stop, stopTokenIds, ignoreEos;
- *   requestId, resumeFromIndex (reattach to a running request).
+ *   requestId (default: a fresh one, so the call can be resumed or aborted), resumeFromIndex
+ *   (reattach to a running request).
  */
 function generateRequest(options) {
   const prompts = ['text', 'tokenIds', 'chat'].filter((k) => options[k] !== undefined);
@@ -67,7 +69,7 @@ function generateRequest(options) {
     if (options[key] !== undefined) sampling[key] = options[key];
   }
   request.sampling = sampling;
-  if (options.requestId) request.requestId = options.requestId;
+  request.requestId = options.requestId || randomUUID();
   if (options.resumeFromIndex !== undefined) request.resumeFromIndex = options.resumeFromIndex;
   return request;
 }
@@ -105,15 +107,38 @@ class BrosClient {
 
   /**
    * Run one request and yield its events as they arrive: every chunk (in index order),
-   * then one final. Breaking out of the loop cancels the call, which aborts the request.
+   * then one final. Breaking out of the loop cancels the call and aborts the request. A
+   * stream that fails instead (say UNAVAILABLE, "resume after index N") leaves the request
+   * running: call generate again with the same requestId and resumeFromIndex to go on.
    */
   async *generate(options, { timeoutMs } = {}) {
-    const call = this.stub.Generate(generateRequest(options), this.metadata(), this.callOptions(timeoutMs));
+    const request = generateRequest(options);
+    const call = this.stub.Generate(request, this.metadata(), this.callOptions(timeoutMs));
+    let finished = false;
+    let failed = false;
     try {
-      for await (const message of call) yield toEvent(message);
+      for await (const message of call) {
+        const event = toEvent(message);
+        finished = event.type === 'final';
+        yield event;
+      }
+    } catch (err) {
+      failed = true;
+      throw err;
     } finally {
       call.cancel(); // no-op once the stream has ended
+      // The caller stopped reading: abort now. The server cannot tell a cancel from a lost
+      // connection, so on its own it waits out its resume grace first.
+      if (!finished && !failed) await this.abort(request.requestId, { timeoutMs: 2000 }).catch(() => {});
     }
+  }
+
+  /** Stop a request; resolves to false if it had already finished. */
+  abort(requestId, { timeoutMs = 5000 } = {}) {
+    return new Promise((resolve, reject) => {
+      this.stub.Abort({ requestId }, this.metadata(), this.callOptions(timeoutMs),
+        (err, response) => (err ? reject(err) : resolve(response.aborted)));
+    });
   }
 
   /** Queues, workers and recent target attainment (bros.v1.LoadReport). */

@@ -4,12 +4,14 @@
  * Stream one Generate from a bros scheduler.
  *
  *   node examples/generate.js [--target HOST:PORT] [--class rt|be] [--max-tokens N]
- *        [--ttft-ms N] [--tpot-ms N] [--temperature X] [--token] [--token-ids] [--json] PROMPT
+ *        [--ttft-ms N] [--tpot-ms N] [--temperature X] [--token] [--token-ids] [--json]
+ *        [--stop-after N] PROMPT
  *
  * PROMPT is text, or with --token-ids a comma-separated list of token ids. Text goes to
  * stdout as it arrives and a timing line to stderr; --json prints one JSON object per
  * event instead (what tests read). The target defaults to $BROS_TARGET or 127.0.0.1:50051,
- * the token to $BROS_TOKEN.
+ * the token to $BROS_TOKEN. --stop-after N stops reading after N chunks, which aborts the
+ * request (as a user pressing "stop" would).
  */
 const { parseArgs } = require('node:util');
 const { BrosClient } = require('../bros-client');
@@ -28,6 +30,7 @@ function parse(argv) {
       token: { type: 'string', default: process.env.BROS_TOKEN || '' },
       'token-ids': { type: 'boolean', default: false },
       json: { type: 'boolean', default: false },
+      'stop-after': { type: 'string' },
     },
   });
   if (positionals.length !== 1) throw new Error('exactly one PROMPT argument is required');
@@ -46,8 +49,11 @@ function parse(argv) {
 async function main() {
   const { values, request } = parse(process.argv.slice(2));
   const client = new BrosClient(values.target, { token: values.token || undefined });
+  const stopAfter = values['stop-after'] === undefined ? Infinity : Number(values['stop-after']);
+  let chunks = 0;
   try {
     for await (const event of client.generate(request, { timeoutMs: 120000 })) {
+      if (event.type === 'chunk' && chunks++ === stopAfter) break;
       if (values.json) {
         process.stdout.write(`${JSON.stringify(event)}\n`);
       } else if (event.type === 'chunk') {
