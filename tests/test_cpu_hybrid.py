@@ -106,6 +106,20 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
 
 
 @needs_traces
+def test_targets_from_p99_are_the_rt_only_runs_p99(tmp_path):
+    from scheduler_svc.bench.__main__ import main
+    main(["--scenario", "cpu-hybrid-virtual", "--policies", "fcfs", "--duration-s", "20", "--num-seeds", "1",
+          "--rt-rates", str(ch.RT_RATE), "--targets-from", "p99", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
+    alone, t = saved["rt_alone"], saved["targets_ms"]
+    assert saved["config"]["targets_from"] == "p99"
+    assert (t["ttft"], t["tpot"]) == (pytest.approx(alone["rt_ttft_p99_ms"]), pytest.approx(alone["rt_tpot_p99_ms"]))
+    assert t["ttft"] > ch.TARGET_FACTOR * alone["rt_ttft_p50_ms"]   # looser than the default here
+    with pytest.raises(SystemExit, match="--targets-from"):
+        main(["--scenario", "sim-paper", "--targets-from", "p99"])
+
+
+@needs_traces
 def test_an_rt_rate_sweep_judges_every_rate_against_the_same_targets(tmp_path):
     """--rt-rates: a point per rate, each with its own RT-alone runs, all against the
     targets measured at RT_RATE; the targets' own run is reused only at that rate; more

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rt-rates", type=_csv(_positive), default=None,
                    help="cpu-hybrid scenarios: RT requests/s to sweep, e.g. 0.25,0.5,1.0 (default: 0.5 live; "
                         "0.25,0.5,0.75,1.0 virtual); the targets are measured at 0.5 either way")
+    p.add_argument("--targets-from", choices=("2x-p50", "p99"), default=None,
+                   help="cpu-hybrid scenarios: the RT targets from the RT-only run, twice its p50 "
+                        "(the default) or its p99")
     p.add_argument("--shared-cores", action="store_true",
                    help="sim-scale: the scheduler shares every core with Redis and the workers "
                         "(default: it gets the last core to itself)")
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.rt_rates is not None and args.scenario not in ("cpu-hybrid", "cpu-hybrid-virtual"):
         sys.exit("--rt-rates: only for --scenario cpu-hybrid or cpu-hybrid-virtual "
                  "(the sim scenarios take --rates, fractions of the worker's RT capacity)")
+    if args.targets_from is not None and args.scenario not in ("cpu-hybrid", "cpu-hybrid-virtual"):
+        sys.exit("--targets-from: only for --scenario cpu-hybrid or cpu-hybrid-virtual "
+                 "(the sim scenarios take --rt-ttft-ms and --rt-tpot-ms)")
     unknown = sorted(set(args.policies or ()) - set(policy_names()))
     if unknown:
         sys.exit(f"--policies: unknown {unknown}; registered: {policy_names()}")
@@ -123,7 +129,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
         from .cpu_hybrid import run_cpu_hybrid
         run_cpu_hybrid(policies, duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds,
                        out=args.out, mode="live" if name == "cpu-hybrid" else "virtual", be_rate=args.be_rate,
-                       rt_rates=args.rt_rates)
+                       rt_rates=args.rt_rates, targets_from=args.targets_from or "2x-p50")
         return
     run_sim(configure(args, name), policies, args)
 

@@ -11,9 +11,11 @@ paper's BE load, read as busy time; each run measures and reports it, measure_be
 the sim scenarios read it as 80% of estimated throughput, which here would overload the
 CPU); RT at each of the RT rates (req/s; RT_RATES, or --rt-rates) from the trace's
 arrival gaps. The RT targets come from a measured RT-only run at RT_RATE, the first seed's:
-TARGET_FACTOR x its p50 TTFT and TPOT, so "meeting the target" means "as good as alone,
-within a factor", whatever machine this runs on; every rate is judged against the same
-targets, as a deployment's SLOs do not move with its load. Each policy serves the same
+by default TARGET_FACTOR x its p50 TTFT and TPOT, so "meeting the target" means "as good
+as alone, within a factor", whatever machine this runs on (`--targets-from p99`: its p99
+TTFT and TPOT instead, where the paper's targets sit on its own setting; TARGET_RULES);
+every rate is judged against the same targets, as a deployment's SLOs do not move with
+its load. Each policy serves the same
 workload once per seed and rate; the table shows the mean over seeds, the JSON each run
 as well. Each seed's RT requests are also served alone against those targets (the "RT
 alone" row, point["rt_alone"]): against ~2x its own median, RT alone misses some of them
@@ -47,6 +49,14 @@ from .plots import plot_ttft_cdf, plot_vs_rate, ready
 
 LENGTH_SCALE = 8
 TARGET_FACTOR = 2.0
+# The RT targets from the RT-only run's metrics. "p99": sim-paper's 250 / 100 ms sit at
+# q 0.987-1.000 of its own RT-alone TTFT and above every RT-alone TPOT (seeds 0-4, 0.1-0.2
+# of capacity), so this is that setting's reading here (docs/benchmarks.md, "Which targets").
+TARGET_RULES = {
+    "2x-p50": lambda m: (TARGET_FACTOR * m.rt_ttft_p50_ms, TARGET_FACTOR * m.rt_tpot_p50_ms),
+    "p99": lambda m: (m.rt_ttft_p99_ms, m.rt_tpot_p99_ms),
+}
+TARGET_RULE_NAMES = {"2x-p50": f"{TARGET_FACTOR:g}x the RT-alone p50", "p99": "the RT-alone p99"}
 RT_RATE = 0.5          # req/s: the rate the targets are measured at, and the live default
 # The RT rates a run sweeps unless told (--rt-rates): live, the one (~35 minutes for four
 # seeds and four policies); the replica's seconds allow the attainment-against-rate curve.
@@ -108,7 +118,7 @@ def serve(reqs: list[workload.Request], policy: str, mode: str) -> tuple[BenchMe
 
 def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int | None = None,
                    out: Path = Path("bench/out"), mode: str = "live", be_rate: float | None = None,
-                   rt_rates: list[float] | None = None) -> dict:
+                   rt_rates: list[float] | None = None, targets_from: str = "2x-p50") -> dict:
     name = MODES[mode]
     be_rate = be_rate or BE_RATE
     num_seeds = num_seeds or DEFAULT_NUM_SEEDS[mode]
@@ -117,7 +127,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     rt_only = [r for r in first if r.service_class == RT]
     _log(f"{name}: measuring RT alone at {RT_RATE:g} req/s ({len(rt_only)} requests)")
     alone, alone_records = serve(rt_only, "fcfs", mode)
-    ttft, tpot = TARGET_FACTOR * alone.rt_ttft_p50_ms, TARGET_FACTOR * alone.rt_tpot_p50_ms
+    ttft, tpot = TARGET_RULES[targets_from](alone)
     be_alone = measure_be_alone([r for r in first if r.service_class == BE], mode, name, be_rate)
     seeds = list(range(seed, seed + num_seeds))
     # The targets' own run: judged again where it recurs, not served twice.
@@ -125,7 +135,8 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     ttfts = {rate: {p: [] for p in policies} for rate in rt_rates}   # RT TTFTs per rate and policy
     points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run, ttfts[rate])
               for rate in rt_rates]
-    config = {"length_scale": LENGTH_SCALE, "target_factor": TARGET_FACTOR, "targets_rt_rate": RT_RATE,
+    config = {"length_scale": LENGTH_SCALE, "targets_from": targets_from, "target_factor": TARGET_FACTOR,
+              "targets_rt_rate": RT_RATE,
               "rt_rates": rt_rates, "be_rate": be_rate,
               "max_num_seqs": PLANNER.max_num_seqs, "max_num_batched_tokens": PLANNER.max_num_batched_tokens}
     if mode == "live":
@@ -194,7 +205,7 @@ def _report(r: dict, out: Path, ttfts: dict[float, dict[str, list]]) -> None:
     t = r["targets_ms"]
     name = r["scenario"]
     print(f"\n{name}: targets TTFT {t['ttft']:.0f} ms, TPOT {t['tpot']:.0f} ms "
-          f"({TARGET_FACTOR}x the RT-alone p50 at {r['config']['targets_rt_rate']:g} req/s); "
+          f"({TARGET_RULE_NAMES[r['config']['targets_from']]} at {r['config']['targets_rt_rate']:g} req/s); "
           f"mean of seeds {r['seeds']}")
     print(f"BE {r['config']['be_rate']:g} req/s, which alone keeps the worker "
           f"{r['be_alone']['busy_fraction']:.0%} busy (seed {r['seeds'][0]})")
