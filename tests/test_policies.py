@@ -101,10 +101,22 @@ def test_bros_runs_no_chunk_of_a_prompt_that_cannot_fit_and_lets_the_decodes_fre
     be_prompt = seq("be-big", 5, 561, BE, computed=64)               # running, 4 blocks in
     d = make_policy("bros").plan(inp(running=decodes + [be_prompt], free_blocks=4), cfg)
     assert sorted(d.scheduled) == [("dec0", 1), ("dec1", 1)]
-    # A prompt that fits runs as before, chunk by chunk.
+    # A prompt that fits runs as before, chunk by chunk (beside the decodes: it has slack).
     d = make_policy("bros").plan(inp(running=decodes, waiting=[seq("rt-small", 5, 100, RT, deadline=500.0)],
                                      free_blocks=8), cfg)
-    assert d.admit == ["rt-small"] and d.scheduled == [("rt-small", 64)]
+    assert d.admit == ["rt-small"] and d.scheduled == [("dec0", 1), ("dec1", 1), ("rt-small", 62)]
+
+
+def test_bros_decodes_relaxed_rt_before_it_starts_prompts_with_less_slack():
+    # Loose targets, RT only: three decodes far ahead of their TPOT deadlines, a waiting
+    # prompt whose first-token deadline is nearer but not urgent. Least slack first, the
+    # prompt took the whole 16-token step and the decodes waited (half-empty steps and 1.8x
+    # fcfs's makespan on a random small-pool workload, tests/test_liveness.py): a decode
+    # costs one token and finishes what holds the pool, so it goes first.
+    decodes = [seq(f"dec{i}", i, 8, RT, computed=19, produced=12, first=0.0, tpot=60_000.0) for i in range(3)]
+    waiting = [seq("prompt", 5, 100, RT, deadline=30_000.0)]
+    d = make_policy("bros").plan(inp(running=decodes, waiting=waiting), PlannerConfig(max_num_batched_tokens=16))
+    assert d.scheduled == [("dec0", 1), ("dec1", 1), ("dec2", 1), ("prompt", 13)] and d.admit == ["prompt"]
 
 
 def test_partition_keeps_each_class_in_its_share():
