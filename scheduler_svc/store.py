@@ -451,7 +451,7 @@ _ABORT = """
 local id, now, attaches = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local rec = REQ .. id
 local f = redis.call('HMGET', rec, 'state', 'worker_id', 'attaches')
-if attaches ~= '' and (f[3] or '0') ~= attaches then return 0 end
+if attaches and attaches ~= '' and (f[3] or '0') ~= attaches then return 0 end
 if f[1] == 'queued' then return finish_request(id, 'abort', now, '') end
 if f[1] ~= 'running' then return 0 end
 redis.call('HSET', rec, 'abort_requested', '1')
