@@ -359,10 +359,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             if self.cfg.resume_grace_s > 0:
                 await asyncio.sleep(self.cfg.resume_grace_s)
-            rec = await self.store.get(rid)
-            if rec is not None and not rec.submitted and rec.state != "finished":
-                if await self.store.request_abort(rid, if_attaches=attach) and self.metrics is not None:
-                    await self._count_queued_abort(rid)
+            if await self.store.abort_abandoned(rid, attach) and self.metrics is not None:
+                await self._count_queued_abort(rid)
         except RedisError as e:  # the request runs on; its deadline (if any) still ends it
             log.warning("could not abort %s after its client left: %s", rid, e)
 

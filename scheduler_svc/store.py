@@ -444,14 +444,15 @@ _FINISH = """
 return finish_request(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4])
 """
 
-# ARGV[A+1] id, [A+2] now, [A+3] the attach count the abort is for ('' = any). 1: a
-# queued request finished now, or a running one's worker will be told; 0: unknown,
-# already finished, or a stream attached since (the count moved on).
+# ARGV[A+1] id, [A+2] now, [A+3] '' for a client's Abort, or the attach count of the
+# Generate stream that was abandoned: then only a request made by a Generate (not
+# Submit) whose count is still that (no stream attached since) is aborted. 1: a queued
+# request finished now, or a running one's worker will be told; 0: not aborted.
 _ABORT = """
 local id, now, attaches = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local rec = REQ .. id
-local f = redis.call('HMGET', rec, 'state', 'worker_id', 'attaches')
-if attaches and attaches ~= '' and (f[3] or '0') ~= attaches then return 0 end
+local f = redis.call('HMGET', rec, 'state', 'worker_id', 'attaches', 'submitted')
+if attaches and attaches ~= '' and (f[4] == '1' or (f[3] or '0') ~= attaches) then return 0 end
 if f[1] == 'queued' then return finish_request(id, 'abort', now, '') end
 if f[1] ~= 'running' then return 0 end
 redis.call('HSET', rec, 'abort_requested', '1')
@@ -668,12 +669,13 @@ class Store:
 
     # --- aborts ------------------------------------------------------------------------
 
-    async def request_abort(self, request_id: str, now_ms: float | None = None,
-                            if_attaches: int | None = None) -> bool:
-        """if_attaches: abort only while the record's attach count is still this (no stream
-        has attached since the one that counted it)."""
-        expected = "" if if_attaches is None else str(if_attaches)
-        return bool(await self._run("abort", [request_id, _num(wall_ms(now_ms)), expected]))
+    async def request_abort(self, request_id: str, now_ms: float | None = None) -> bool:
+        return bool(await self._run("abort", [request_id, _num(wall_ms(now_ms)), ""]))
+
+    async def abort_abandoned(self, request_id: str, num_attaches: int, now_ms: float | None = None) -> bool:
+        """The abort for a Generate stream that ended early, the num_attaches-th to attach:
+        it lands only if no stream has attached since and the request was not Submitted."""
+        return bool(await self._run("abort", [request_id, _num(wall_ms(now_ms)), str(num_attaches)]))
 
     async def attach(self, request_id: str) -> int:
         """Count a stream attaching to the request: its new attach count (0: unknown)."""

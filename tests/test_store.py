@@ -366,16 +366,21 @@ def test_an_abort_for_an_abandoned_stream_lands_only_while_no_stream_has_attache
         await store.admit(rec("g", num_attaches=1))       # made by a Generate: its stream is the first
         assert (await store.get("g")).num_attaches == 1
         assert await store.attach("g") == 2               # the client came back (a resume)
-        assert not await store.request_abort("g", T0 + 1, if_attaches=1)   # the first stream's abort is stale
+        assert not await store.abort_abandoned("g", 1, T0 + 1)   # the first stream's abort is stale
         assert (await store.get("g")).state == "queued"
-        assert await store.request_abort("g", T0 + 2, if_attaches=2)       # the resumed one's is not
+        assert await store.abort_abandoned("g", 2, T0 + 2)       # the resumed one's is not
         assert (await store.get("g")).finish_reason == "abort"
-        await store.admit(rec("s"))                       # made by Submit: no stream of its own
-        assert not await store.request_abort("s", T0, if_attaches=1)
-        assert await store.request_abort("s", T0, if_attaches=0)
+        assert not await store.abort_abandoned("g", 2, T0 + 3)   # once only
+        # Made by Submit: never aborted because a stream that watched it through Generate left.
+        await store.admit(rec("s", submitted=True))
+        assert await store.attach("s") == 1
+        assert not await store.abort_abandoned("s", 1, T0)
+        assert (await store.get("s")).state == "queued"
+        assert await store.request_abort("s", T0)                 # a client's Abort still works
         # An unknown (or expired) request is not brought back as a stub record.
         assert await store.attach("gone") == 0
         assert await store.get("gone") is None
+        assert not await store.abort_abandoned("gone", 0)
     run(server, body)
 
 
