@@ -17,6 +17,7 @@ CHECKPOINT_FILES = {
     "config.json",
     "generation_config.json",
     "model.safetensors",
+    "ggml_blocks.st",           # the GGUF's quantized blocks, for the C++ decode stack
     "tokenizer.json",
     "tokenizer_config.json",
 }
@@ -196,3 +197,22 @@ def test_incremental_detokenizer_holds_back_then_flushes_an_incomplete_tail(toke
     detok = tokenizer.incremental_detokenizer()
     assert [detok.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
     assert detok.flush() == tokenizer.decode(ids[:-1])
+
+
+def test_blocks_file_keeps_the_ggufs_blocks_of_the_fp32_weights(model_dir):
+    """The converter keeps each Q4_1 / Q8_0 matrix's blocks, under its Hugging Face name and
+    in its (un-permuted) row order: gguf-py dequantizes them to the fp32 weights exactly."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from worker_svc.model.checkpoint import load_blocks, load_state_dict
+
+    blocks, state = load_blocks(model_dir), load_state_dict(model_dir)
+    assert len(blocks) == 7 * 30 + 1
+    assert blocks["model.embed_tokens.weight"][1] == GGMLQuantizationType.Q8_0
+    assert {t for name, (_, t) in blocks.items() if ".layers." in name} == {GGMLQuantizationType.Q4_1}
+    for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.7.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight"]:
+        data, ggml_type = blocks[name]
+        weights = dequantize(data.numpy(), GGMLQuantizationType(ggml_type))
+        assert torch.equal(torch.from_numpy(weights).reshape(state[name].shape), state[name]), name

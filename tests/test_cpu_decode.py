@@ -380,3 +380,117 @@ def test_engine_picks_the_stack_by_batch(torch_runner):
     for i in range(MAX_NUM_ROWS):
         assert rel_err(logits[i]["small"], logits[i]["big"]) < 1e-3, i
     engine.check_integrity()
+
+
+# ---------------------------------------------------------------- GGUF blocks
+
+
+def blocks_step(cache: KVCache, rows: int, seed: int):
+    """A decode step of `rows` rows on a poisoned pool with random K/V behind each row:
+    (ids, positions, meta, the pool's contents to restore before each run)."""
+    alloc, names = random_step(16, 64, seed, max_rows=rows)
+    assert len(names) == rows
+    cfg_layers, num_kv_heads, head_dim = cache.k.shape[0], cache.k.shape[2], cache.k.shape[3]
+    poison(cache)
+    g = torch.Generator().manual_seed(seed)
+    for s in names:
+        old = torch.tensor(alloc.slots(s)[:-1], dtype=torch.long)
+        cache.k[:, old] = torch.randn(cfg_layers, len(old), num_kv_heads, head_dim, generator=g)
+        cache.v[:, old] = torch.randn(cfg_layers, len(old), num_kv_heads, head_dim, generator=g)
+    meta = TorchAttention(cache, 16).build_metadata(
+        [BatchSeq(alloc.slots(s), 1, [(r.block_id, r.num_tokens) for r in alloc.seqs[s].runs],
+                  alloc.seqs[s].seq_class == SeqClass.BE) for s in names])
+    ids = torch.randint(1000, (rows,), generator=g)
+    positions = torch.tensor([len(alloc.slots(s)) - 1 for s in names])
+    return ids, positions, meta, (cache.k.clone(), cache.v.clone())
+
+
+def run_stack(cpp: CpuDecode, cache: KVCache, step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, positions, meta, (k0, v0) = step
+    cache.k.copy_(k0)
+    cache.v.copy_(v0)
+    with torch.inference_mode():
+        hidden = cpp.forward(ids, positions, meta)
+        return hidden, cpp.logits(hidden), cache.k.clone(), cache.v.clone()
+
+
+@pytest.fixture(scope="module")
+def gguf_blocks(model_dir):
+    from worker_svc.model.checkpoint import load_blocks
+    return load_blocks(model_dir)
+
+
+def test_the_worker_reads_the_ggufs_blocks_unless_told_float32(torch_runner, model_dir):
+    """Every matrix of the default model (Q4_1 layers, a Q8_0 tied LM head) is read as
+    blocks by default; --cpu-weights float32 reads none."""
+    from worker_svc.config import WorkerConfig
+    from worker_svc.torch_runner import TorchRunner
+    cfg = torch_runner.model.cfg
+    assert torch_runner.cpu_decode.num_block_matrices == 4 * cfg.num_layers + 1
+    runner = TorchRunner(str(model_dir), weight_blocks=False)
+    runner.allocate_cache(16, 16)
+    assert runner.cpu_decode is not None and runner.cpu_decode.num_block_matrices == 0
+    assert runner.cpu_decode.weight_bytes > 5 * torch_runner.cpu_decode.weight_bytes   # 32 bits vs ~5
+    with pytest.raises(ValueError, match="cpu_weights"):
+        WorkerConfig(cpu_weights="int4")
+
+
+def test_gguf_blocks_give_the_fp32_stack_bit_for_bit(ext, torch_runner, gguf_blocks):
+    """The blocks dequantize to the fp32 weights bit for bit and run through the same tiles,
+    so steps of up to MAX_BLOCK_ROWS rows (blocks) and larger ones (fp32) give exactly the
+    fp32 stack's hidden states, logits and K/V writes."""
+    model, cache = torch_runner.model, torch_runner.cache
+    blocks = CpuDecode(ext, model, cache.k, cache.v, 16, gguf_blocks)
+    fp32 = CpuDecode(ext, model, cache.k, cache.v, 16)
+    assert blocks.num_block_matrices == 4 * model.cfg.num_layers + 1 and fp32.num_block_matrices == 0
+    for seed, rows in enumerate([1, 3, ext.MAX_BLOCK_ROWS, ext.MAX_BLOCK_ROWS + 1]):
+        step = blocks_step(cache, rows, seed)
+        for a, b in zip(run_stack(blocks, cache, step), run_stack(fp32, cache, step)):
+            assert torch.equal(a, b), rows
+
+
+def test_small_steps_read_the_blocks_not_the_fp32_weights(ext, torch_runner, gguf_blocks):
+    """With the fp32 copies of layer 0's o matrix and of the LM head (past the ids the steps
+    embed) zeroed after binding, a step of MAX_BLOCK_ROWS rows is unchanged (it reads their
+    blocks) and one more row is not."""
+    model, cache = torch_runner.model, torch_runner.cache
+    cpp = CpuDecode(ext, model, cache.k, cache.v, 16, gguf_blocks)
+    small, large = blocks_step(cache, ext.MAX_BLOCK_ROWS, 1), blocks_step(cache, ext.MAX_BLOCK_ROWS + 1, 2)
+    before = {name: run_stack(cpp, cache, step) for name, step in (("small", small), ("large", large))}
+    o, head = model.layers[0].o_proj.weight, model.embed_tokens.weight[1000:]   # blocks_step's ids are < 1000
+    saved = o.clone(), head.clone()
+    try:
+        with torch.no_grad():
+            o.zero_()
+            head.zero_()
+        after = {name: run_stack(cpp, cache, step) for name, step in (("small", small), ("large", large))}
+    finally:
+        with torch.no_grad():
+            o.copy_(saved[0])
+            head.copy_(saved[1])
+    assert all(torch.equal(a, b) for a, b in zip(after["small"], before["small"]))
+    hidden, logits = after["large"][:2]
+    assert not torch.equal(hidden, before["large"][0]) and logits[:, 1000:].abs().max() == 0
+
+
+def test_blocks_that_are_not_the_weights_are_refused(ext, torch_runner, gguf_blocks, caplog):
+    """Blocks with two rows swapped, or read as another type, are refused by the stack with
+    the matrix and row named; the worker then reads that matrix as fp32 and logs why."""
+    model, cache = torch_runner.model, torch_runner.cache
+    cpp = CpuDecode(ext, model, cache.k, cache.v, 16)
+    down, ggml_type = gguf_blocks["model.layers.3.mlp.down_proj.weight"]
+    swapped = down.clone()
+    swapped[[5, 6]] = down[[6, 5]]
+    with pytest.raises(RuntimeError, match="down of layer 3: row 5 of the blocks does not dequantize"):
+        cpp.stack.set_blocks(3, "down", swapped, ggml_type)
+    with pytest.raises(RuntimeError, match=r"blocks must be a contiguous uint8 CPU tensor \[576, 1632\], got \[576, 960\]"):
+        cpp.stack.set_blocks(3, "down", down, 8)       # Q8_0 rows are 34 bytes a block, not 20
+    with pytest.raises(RuntimeError, match="ggml type 12 is not one the stack reads"):
+        cpp.stack.set_blocks(3, "down", down, 12)      # Q4_K
+    assert cpp.stack.num_block_matrices() == 0
+    bad = dict(gguf_blocks)
+    bad["model.layers.3.mlp.down_proj.weight"] = (swapped, ggml_type)
+    with caplog.at_level("WARNING"):
+        partial = CpuDecode(ext, model, cache.k, cache.v, 16, bad)
+    assert partial.num_block_matrices == 4 * model.cfg.num_layers   # all but that one
+    assert "layer 3 down: GGUF blocks refused, reading fp32" in caplog.text

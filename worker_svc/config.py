@@ -24,6 +24,10 @@ class WorkerConfig:
     dtype: str = "float32"                 # weights and KV: float32, float16, bfloat16
     device: str = "cpu"                    # "cpu" or "cuda[:N]"
     attention: str = "auto"                # "torch", "triton", or "auto" (triton on CUDA, else torch)
+    # What the CPU decode stack streams: "auto" = a GGUF model's own quantized blocks where
+    # it reads them (Q4_0/Q4_1/Q8_0: the same weights, bit for bit, in a fraction of the
+    # bytes), "float32" = the dequantized fp32 copy (docs/performance.md)
+    cpu_weights: str = "auto"
     block_size: int = 16                   # slots per KV block
     kv_cache_mb: int = 512                 # KV pool budget (torch backend)
     num_blocks: int | None = None          # overrides the budget when set
@@ -59,6 +63,7 @@ class WorkerConfig:
             (self.backend in ("torch", "sim"), "backend", "must be 'torch' or 'sim'"),
             (self.dtype in ("float32", "float16", "bfloat16"), "dtype", "must be float32, float16 or bfloat16"),
             (self.attention in ("auto", "torch", "triton"), "attention", "must be auto, torch or triton"),
+            (self.cpu_weights in ("auto", "float32"), "cpu_weights", "must be auto or float32"),
             (0 <= self.port < 65536, "port", "must be in [0, 65536)"),
             (self.block_size > 0, "block_size", "must be > 0"),
             (self.kv_cache_mb > 0 and self.sim_kv_cache_mb > 0, "kv_cache_mb", "must be > 0"),

@@ -1,6 +1,7 @@
 """The torch backend: a real model over the KV pool, on CPU or CUDA."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -9,13 +10,15 @@ from .attention import BatchSeq, TorchAttention
 from .block_allocator import SeqClass, SlotCopy
 from .engine import RunResult, StepItem
 from .kv_cache import KVCache, kv_bytes_per_slot
-from .model.checkpoint import generation_defaults, load_state_dict
+from .model.checkpoint import generation_defaults, load_blocks, load_state_dict
 from .model.config import ModelConfig
 from .model.cpu_decode import MAX_EAGER_LINEAR_ROWS, MAX_NUM_ROWS, CpuDecode, eager_linear
 from .model.fast_decode import FastDecode
 from .model.llama import LlamaModel
 from .model.tokenizer import Tokenizer
 from .sampler import Sampler, SamplingConfig, make_generator
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -24,11 +27,13 @@ class TorchRunner:
     name = "torch"
 
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, weight_blocks: bool = True):
         self.cfg = ModelConfig.from_hf_dir(model_dir)
         self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
         self.model = LlamaModel.from_state_dict(self.cfg, load_state_dict(model_dir), self.dtype, self.device)
         self.model.use_linear(eager_linear(self.model), MAX_EAGER_LINEAR_ROWS)
+        # A GGUF's quantized blocks, for the C++ stack to read instead of fp32 (cpu_decode.py).
+        self._weight_blocks = load_blocks(model_dir) if weight_blocks and self.device.type == "cpu" else {}
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = self.cfg.name
         self.vocab_size = self.cfg.vocab_size
@@ -60,7 +65,9 @@ class TorchRunner:
                              self.cfg.head_dim, self.dtype, self.device)
         self.attn = TorchAttention(self.cache, block_size)
         self.fast_decode = FastDecode(self.model, self.cache.k, self.cache.v, block_size)
-        self.cpu_decode = CpuDecode.create(self.model, self.cache.k, self.cache.v, block_size)
+        self.cpu_decode = CpuDecode.create(self.model, self.cache.k, self.cache.v, block_size, self._weight_blocks)
+        if self.cpu_decode is not None and self.cpu_decode.num_block_matrices:
+            log.info("C++ decode stack: %d matrices read as GGUF blocks", self.cpu_decode.num_block_matrices)
 
     def set_attention(self, backend) -> None:
         """Swap the attention backend (the Triton kernels plug in here)."""

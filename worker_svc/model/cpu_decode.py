@@ -13,6 +13,11 @@ model (with the same GEMM) this saves the per-op overhead a step pays there: on
 SmolLM2-135M, the forward of 4 decodes + an 8 / 32 / 56-token chunk took 30 / 61 / 85 ms
 against 48 / 74 / 104 (docs/performance.md).
 
+With a GGUF model the stack reads the matrices the GGUF quantized in Q4_0, Q4_1 or Q8_0
+as those blocks (the converter keeps them, gguf_convert.BLOCKS_FILE), dequantizing each
+tile into L1 on the way: the same weights bit for bit, so the same outputs bit for bit, at
+a fraction of the bytes a step streams (`--cpu-weights`, docs/performance.md).
+
 Built once per (source, compile flags, torch, python) with torch.utils.cpp_extension and
 cached under the bros cache dir, so a later start only loads the .so. `make install`
 builds it (`python -m worker_svc.model.cpu_decode`); if a build fails the worker logs a
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .llama import LlamaModel
+from .llama import FUSED_MATRICES, LlamaModel, fused_matrix
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +157,12 @@ def eager_linear(model: LlamaModel):
 
 
 class CpuDecode:
-    """Binds a model's fp32 weights and the KV pool to the C++ stack; steps of at most
-    MAX_NUM_ROWS tokens go through `forward` (decode-only, or with prompt tokens as rows of
-    their own), and logits of that many rows through `logits`."""
+    """Binds a model's fp32 weights (or their GGUF blocks) and the KV pool to the C++
+    stack; steps of at most MAX_NUM_ROWS tokens go through `forward` (decode-only, or with
+    prompt tokens as rows of their own), and logits of that many rows through `logits`."""
 
-    def __init__(self, ext, model: LlamaModel, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
+    def __init__(self, ext, model: LlamaModel, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
+                 blocks: dict[str, tuple[torch.Tensor, int]] | None = None):
         cfg, layers = model.cfg, model.layers
         rope = torch.view_as_real(model.rope.freqs).contiguous()          # [P, D/2, (cos, sin)]
         self.model = model
@@ -168,16 +174,56 @@ class CpuDecode:
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, cfg.rms_norm_eps)
         self._linear_small = ext.linear_small
         self._lm_head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        self._lm_head_blocks = None
+        # What a step of up to MAX_BLOCK_ROWS rows streams: the matrices and the LM head,
+        # fp32 or blocks (the norms are noise).
+        self.weight_bytes = sum(_nbytes(getattr(l, f"{which}_proj").weight) for l in layers
+                                for which in FUSED_MATRICES) + _nbytes(self._lm_head)
+        # Matrices read as GGUF blocks, of the 4 per layer + the LM head.
+        self.num_block_matrices = self._use_blocks(ext, blocks or {})
+
+    def _use_blocks(self, ext, blocks: dict[str, tuple[torch.Tensor, int]]) -> int:
+        """Binds every matrix whose parts all have blocks, of one type; the stack checks
+        each against the fp32 weights (the same values bit for bit) before taking it."""
+        if not blocks:
+            return 0
+        cfg = self.model.cfg
+        for layer in range(cfg.num_layers):
+            for which in FUSED_MATRICES:
+                try:  # each block row carries its type in one more byte through the fusion
+                    typed = fused_matrix(cfg, layer, which, lambda name: _typed_rows(blocks[name]))
+                except (KeyError, RuntimeError):  # a part without blocks; parts of other widths
+                    continue
+                types = typed[:, -1].unique()
+                if len(types) != 1:
+                    continue
+                data = typed[:, :-1].contiguous()
+                try:
+                    self.stack.set_blocks(layer, which, data, int(types[0]))
+                except RuntimeError as e:  # not these weights: keep reading fp32
+                    log.warning("layer %d %s: GGUF blocks refused, reading fp32: %s", layer, which, _first_lines(e, 1))
+                    continue
+                self.weight_bytes += _nbytes(data) - _nbytes(getattr(self.model.layers[layer], f"{which}_proj").weight)
+        head = "model.embed_tokens.weight" if self.model.lm_head is None else "lm_head.weight"
+        if head in blocks:
+            data, ggml_type = blocks[head]
+            try:
+                self._lm_head_blocks = ext.BlockLinear(self._lm_head, data, ggml_type, head)
+                self.weight_bytes += _nbytes(data) - _nbytes(self._lm_head)
+            except RuntimeError as e:
+                log.warning("%s: GGUF blocks refused, reading fp32: %s", head, _first_lines(e, 1))
+        return self.stack.num_block_matrices() + (self._lm_head_blocks is not None)
 
     @classmethod
-    def create(cls, model: LlamaModel, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               block_size: int) -> "CpuDecode | None":
+    def create(cls, model: LlamaModel, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
+               blocks: dict[str, tuple[torch.Tensor, int]] | None = None) -> "CpuDecode | None":
         """The C++ path for this model and pool, or None where it does not apply (not fp32
-        on CPU) or the extension is unavailable."""
+        on CPU) or the extension is unavailable. blocks: checkpoint.load_blocks(), read in
+        place of the fp32 matrices they hold (none: fp32 throughout)."""
         if not (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32):
             return None
         ext = extension_for(model)
-        return None if ext is None else cls(ext, model, k_cache, v_cache, block_size)
+        return None if ext is None else cls(ext, model, k_cache, v_cache, block_size, blocks)
 
     def handles(self, num_rows: int) -> bool:
         return 0 < num_rows <= MAX_NUM_ROWS
@@ -190,7 +236,18 @@ class CpuDecode:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab], as LlamaModel.compute_logits."""
+        if self._lm_head_blocks is not None:
+            return self._lm_head_blocks.forward(hidden.contiguous())
         return self._linear_small(hidden.contiguous(), self._lm_head)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _typed_rows(entry: tuple[torch.Tensor, int]) -> torch.Tensor:
+    data, ggml_type = entry
+    return torch.cat([data, torch.full((data.shape[0], 1), ggml_type, dtype=torch.uint8)], dim=1)
 
 
 def main() -> None:

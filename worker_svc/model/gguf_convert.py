@@ -3,6 +3,11 @@
 Dequantizes every tensor, maps llama.cpp names to Hugging Face names, undoes llama.cpp's
 q/k row permutation, and rebuilds the tokenizer (byte-level BPE) and chat template from the
 GGUF metadata. checkpoint.py decides when to run it and caches the result.
+
+Beside the fp32 weights it keeps the GGUF's own blocks of the matrices quantized in a
+type the C++ decode stack reads (Q4_0, Q4_1, Q8_0), under the same names and in the same
+row order, in BLOCKS_FILE: at batch 1 a step streams every weight once, and the blocks
+are 4.5-8.5 bits a weight instead of 32 (csrc/decode.cpp, "GGUF blocks").
 """
 from __future__ import annotations
 
@@ -41,6 +46,12 @@ _LAYER_TENSORS = {
 }
 _LAYER_TENSOR_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
+# The file of GGUF blocks (a safetensors file, not named *.safetensors so that checkpoint
+# loaders do not take its uint8 blocks for weights), and the ggml types kept there (the
+# C++ stack's GgmlType).
+BLOCKS_FILE = "ggml_blocks.st"
+BLOCK_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+
 # Values of `tokenizer.ggml.pre` whose split is llama.cpp's "each digit alone, then GPT-2's
 # regex": the Hugging Face tokenizers of these models say Digits(individual) + ByteLevel.
 _DIGIT_SPLIT_PRES = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
@@ -68,6 +79,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
     tensors = _hf_tensors(reader, meta)
     config = _hf_config(meta, model_name_from_gguf(gguf_path), tie_word_embeddings="lm_head.weight" not in tensors)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    blocks, types = _hf_blocks(reader, meta)
+    if blocks:
+        save_file(blocks, str(out_dir / BLOCKS_FILE), metadata={"format": "ggml-blocks", **types})
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config(meta))
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(meta))
@@ -137,6 +151,27 @@ def _hf_tensors(reader, meta: dict[str, Any]) -> dict[str, np.ndarray]:
             weights = _unpermute_rope_rows(weights, num_kv_heads)
         tensors[_hf_tensor_name(t.name)] = np.ascontiguousarray(weights, dtype=np.float32)
     return tensors
+
+
+def _hf_blocks(reader, meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The GGUF's blocks of every matrix quantized in a BLOCK_TYPES type, [rows, bytes]
+    uint8 under its Hugging Face name, Q and K rows un-permuted as the fp32 weights; and
+    each one's ggml type number (as a string: safetensors metadata)."""
+    num_heads = int(meta["llama.attention.head_count"])
+    num_kv_heads = int(meta.get("llama.attention.head_count_kv", num_heads))
+    blocks, types = {}, {}
+    for t in reader.tensors:
+        if t.tensor_type.name not in BLOCK_TYPES or len(t.shape) != 2:
+            continue
+        rows = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
+        if ".attn_q." in t.name:
+            rows = _unpermute_rope_rows(rows, num_heads)
+        elif ".attn_k." in t.name:
+            rows = _unpermute_rope_rows(rows, num_kv_heads)
+        name = _hf_tensor_name(t.name)
+        blocks[name] = np.ascontiguousarray(rows)
+        types[name] = str(BLOCK_TYPES[t.tensor_type.name])
+    return blocks, types
 
 
 def _hf_tensor_name(gguf_name: str) -> str:

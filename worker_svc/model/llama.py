@@ -68,6 +68,26 @@ def interleave_rope_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.view(num_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+# A layer's matrices as the model holds them (fused), and fused_matrix makes each.
+FUSED_MATRICES = ("qkv", "o", "gate_up", "down")
+
+
+def fused_matrix(cfg: ModelConfig, layer: int, which: str, take) -> torch.Tensor:
+    """Layer `layer`'s matrix `which` from Hugging Face tensors (`take(name)`; rows of any
+    dtype: fp32 weights, or GGUF blocks): q|k|v with q and k rows in interleaved RoPE
+    pairs, o, gate|up, down."""
+    p = f"model.layers.{layer}."
+    if which == "qkv":
+        return torch.cat([interleave_rope_rows(take(p + "self_attn.q_proj.weight"), cfg.num_heads),
+                          interleave_rope_rows(take(p + "self_attn.k_proj.weight"), cfg.num_kv_heads),
+                          take(p + "self_attn.v_proj.weight")])
+    if which == "gate_up":
+        return torch.cat([take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
+    if which in ("o", "down"):
+        return take(p + ("self_attn.o_proj.weight" if which == "o" else "mlp.down_proj.weight"))
+    raise ValueError(f"which must be one of {FUSED_MATRICES}, got {which!r}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Spelled out: on CPU this beats F.rms_norm for batched rows (fewer passes).
     xf = x.float()
@@ -172,13 +192,9 @@ class LlamaModel(nn.Module):
                 p = f"model.layers.{i}."
                 layer.input_norm.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attn_norm.copy_(take(p + "post_attention_layernorm.weight"))
-                layer.qkv_proj.weight.copy_(torch.cat([
-                    interleave_rope_rows(take(p + "self_attn.q_proj.weight"), cfg.num_heads),
-                    interleave_rope_rows(take(p + "self_attn.k_proj.weight"), cfg.num_kv_heads),
-                    take(p + "self_attn.v_proj.weight")]))
-                layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
-                layer.gate_up_proj.weight.copy_(torch.cat(
-                    [take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]))
-                layer.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+                layer.qkv_proj.weight.copy_(fused_matrix(cfg, i, "qkv", take))
+                layer.o_proj.weight.copy_(fused_matrix(cfg, i, "o", take))
+                layer.gate_up_proj.weight.copy_(fused_matrix(cfg, i, "gate_up", take))
+                layer.down_proj.weight.copy_(fused_matrix(cfg, i, "down", take))
         model.init_rope(cfg.max_position_embeddings)
         return model.eval().requires_grad_(False)

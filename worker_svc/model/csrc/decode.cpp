@@ -26,8 +26,9 @@
 //
 // Same math and op order as worker_svc/model/llama.py (interleaved RoPE pairs, keys stored
 // rotated, the pool layout k[layer, slot, kv_head, head_dim]); only float summation order
-// differs. fp32 only. Written with GCC vector extensions, so the same source compiles to
-// AVX-512, AVX2 or SSE2 depending on the -m flags the build chose for this CPU.
+// differs. fp32 math; a matrix may be read as the GGUF's quantized blocks of the same fp32
+// weights (see "GGUF blocks"). Written with GCC vector extensions, so the same source
+// compiles to AVX-512, AVX2 or SSE2 depending on the -m flags the build chose for this CPU.
 
 // Only the headers this file uses: <torch/extension.h> would triple the compile time.
 #include <ATen/Parallel.h>
@@ -119,6 +120,159 @@ constexpr int kMaxRows = 64;    // x rows per call (the tile output buffers are 
 constexpr int kPrefetchRows = 16;
 constexpr int kFloatsPerLine = 16;
 
+// ---------------------------------------------------------------- GGUF blocks
+//
+// A GGUF model's matrices come quantized in blocks of 32 weights along a row (K). The
+// converter dequantizes them to fp32 for the rest of the worker, but at batch 1 a step's
+// floor is the read of every weight, and the blocks are 4.5-8.5 bits a weight instead of
+// 32. So the stack can read a matrix as its blocks: each tile's rows are dequantized into
+// a scratch buffer of the thread's (L1/L2) and the same fp32 tiles run on it. The
+// dequantization is gguf-py's, op for op (below), so every weight is the fp32 weight
+// bit for bit and the outputs are those of the fp32 matrices bit for bit;
+// DecodeStack::set_blocks checks the first before it takes a matrix.
+//
+//   Q4_0 (18 bytes): f16 d, 16 bytes q        w[j] = d * (q_j - 8)
+//   Q4_1 (20 bytes): f16 d, f16 m, 16 bytes q  w[j] = d * q_j + m   (the product rounded)
+//   Q8_0 (34 bytes): f16 d, 32 int8 q          w[j] = q_j * d
+//   4-bit q_j: low nibble of byte j for j < 16, high nibble of byte j - 16 after.
+
+enum GgmlType : int { kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };  // ggml's numbering
+constexpr int64_t kBlockWeights = 32;
+
+inline int64_t block_bytes(int type) {
+  switch (type) {
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ8_0: return 34;
+  }
+  return 0;
+}
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in fp32
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+// The product stays rounded before the add: with FMA contraction d * q + m would round
+// once, and the weights would differ from gguf-py's in the last bit.
+template <typename T>
+inline T rounded(T p) {
+  asm("" : "+x"(p));
+  return p;
+}
+
+#if defined(__AVX2__)
+// 8 bytes (the low half of b) -> 8 floats.
+inline __m256 bytes_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+inline __m256 sbytes_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+#endif
+
+void dequant_block(int type, const uint8_t* b, float* out) {
+  const float d = half_to_float(b);
+#if defined(__AVX2__)
+  const __m256 dv = _mm256_set1_ps(d);
+  if (type == kQ8_0) {
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
+    _mm256_storeu_ps(out, _mm256_mul_ps(sbytes_to_ps(q0), dv));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(sbytes_to_ps(_mm_unpackhi_epi64(q0, q0)), dv));
+    _mm256_storeu_ps(out + 16, _mm256_mul_ps(sbytes_to_ps(q1), dv));
+    _mm256_storeu_ps(out + 24, _mm256_mul_ps(sbytes_to_ps(_mm_unpackhi_epi64(q1, q1)), dv));
+    return;
+  }
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (type == kQ4_1 ? 4 : 2)));
+  const __m128i nib = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(q, nib), hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
+  const __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+  if (type == kQ4_0) {
+    const __m256 eight = _mm256_set1_ps(8.f);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_sub_ps(bytes_to_ps(parts[i]), eight), dv));
+  } else {
+    const __m256 mv = _mm256_set1_ps(half_to_float(b + 2));
+    for (int i = 0; i < 4; ++i)
+      _mm256_storeu_ps(out + 8 * i, _mm256_add_ps(rounded(_mm256_mul_ps(bytes_to_ps(parts[i]), dv)), mv));
+  }
+#else
+  if (type == kQ8_0) {
+    for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
+    return;
+  }
+  const float m = type == kQ4_1 ? half_to_float(b + 2) : 0.f;
+  const uint8_t* qs = b + (type == kQ4_1 ? 4 : 2);
+  for (int j = 0; j < 32; ++j) {
+    const float q = static_cast<float>(j < 16 ? qs[j] & 15 : qs[j - 16] >> 4);
+    out[j] = type == kQ4_0 ? (q - 8.f) * d : rounded(q * d) + m;
+  }
+#endif
+}
+
+// Steps of up to this many rows read a matrix's blocks where it has them, larger ones
+// its fp32 rows. Past a few rows the tiles stop waiting on DRAM and start waiting on the
+// FMA units, and dequantizing is more work for them: measured on SmolLM2-135M (2 cores,
+// AVX2), decode steps with blocks against fp32: 15.3 / 22.6 ms at 1 row, 21.6 / 23.7 at
+// 2, 27.4 / 28.8 at 4, 43.0 / 37.8 at 8, 139 / 122 at 32 (docs/performance.md).
+constexpr int kMaxBlockRows = 4;
+
+// A weight matrix [N, K] as the GEMV reads it: fp32 rows, or GGUF blocks (row n is
+// row_bytes bytes at blocks + n * row_bytes) dequantized a row at a time.
+struct Matrix {
+  const float* f32 = nullptr;      // always there
+  const uint8_t* blocks = nullptr;  // where the matrix has blocks
+  int type = kF32;
+  int64_t row_bytes = 0;
+
+  bool is_f32() const { return blocks == nullptr; }
+  // How a step of S rows reads it.
+  Matrix for_rows(int64_t S) const { return S <= kMaxBlockRows ? *this : Matrix{f32}; }
+
+  // Row n's K floats: in place, or dequantized into scratch. Also asks for the row
+  // kPrefetchRows on (the fp32 tiles do that themselves for fp32 rows).
+  const float* row(int64_t n, int64_t K, float* scratch) const {
+    if (is_f32()) return f32 + n * K;
+    const uint8_t* p = blocks + n * row_bytes;
+    for (int64_t i = 0; i < row_bytes; i += 64) __builtin_prefetch(p + kPrefetchRows * row_bytes + i, 0, 2);
+    const int64_t bb = block_bytes(type);
+    for (int64_t k = 0; k < K; k += kBlockWeights) dequant_block(type, p + (k / kBlockWeights) * bb, scratch + k);
+    return scratch;
+  }
+};
+
+// The fp32 matrix f32 [N, K] read as `blocks` of ggml type `type`, after checking that
+// every row dequantizes to f32's row bit for bit (name says which matrix in an error).
+Matrix checked_blocks(const Tensor& f32, const Tensor& blocks, int64_t type, const std::string& name) {
+  const int64_t bb = block_bytes(static_cast<int>(type));
+  TORCH_CHECK(bb > 0, name, ": ggml type ", type, " is not one the stack reads (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)");
+  const int64_t N = f32.size(0), K = f32.size(1);
+  TORCH_CHECK(K % kBlockWeights == 0, name, ": K = ", K, " is not a multiple of ", kBlockWeights);
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  blocks.dim() == 2 && blocks.size(0) == N && blocks.size(1) == K / kBlockWeights * bb,
+              name, ": blocks must be a contiguous uint8 CPU tensor [", N, ", ", K / kBlockWeights * bb, "], got ",
+              blocks.sizes());
+  const Matrix m{f32.data_ptr<float>(), blocks.data_ptr<uint8_t>(), static_cast<int>(type), K / kBlockWeights * bb};
+  std::vector<float> row(K);
+  const float* w = f32.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    m.row(n, K, row.data());
+    TORCH_CHECK(std::memcmp(row.data(), w + n * K, K * sizeof(float)) == 0, name, ": row ", n,
+                " of the blocks does not dequantize to the fp32 weights");
+  }
+  return m;
+}
+
 // y[s * R + r] = dot(x[s], rows[r]) for s < S, r < R; rows[r] holds K floats.
 // S * R accumulators stay in registers for the whole K loop (at most 16 + R + 1 <= 32).
 template <int S, int R, bool kPrefetch>
@@ -177,7 +331,8 @@ inline void group_dot(int sg, const float* const* rows, int R, int64_t K, const 
 }
 
 // y[s][r] (row stride R) for all S rows of x against R <= kTileRows weight rows.
-void block_dot(const float* const* rows, int R, int64_t K, const float* x, int64_t ldx, int S, float* y) {
+void block_dot(const float* const* rows, int R, int64_t K, const float* x, int64_t ldx, int S, bool prefetch,
+               float* y) {
   float part[kMaxTileX * kTileRows];
   for (int s0 = 0; s0 < S; s0 += kMaxTileX) {
     const int sg = std::min(kMaxTileX, S - s0);
@@ -187,7 +342,7 @@ void block_dot(const float* const* rows, int R, int64_t K, const float* x, int64
     for (int h = 0; h < halves; ++h) {
       const int r0 = h * 4, rn = halves == 1 ? R : (h == 0 ? 4 : R - 4);
       // Only the first group of x rows prefetches: the others find the tile in L1.
-      if (s0 == 0)
+      if (s0 == 0 && prefetch)
         group_dot<true>(sg, rows + r0, rn, K, xs, ldx, part);
       else
         group_dot<false>(sg, rows + r0, rn, K, xs, ldx, part);
@@ -241,10 +396,10 @@ inline void tile_bc_r(const float* const* rows, int R, int64_t K, const float* x
 
 // y[r * ld + s] for every x row (x by column, ld = the padded row count) against R weight
 // rows: 32 x rows per pass, the weights of passes after the first from L1.
-void block_bc(const float* const* rows, int R, int64_t K, const float* xT, int64_t ld, float* y) {
+void block_bc(const float* const* rows, int R, int64_t K, const float* xT, int64_t ld, bool prefetch, float* y) {
   for (int64_t s0 = 0; s0 < ld; s0 += 2 * VW) {
     const bool two = ld - s0 > VW;
-    if (s0 == 0)
+    if (s0 == 0 && prefetch)
       two ? tile_bc_r<2, true>(rows, R, K, xT, ld, y, ld) : tile_bc_r<1, true>(rows, R, K, xT, ld, y, ld);
     else
       two ? tile_bc_r<2, false>(rows, R, K, xT + s0, ld, y + s0, ld)
@@ -275,28 +430,32 @@ struct TileOut {
 };
 
 // The R weight rows' dot products with every row of x, by whichever tile x's layout
-// calls for; y has room for kMaxRows * kTileRows outputs.
-inline TileOut tile_dot(const float* const* rows, int R, int64_t K, const Operand& x, int S, float* y) {
+// calls for; y has room for kMaxRows * kTileRows outputs. prefetch: the rows are in DRAM
+// and the next tiles' rows lie kPrefetchRows * K floats after them (fp32 weights), not
+// freshly dequantized into a scratch buffer.
+inline TileOut tile_dot(const float* const* rows, int R, int64_t K, const Operand& x, int S, bool prefetch,
+                        float* y) {
   if (x.by_col) {
-    block_bc(rows, R, K, x.p, x.ld, y);
+    block_bc(rows, R, K, x.p, x.ld, prefetch, y);
     return {y, 1, x.ld};
   }
-  block_dot(rows, R, K, x.p, x.ld, S, y);
+  block_dot(rows, R, K, x.p, x.ld, S, prefetch, y);
   return {y, R, 1};
 }
 
 // y = x @ W^T for W [N, K], tiles [t0, t1) of kTileRows rows each; epi(n0, R, TileOut)
-// runs while the tile's outputs are in L1.
+// runs while the tile's outputs are in L1. scratch: kTileRows * K floats of this thread's
+// (where W's rows are dequantized).
 template <typename Epi>
-void gemv_tiles(const float* W, int64_t N, int64_t K, const Operand& x, int S, int64_t t0, int64_t t1,
-                Epi&& epi) {
+void gemv_tiles(const Matrix& W, int64_t N, int64_t K, const Operand& x, int S, int64_t t0, int64_t t1,
+                float* scratch, Epi&& epi) {
   float y[kMaxRows * kTileRows];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * kTileRows;
     const int R = static_cast<int>(std::min<int64_t>(kTileRows, N - n0));
     const float* rows[kTileRows];
-    for (int r = 0; r < R; ++r) rows[r] = W + (n0 + r) * K;
-    epi(n0, R, tile_dot(rows, R, K, x, S, y));
+    for (int r = 0; r < R; ++r) rows[r] = W.row(n0 + r, K, scratch + r * K);
+    epi(n0, R, tile_dot(rows, R, K, x, S, W.is_f32(), y));
   }
 }
 
@@ -510,9 +669,32 @@ class DecodeStack {
     check_f32(v_cache, {L_, k_cache.size(1), Hkv_, D_}, "v_cache");
     TORCH_CHECK(k_cache.size(1) % B_ == 0, "pool slots must be whole blocks");
     for (int64_t l = 0; l < L_; ++l)
-      layers_.push_back({input_norms_[l].data_ptr<float>(), qkv_[l].data_ptr<float>(), o_[l].data_ptr<float>(),
-                         post_norms_[l].data_ptr<float>(), gate_up_[l].data_ptr<float>(),
-                         down_[l].data_ptr<float>()});
+      layers_.push_back({input_norms_[l].data_ptr<float>(), {qkv_[l].data_ptr<float>()}, {o_[l].data_ptr<float>()},
+                         post_norms_[l].data_ptr<float>(), {gate_up_[l].data_ptr<float>()},
+                         {down_[l].data_ptr<float>()}});
+  }
+
+  // From now on read layer l's matrix `which` (qkv, o, gate_up, down) as GGUF blocks of
+  // ggml type `type`: blocks [N, K / 32 * block bytes] uint8, its rows the fp32 matrix's
+  // rows in the same order. Every row is dequantized and compared with the fp32 row first:
+  // blocks that are not exactly these weights (a wrong row order, another file) are refused.
+  void set_blocks(int64_t l, const std::string& which, Tensor blocks, int64_t type) {
+    TORCH_CHECK(l >= 0 && l < L_, "layer ", l, " is outside [0, ", L_, ")");
+    LayerWeights& w = layers_[l];
+    Matrix* m = which == "qkv" ? &w.qkv : which == "o" ? &w.o : which == "gate_up" ? &w.gate_up
+                : which == "down" ? &w.down : nullptr;
+    TORCH_CHECK(m != nullptr, "which must be qkv, o, gate_up or down, got '", which, "'");
+    const Tensor& f32 = which == "qkv" ? qkv_[l] : which == "o" ? o_[l] : which == "gate_up" ? gate_up_[l] : down_[l];
+    *m = checked_blocks(f32, blocks, type, which + " of layer " + std::to_string(l));
+    kept_blocks_.push_back(blocks);
+  }
+
+  // How many of the 4 L matrices are read as blocks.
+  int64_t num_block_matrices() const {
+    int64_t n = 0;
+    for (const LayerWeights& w : layers_)
+      for (const Matrix* m : {&w.qkv, &w.o, &w.gate_up, &w.down}) n += !m->is_f32();
+    return n;
   }
 
   // input_ids, positions, slot_mapping [S] int64; blocks [S, nb] int64; mask [S, nb * B]
@@ -572,6 +754,9 @@ class DecodeStack {
     std::vector<float> h(static_cast<size_t>(nt) * rows_pad * hidden_);
     std::vector<float> scores(static_cast<size_t>(nt) * st.nb * B_), head_out(static_cast<size_t>(nt) * D_);
     std::vector<int64_t> slots(static_cast<size_t>(nt) * st.nb * B_);
+    // A tile's weight rows dequantized (GGUF blocks), per thread.
+    const int64_t max_k = std::max({hidden_, q_size, I_});
+    std::vector<float> scratch(static_cast<size_t>(nt) * kTileRows * max_k);
     const Operand attn_in = Operand::make(attn.data(), q_size, S), act_in = Operand::make(act.data(), I_, S);
 
     // Chunks per phase; a GEMV chunk is `tpc` tiles.
@@ -582,6 +767,10 @@ class DecodeStack {
     const int num_phases = static_cast<int>(L_ * kPhasesPerLayer + 1);  // + the final norm
     auto num_chunks = [&](int p) { return p == num_phases - 1 ? int64_t{S} : chunks[p % kPhasesPerLayer]; };
     PhaseBoard board(num_phases, nt);
+    std::vector<LayerWeights> weights;  // the matrices as this step reads them (blocks or fp32)
+    for (const LayerWeights& w : layers_)
+      weights.push_back({w.input_norm, w.qkv.for_rows(S), w.o.for_rows(S), w.post_norm, w.gate_up.for_rows(S),
+                         w.down.for_rows(S)});
 
 #pragma omp parallel num_threads(nt)
     {
@@ -590,11 +779,12 @@ class DecodeStack {
       float* my_scores = scores.data() + static_cast<size_t>(tid) * st.nb * B_;
       float* my_head_out = head_out.data() + static_cast<size_t>(tid) * D_;
       int64_t* my_slots = slots.data() + static_cast<size_t>(tid) * st.nb * B_;
+      float* my_scratch = scratch.data() + static_cast<size_t>(tid) * kTileRows * max_k;
       const float* rope = rope_.data_ptr<float>();
 
       auto enter = [&](int p) {
         if (p == num_phases - 1) return;
-        const LayerWeights& w = layers_[p / kPhasesPerLayer];
+        const LayerWeights& w = weights[p / kPhasesPerLayer];
         const int phase = p % kPhasesPerLayer;
         if (phase == kQkv || phase == kMlp)
           for (int s = 0; s < S; ++s)
@@ -607,13 +797,13 @@ class DecodeStack {
           return;
         }
         const int64_t l = p / kPhasesPerLayer;
-        const LayerWeights& w = layers_[l];
+        const LayerWeights& w = weights[l];
         float* kc = k_cache_.data_ptr<float>() + l * k_cache_.stride(0);
         float* vc = v_cache_.data_ptr<float>() + l * v_cache_.stride(0);
         switch (p % kPhasesPerLayer) {
           case kQkv:
             gemv_tiles(w.qkv, nqkv, hidden_, h_in, S, c * tpc_h, std::min(ceil_div(nqkv, kTileRows), (c + 1) * tpc_h),
-                       [&](int64_t n0, int R, const TileOut& y) {
+                       my_scratch, [&](int64_t n0, int R, const TileOut& y) {
                          for (int s = 0; s < S; ++s) {
                            const float* cs = rope + st.positions[s] * D_;  // [D/2, 2]
                            const int64_t slot = st.slot_mapping[s];
@@ -637,18 +827,19 @@ class DecodeStack {
             return;
           case kO:
             gemv_tiles(w.o, hidden_, q_size, attn_in, S, c * tpc_q,
-                       std::min(ceil_div(hidden_, kTileRows), (c + 1) * tpc_q),
+                       std::min(ceil_div(hidden_, kTileRows), (c + 1) * tpc_q), my_scratch,
                        [&](int64_t n0, int R, const TileOut& y) {
                          for (int s = 0; s < S; ++s)
                            for (int r = 0; r < R; ++r) x[s * hidden_ + n0 + r] += y(s, r);
                        });
             return;
           case kMlp:
-            mlp_tiles(w.gate_up, h_in, S, c * tpc_h, std::min(ceil_div(I_, kHalf), (c + 1) * tpc_h), act_in);
+            mlp_tiles(w.gate_up, h_in, S, c * tpc_h, std::min(ceil_div(I_, kHalf), (c + 1) * tpc_h), act_in,
+                      my_scratch);
             return;
           case kDown:
             gemv_tiles(w.down, hidden_, I_, act_in, S, c * tpc_i, std::min(ceil_div(hidden_, kTileRows), (c + 1) * tpc_i),
-                       [&](int64_t n0, int R, const TileOut& y) {
+                       my_scratch, [&](int64_t n0, int R, const TileOut& y) {
                          for (int s = 0; s < S; ++s)
                            for (int r = 0; r < R; ++r) x[s * hidden_ + n0 + r] += y(s, r);
                        });
@@ -662,7 +853,8 @@ class DecodeStack {
 
   // act[:, c0 : c0 + kHalf] = silu(h @ Wgate^T) * (h @ Wup^T) for mlp tiles [t0, t1): a tile
   // holds gate rows c0.. and up rows c0.. (gate_up is [gate; up], each [I, hidden]).
-  void mlp_tiles(const float* gu, const Operand& h, int S, int64_t t0, int64_t t1, const Operand& act) const {
+  void mlp_tiles(const Matrix& gu, const Operand& h, int S, int64_t t0, int64_t t1, const Operand& act,
+                 float* scratch) const {
     constexpr int kHalf = kTileRows / 2;
     float buf[kMaxRows * kTileRows];
     for (int64_t t = t0; t < t1; ++t) {
@@ -670,10 +862,10 @@ class DecodeStack {
       const int half = static_cast<int>(std::min<int64_t>(kHalf, I_ - c0));
       const float* rows[kTileRows];
       for (int r = 0; r < half; ++r) {
-        rows[r] = gu + (c0 + r) * hidden_;
-        rows[half + r] = gu + (I_ + c0 + r) * hidden_;
+        rows[r] = gu.row(c0 + r, hidden_, scratch + r * hidden_);
+        rows[half + r] = gu.row(I_ + c0 + r, hidden_, scratch + (half + r) * hidden_);
       }
-      const TileOut y = tile_dot(rows, 2 * half, hidden_, h, S, buf);
+      const TileOut y = tile_dot(rows, 2 * half, hidden_, h, S, gu.is_f32(), buf);
       for (int s = 0; s < S; ++s)
         for (int r = 0; r < half; ++r) act.at(s, c0 + r) = silu(y(s, r)) * y(s, half + r);
     }
@@ -763,34 +955,36 @@ class DecodeStack {
   }
 
   struct LayerWeights {
-    const float *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
+    const float* input_norm;
+    Matrix qkv, o;
+    const float* post_norm;
+    Matrix gate_up, down;
   };
 
   // The tensors keep the weights alive; layers_ points into them.
   Tensor embed_, rope_, final_norm_;
   std::vector<Tensor> input_norms_, qkv_, o_, post_norms_, gate_up_, down_;
   std::vector<LayerWeights> layers_;
+  std::vector<Tensor> kept_blocks_;  // the blocks layers_ points into
   Tensor k_cache_, v_cache_;
   int64_t L_, H_, Hkv_, D_, B_, hidden_, I_;
   float eps_;
 };
 
-// x [N, K] @ w[V, K]^T -> [N, V], the GEMV tiles over all threads (the tied LM head at small N).
-Tensor linear_small(Tensor x, Tensor w) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.is_contiguous() &&
-                  w.is_contiguous() && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) &&
-                  x.device().is_cpu() && w.device().is_cpu(),
-              "linear_small needs contiguous float32 CPU x [N, K] and w [V, K]");
-  const int64_t N = x.size(0), K = x.size(1), V = w.size(0);
+// x [N, K] @ W[V, K]^T -> [N, V], the GEMV tiles over all threads (the tied LM head at
+// small N, the eager model's matmuls up to MAX_EAGER_LINEAR_ROWS rows).
+Tensor linear_rows(const Tensor& x, const Matrix& W, int64_t V) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.device().is_cpu(),
+              "x must be a contiguous float32 CPU tensor [N, K]");
+  const int64_t N = x.size(0), K = x.size(1);
   auto y = at::empty({N, V}, x.options());
   if (N == 0) return y;
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
   pybind11::gil_scoped_release no_gil;
   // One phase per kMaxRows rows of x, each an operand of its own (by column from
-  // kBcastRows rows on); each chunk streams a stretch of w once for the phase's rows.
+  // kBcastRows rows on); each chunk streams a stretch of W once for the phase's rows.
   const int num_phases = static_cast<int>(ceil_div(N, kMaxRows));
   std::vector<std::vector<float>> by_col(num_phases);  // zero-padded copies for column operands
   std::vector<Operand> in;
@@ -805,21 +999,54 @@ Tensor linear_small(Tensor x, Tensor w) {
       for (int64_t k = 0; k < K; ++k) in.back().at(s, k) = xp[(n0 + s) * K + k];
   }
   const int64_t tpc = tiles_per_chunk(K), num_tiles = ceil_div(V, kTileRows);
+  std::vector<float> scratch(W.is_f32() ? 0 : static_cast<size_t>(nt) * kTileRows * K);
   PhaseBoard board(num_phases, nt);
 #pragma omp parallel num_threads(nt)
-  work_phases(
-      board, num_phases, omp_get_thread_num(), [&](int) { return ceil_div(num_tiles, tpc); }, [](int) {},
-      [&](int p, int64_t c) {
-        const int64_t n0 = p * kMaxRows;
-        const int S = static_cast<int>(std::min<int64_t>(kMaxRows, N - n0));
-        gemv_tiles(wp, V, K, in[p], S, c * tpc, std::min(num_tiles, (c + 1) * tpc),
-                   [&](int64_t v0, int R, const TileOut& t) {
-                     for (int s = 0; s < S; ++s)
-                       for (int r = 0; r < R; ++r) yp[(n0 + s) * V + v0 + r] = t(s, r);
-                   });
-      });
+  {
+    const int tid = omp_get_thread_num();
+    float* my_scratch = W.is_f32() ? nullptr : scratch.data() + static_cast<size_t>(tid) * kTileRows * K;
+    work_phases(
+        board, num_phases, tid, [&](int) { return ceil_div(num_tiles, tpc); }, [](int) {},
+        [&](int p, int64_t c) {
+          const int64_t n0 = p * kMaxRows;
+          const int S = static_cast<int>(std::min<int64_t>(kMaxRows, N - n0));
+          gemv_tiles(W, V, K, in[p], S, c * tpc, std::min(num_tiles, (c + 1) * tpc), my_scratch,
+                     [&](int64_t v0, int R, const TileOut& t) {
+                       for (int s = 0; s < S; ++s)
+                         for (int r = 0; r < R; ++r) yp[(n0 + s) * V + v0 + r] = t(s, r);
+                     });
+        });
+  }
   return y;
 }
+
+Tensor linear_small(Tensor x, Tensor w) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.device().is_cpu() &&
+                  x.dim() == 2 && x.size(1) == w.size(1),
+              "linear_small needs contiguous float32 CPU x [N, K] and w [V, K]");
+  return linear_rows(x, Matrix{w.data_ptr<float>()}, w.size(0));
+}
+
+// A matrix read as GGUF blocks (the LM head): checked against its fp32 weights once, at
+// construction, then x @ W^T through the same tiles as linear_small, bit for bit its result.
+class BlockLinear {
+ public:
+  BlockLinear(Tensor w, Tensor blocks, int64_t type, std::string name)
+      : blocks_(blocks), V_(w.size(0)), K_(w.size(1)) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.device().is_cpu(),
+                name, ": w must be a contiguous float32 CPU tensor [V, K]");
+    m_ = checked_blocks(w, blocks, type, name);
+  }
+  Tensor forward(Tensor x) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x must be [N, ", K_, "]");
+    return linear_rows(x, m_.for_rows(x.size(0)), V_);
+  }
+
+ private:
+  Tensor blocks_;  // m_ points into it
+  Matrix m_;
+  int64_t V_, K_;
+};
 
 std::string isa() {
 #if defined(__AVX512F__)
@@ -839,7 +1066,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                           std::vector<Tensor>, std::vector<Tensor>, Tensor, Tensor,
                           int64_t, int64_t, int64_t, int64_t, double>())
-      .def("forward", &DecodeStack::forward);
+      .def("forward", &DecodeStack::forward)
+      .def("set_blocks", &DecodeStack::set_blocks)
+      .def("num_block_matrices", &DecodeStack::num_block_matrices);
+  pybind11::class_<BlockLinear>(m, "BlockLinear", pybind11::module_local())
+      .def(pybind11::init<Tensor, Tensor, int64_t, std::string>())
+      .def("forward", &BlockLinear::forward);
   m.def("linear_small", &linear_small);
   m.def("isa", &isa);
+  m.attr("MAX_BLOCK_ROWS") = kMaxBlockRows;
 }
