@@ -354,15 +354,29 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _abort_if_abandoned(self, rid: str, attach: int) -> None:
         """A Generate stream that ended early, the attach-th to its request: after
         resume_grace_s the request is aborted unless a Generate has resumed it since or it
-        was Submitted. A Watch only looks on: it keeps nothing alive. Lost if this replica
-        exits first: the request then runs to its end (or its deadline)."""
+        was Submitted. A Watch only looks on: it keeps nothing alive. With Redis away when
+        the grace ends, retried with backoff for redis_retry_s (as streams wait for it).
+        Lost if this replica exits first, or Redis stays away longer: the request then
+        runs to its end (or its deadline)."""
+        if self.cfg.resume_grace_s > 0:
+            await asyncio.sleep(self.cfg.resume_grace_s)
+        deadline = time.monotonic() + self.cfg.redis_retry_s
+        delay = 0.1
+        while True:
+            try:
+                aborted = await self.store.abort_abandoned(rid, attach)
+                break
+            except RedisError as e:
+                if time.monotonic() + delay > deadline:
+                    log.warning("could not abort %s after its client left: %s", rid, e)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         try:
-            if self.cfg.resume_grace_s > 0:
-                await asyncio.sleep(self.cfg.resume_grace_s)
-            if await self.store.abort_abandoned(rid, attach) and self.metrics is not None:
+            if aborted and self.metrics is not None:
                 await self._count_queued_abort(rid)
-        except RedisError as e:  # the request runs on; its deadline (if any) still ends it
-            log.warning("could not abort %s after its client left: %s", rid, e)
+        except RedisError as e:  # only a metric lost
+            log.warning("could not count the abort of %s: %s", rid, e)
 
     async def _count_queued_abort(self, rid: str) -> None:
         """An abort that finished a queued request at once is counted here (one running on

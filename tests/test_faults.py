@@ -164,3 +164,45 @@ def test_redis_killed_and_restarted_from_aof_loses_nothing(tmp_path, appendfsync
     for i, events in replay.items():
         tokens = [t for ev in events if hasattr(ev, "token_ids") for t in ev.token_ids]
         assert len(tokens) == 8 and events[-1].finish_reason == "length", (i, events)
+
+
+def test_a_stream_abandoned_while_redis_is_away_is_aborted_once_it_is_back(tmp_path):
+    """A Generate cancelled mid-stream, then Redis killed before the resume grace ends: the
+    abort that the grace's end owes the request waits for Redis (retried with backoff for
+    --redis-retry-s) instead of being dropped, and the request ends ABORT, not LENGTH."""
+    import grpc
+
+    from bros.v1 import inference_pb2 as ipb
+    from bros.v1 import inference_pb2_grpc
+    from bros.v1 import types_pb2 as tpb
+
+    data = tmp_path / "redis"
+    data.mkdir()
+    redis_server = EmbeddedRedis(port=free_port(), data_dir=str(data), appendonly=True,
+                                 appendfsync="always").start()
+    worker = Worker(tmp_path, *SIM).start()
+    sched = Scheduler(tmp_path, redis_server.url, [worker.address], "--resume-grace-s", "1").start()
+    channel = grpc.insecure_channel(sched.address)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        call = stub.Generate(ipb.GenerateRequest(
+            request_id="left-while-redis-away", token_ids=ipb.TokenIds(ids=[5, 6, 7, 8]),
+            service_class=tpb.REALTIME, ttft_ms=60_000, tpot_ms=60_000,
+            sampling=tpb.SamplingParams(max_tokens=4000, temperature=0.0)))
+        assert next(call).HasField("chunk")
+        call.cancel()
+        redis_server.kill()
+        time.sleep(3.0)            # the grace (1 s) ends while Redis is away
+        redis_server.start()       # same port, same dir: replays the AOF
+        wait_until(lambda: health_status(sched.address) == "SERVING", 30, "SERVING again")
+        final = None
+        for msg in stub.Watch(ipb.WatchRequest(request_id="left-while-redis-away", wait=True), timeout=120):
+            if msg.HasField("final"):
+                final = msg.final
+    finally:
+        channel.close()
+        sched.stop()
+        worker.stop()
+        redis_server.stop()
+    assert final is not None and final.finish_reason == tpb.ABORT, final
+    assert final.num_output_tokens < 4000
