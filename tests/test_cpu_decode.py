@@ -436,26 +436,29 @@ def test_the_worker_reads_the_ggufs_blocks_unless_told_float32(torch_runner, mod
 
 
 def test_gguf_blocks_give_the_fp32_stack_bit_for_bit(ext, torch_runner, gguf_blocks):
-    """The blocks dequantize to the fp32 weights bit for bit and run through the same tiles,
-    so steps of up to MAX_BLOCK_ROWS rows (blocks) and larger ones (fp32) give exactly the
-    fp32 stack's hidden states, logits and K/V writes."""
+    """The blocks dequantize to the fp32 weights bit for bit and run through the same FMAs
+    (in registers on AVX2 builds, through a scratch buffer on the others), so steps of up to
+    MAX_BLOCK_ROWS rows (blocks) and larger ones (fp32) give exactly the fp32 stack's
+    hidden states, logits and K/V writes."""
     model, cache = torch_runner.model, torch_runner.cache
     blocks = CpuDecode(ext, model, cache.k, cache.v, 16, gguf_blocks)
     fp32 = CpuDecode(ext, model, cache.k, cache.v, 16)
     assert blocks.num_block_matrices == 4 * model.cfg.num_layers + 1 and fp32.num_block_matrices == 0
-    for seed, rows in enumerate([1, 3, ext.MAX_BLOCK_ROWS, ext.MAX_BLOCK_ROWS + 1]):
+    for seed, rows in enumerate([1, 2, 3, ext.MAX_BLOCK_ROWS, ext.MAX_BLOCK_ROWS + 1]):
         step = blocks_step(cache, rows, seed)
         for a, b in zip(run_stack(blocks, cache, step), run_stack(fp32, cache, step)):
             assert torch.equal(a, b), rows
 
 
-def test_small_steps_read_the_blocks_not_the_fp32_weights(ext, torch_runner, gguf_blocks):
+@pytest.mark.parametrize("rows", [1, 4])
+def test_small_steps_read_the_blocks_not_the_fp32_weights(ext, torch_runner, gguf_blocks, rows):
     """With the fp32 copies of layer 0's o matrix and of the LM head (past the ids the steps
-    embed) zeroed after binding, a step of MAX_BLOCK_ROWS rows is unchanged (it reads their
-    blocks) and one more row is not."""
+    embed) zeroed after binding, a step of 1 or MAX_BLOCK_ROWS rows is unchanged (it
+    reads their blocks), and one of more rows is not."""
+    assert rows in (1, ext.MAX_BLOCK_ROWS)
     model, cache = torch_runner.model, torch_runner.cache
     cpp = CpuDecode(ext, model, cache.k, cache.v, 16, gguf_blocks)
-    small, large = blocks_step(cache, ext.MAX_BLOCK_ROWS, 1), blocks_step(cache, ext.MAX_BLOCK_ROWS + 1, 2)
+    small, large = blocks_step(cache, rows, 1), blocks_step(cache, ext.MAX_BLOCK_ROWS + 1, 2)
     before = {name: run_stack(cpp, cache, step) for name, step in (("small", small), ("large", large))}
     o, head = model.layers[0].o_proj.weight, model.embed_tokens.weight[1000:]   # blocks_step's ids are < 1000
     saved = o.clone(), head.clone()

@@ -171,7 +171,14 @@ inline float half_to_float(const uint8_t* p) {
 // once, and the weights would differ from gguf-py's in the last bit.
 template <typename T>
 inline T rounded(T p) {
-  asm("" : "+x"(p));
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+x"(p));  // p in a vector register, "changed": the add cannot fuse with the multiply
+#elif defined(__aarch64__)
+  asm("" : "+w"(p));
+#else
+  volatile T v = p;
+  p = v;
+#endif
   return p;
 }
 
@@ -179,34 +186,46 @@ inline T rounded(T p) {
 // 8 bytes (the low half of b) -> 8 floats.
 inline __m256 bytes_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 inline __m256 sbytes_to_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+
+// One block's 32 weights into w[0..3] (8 each, in order).
+template <int kType>
+inline void dequant_regs(const uint8_t* b, __m256 w[4]) {
+  const __m256 dv = _mm256_set1_ps(half_to_float(b));
+  if constexpr (kType == kQ8_0) {
+    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
+    w[0] = _mm256_mul_ps(sbytes_to_ps(q0), dv);
+    w[1] = _mm256_mul_ps(sbytes_to_ps(_mm_unpackhi_epi64(q0, q0)), dv);
+    w[2] = _mm256_mul_ps(sbytes_to_ps(q1), dv);
+    w[3] = _mm256_mul_ps(sbytes_to_ps(_mm_unpackhi_epi64(q1, q1)), dv);
+  } else {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (kType == kQ4_1 ? 4 : 2)));
+    const __m128i nib = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(q, nib), hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
+    const __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+    if constexpr (kType == kQ4_0) {
+      const __m256 eight = _mm256_set1_ps(8.f);
+      for (int i = 0; i < 4; ++i) w[i] = _mm256_mul_ps(_mm256_sub_ps(bytes_to_ps(parts[i]), eight), dv);
+    } else {
+      const __m256 mv = _mm256_set1_ps(half_to_float(b + 2));
+      for (int i = 0; i < 4; ++i) w[i] = _mm256_add_ps(rounded(_mm256_mul_ps(bytes_to_ps(parts[i]), dv)), mv);
+    }
+  }
+}
 #endif
 
 void dequant_block(int type, const uint8_t* b, float* out) {
-  const float d = half_to_float(b);
 #if defined(__AVX2__)
-  const __m256 dv = _mm256_set1_ps(d);
-  if (type == kQ8_0) {
-    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
-    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18));
-    _mm256_storeu_ps(out, _mm256_mul_ps(sbytes_to_ps(q0), dv));
-    _mm256_storeu_ps(out + 8, _mm256_mul_ps(sbytes_to_ps(_mm_unpackhi_epi64(q0, q0)), dv));
-    _mm256_storeu_ps(out + 16, _mm256_mul_ps(sbytes_to_ps(q1), dv));
-    _mm256_storeu_ps(out + 24, _mm256_mul_ps(sbytes_to_ps(_mm_unpackhi_epi64(q1, q1)), dv));
-    return;
+  __m256 w[4];
+  switch (type) {
+    case kQ4_0: dequant_regs<kQ4_0>(b, w); break;
+    case kQ4_1: dequant_regs<kQ4_1>(b, w); break;
+    case kQ8_0: dequant_regs<kQ8_0>(b, w); break;
+    default: return;
   }
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (type == kQ4_1 ? 4 : 2)));
-  const __m128i nib = _mm_set1_epi8(15);
-  const __m128i lo = _mm_and_si128(q, nib), hi = _mm_and_si128(_mm_srli_epi16(q, 4), nib);
-  const __m128i parts[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
-  if (type == kQ4_0) {
-    const __m256 eight = _mm256_set1_ps(8.f);
-    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_sub_ps(bytes_to_ps(parts[i]), eight), dv));
-  } else {
-    const __m256 mv = _mm256_set1_ps(half_to_float(b + 2));
-    for (int i = 0; i < 4; ++i)
-      _mm256_storeu_ps(out + 8 * i, _mm256_add_ps(rounded(_mm256_mul_ps(bytes_to_ps(parts[i]), dv)), mv));
-  }
+  for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + 8 * i, w[i]);
 #else
+  const float d = half_to_float(b);
   if (type == kQ8_0) {
     for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
     return;
@@ -223,8 +242,9 @@ void dequant_block(int type, const uint8_t* b, float* out) {
 // Steps of up to this many rows read a matrix's blocks where it has them, larger ones
 // its fp32 rows. Past a few rows the tiles stop waiting on DRAM and start waiting on the
 // FMA units, and dequantizing is more work for them: measured on SmolLM2-135M (2 cores,
-// AVX2), decode steps with blocks against fp32: 15.3 / 22.6 ms at 1 row, 21.6 / 23.7 at
-// 2, 27.4 / 28.8 at 4, 43.0 / 37.8 at 8, 139 / 122 at 32 (docs/performance.md).
+// AVX2), decode steps with blocks (in registers) against fp32: 12.7 / 20.9 ms at 1 row,
+// 19.6 / 27.8 at 4; with blocks up to 8 rows, 35.7 / 34.3 at 5 and 42.3 / 36.9 at 6
+// (docs/performance.md).
 constexpr int kMaxBlockRows = 4;
 
 // A weight matrix [N, K] as the GEMV reads it: fp32 rows, or GGUF blocks (row n is
@@ -443,6 +463,95 @@ inline TileOut tile_dot(const float* const* rows, int R, int64_t K, const Operan
   return {y, R, 1};
 }
 
+// Steps of up to this many rows (x by row) dequantize a block's weights in registers, right
+// into the tile's FMAs, instead of through the scratch buffer: no store and reload per
+// weight. The FMAs are tile()'s, in tile()'s order (k ascending per accumulator, then
+// hsum), so the outputs are still bit for bit those of the fp32 rows. 1-2 x rows take 4
+// weight rows a pass, 3-4 take 2 (S x R accumulators beside the 4 weight vectors in
+// AVX2's 16 registers). With 8 lanes only (AVX-512 builds take the scratch path).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr int kMaxRegTileRows = 4;
+
+// y[s * R + r] = dot(x[s], row r) for the R <= 4 rows whose blocks start at q[r].
+template <int S, int R, int kType>
+inline void tile_q(const uint8_t* const* q, int64_t num_blocks, const float* x, int64_t ldx, float* y) {
+  constexpr int64_t bb = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
+  vf acc[S][R];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) acc[s][r] = vf{};
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const float* xb = x + b * kBlockWeights;
+    for (int r = 0; r < R; ++r) {
+      __m256 w[4];
+      dequant_regs<kType>(q[r] + b * bb, w);
+      for (int i = 0; i < 4; ++i)
+        for (int s = 0; s < S; ++s) acc[s][r] += static_cast<vf>(w[i]) * load(xb + s * ldx + VW * i);
+    }
+  }
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) y[s * R + r] = hsum(acc[s][r]);
+}
+
+template <int S, int kType>
+inline void tile_q_r(const uint8_t* const* q, int R, int64_t num_blocks, const float* x, int64_t ldx, float* y) {
+  switch (R) {
+    case 1: return tile_q<S, 1, kType>(q, num_blocks, x, ldx, y);
+    case 2: return tile_q<S, 2, kType>(q, num_blocks, x, ldx, y);
+    case 3: return tile_q<S, 3, kType>(q, num_blocks, x, ldx, y);
+    default: return tile_q<S, 4, kType>(q, num_blocks, x, ldx, y);
+  }
+}
+
+template <int kType>
+inline void tile_q_sr(const uint8_t* const* q, int S, int R, int64_t num_blocks, const float* x, int64_t ldx,
+                      float* y) {
+  switch (S) {
+    case 1: return tile_q_r<1, kType>(q, R, num_blocks, x, ldx, y);
+    case 2: return tile_q_r<2, kType>(q, R, num_blocks, x, ldx, y);
+    case 3: return R == 1 ? tile_q<3, 1, kType>(q, num_blocks, x, ldx, y) : tile_q<3, 2, kType>(q, num_blocks, x, ldx, y);
+    default: return R == 1 ? tile_q<4, 1, kType>(q, num_blocks, x, ldx, y) : tile_q<4, 2, kType>(q, num_blocks, x, ldx, y);
+  }
+}
+
+// The rows ns[0..R) of a block matrix against S <= kMaxRegTileRows rows of x (by row), 4
+// weight rows at a time; y[s * R + r].
+inline TileOut reg_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, const Operand& x, int S, float* y) {
+  const uint8_t* q[kTileRows];
+  for (int r = 0; r < R; ++r) {
+    q[r] = W.blocks + ns[r] * W.row_bytes;
+    for (int64_t i = 0; i < W.row_bytes; i += 64) __builtin_prefetch(q[r] + kPrefetchRows * W.row_bytes + i, 0, 2);
+  }
+  float part[kMaxRegTileRows * 4];
+  const int step = S <= 2 ? 4 : 2;  // weight rows per pass: S * step accumulators
+  for (int r0 = 0; r0 < R; r0 += step) {
+    const int rn = std::min(step, R - r0);
+    switch (W.type) {
+      case kQ4_0: tile_q_sr<kQ4_0>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
+      case kQ4_1: tile_q_sr<kQ4_1>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
+      default: tile_q_sr<kQ8_0>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
+    }
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < rn; ++r) y[s * R + r0 + r] = part[s * rn + r];
+  }
+  return {y, R, 1};
+}
+#else
+constexpr int kMaxRegTileRows = 0;
+inline TileOut reg_tile(const Matrix&, const int64_t*, int R, int64_t, const Operand&, int, float* y) {
+  return {y, R, 1};
+}
+#endif
+
+// Rows ns[0..R) of W against every row of x: in registers (blocks, few rows), else
+// through tile_dot on the rows as floats (dequantized into scratch where W has blocks).
+inline TileOut matrix_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, const Operand& x, int S,
+                           float* scratch, float* y) {
+  if (!W.is_f32() && S <= kMaxRegTileRows && !x.by_col) return reg_tile(W, ns, R, K, x, S, y);
+  const float* rows[kTileRows];
+  for (int r = 0; r < R; ++r) rows[r] = W.row(ns[r], K, scratch + r * K);
+  return tile_dot(rows, R, K, x, S, W.is_f32(), y);
+}
+
 // y = x @ W^T for W [N, K], tiles [t0, t1) of kTileRows rows each; epi(n0, R, TileOut)
 // runs while the tile's outputs are in L1. scratch: kTileRows * K floats of this thread's
 // (where W's rows are dequantized).
@@ -453,9 +562,9 @@ void gemv_tiles(const Matrix& W, int64_t N, int64_t K, const Operand& x, int S, 
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * kTileRows;
     const int R = static_cast<int>(std::min<int64_t>(kTileRows, N - n0));
-    const float* rows[kTileRows];
-    for (int r = 0; r < R; ++r) rows[r] = W.row(n0 + r, K, scratch + r * K);
-    epi(n0, R, tile_dot(rows, R, K, x, S, W.is_f32(), y));
+    int64_t ns[kTileRows];
+    for (int r = 0; r < R; ++r) ns[r] = n0 + r;
+    epi(n0, R, matrix_tile(W, ns, R, K, x, S, scratch, y));
   }
 }
 
@@ -860,12 +969,12 @@ class DecodeStack {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * kHalf;
       const int half = static_cast<int>(std::min<int64_t>(kHalf, I_ - c0));
-      const float* rows[kTileRows];
+      int64_t ns[kTileRows];
       for (int r = 0; r < half; ++r) {
-        rows[r] = gu.row(c0 + r, hidden_, scratch + r * hidden_);
-        rows[half + r] = gu.row(I_ + c0 + r, hidden_, scratch + (half + r) * hidden_);
+        ns[r] = c0 + r;
+        ns[half + r] = I_ + c0 + r;
       }
-      const TileOut y = tile_dot(rows, 2 * half, hidden_, h, S, gu.is_f32(), buf);
+      const TileOut y = matrix_tile(gu, ns, 2 * half, hidden_, h, S, scratch, buf);
       for (int s = 0; s < S; ++s)
         for (int r = 0; r < half; ++r) act.at(s, c0 + r) = silu(y(s, r)) * y(s, half + r);
     }
