@@ -32,8 +32,9 @@ class TorchRunner:
         self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
         self.model = LlamaModel.from_state_dict(self.cfg, load_state_dict(model_dir), self.dtype, self.device)
         self.model.use_linear(eager_linear(self.model), MAX_EAGER_LINEAR_ROWS)
-        # A GGUF's quantized blocks, for the C++ stack to read instead of fp32 (cpu_decode.py).
-        self._weight_blocks = load_blocks(model_dir) if weight_blocks and self.device.type == "cpu" else {}
+        # Where a GGUF's quantized blocks come from, for the C++ stack to read instead of
+        # fp32 (cpu_decode.py); read when the stack is built, not kept here.
+        self._blocks_dir = model_dir if weight_blocks and self.device.type == "cpu" else None
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = self.cfg.name
         self.vocab_size = self.cfg.vocab_size
@@ -65,7 +66,8 @@ class TorchRunner:
                              self.cfg.head_dim, self.dtype, self.device)
         self.attn = TorchAttention(self.cache, block_size)
         self.fast_decode = FastDecode(self.model, self.cache.k, self.cache.v, block_size)
-        self.cpu_decode = CpuDecode.create(self.model, self.cache.k, self.cache.v, block_size, self._weight_blocks)
+        blocks = load_blocks(self._blocks_dir) if self._blocks_dir is not None else None
+        self.cpu_decode = CpuDecode.create(self.model, self.cache.k, self.cache.v, block_size, blocks)
         if self.cpu_decode is not None and self.cpu_decode.num_block_matrices:
             log.info("C++ decode stack: %d matrices read as GGUF blocks", self.cpu_decode.num_block_matrices)
 
