@@ -1141,7 +1141,7 @@ Tensor linear_small(Tensor x, Tensor w) {
 class BlockLinear {
  public:
   BlockLinear(Tensor w, Tensor blocks, int64_t type, std::string name)
-      : blocks_(blocks), V_(w.size(0)), K_(w.size(1)) {
+      : w_(w), blocks_(blocks), V_(w.size(0)), K_(w.size(1)) {
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.device().is_cpu(),
                 name, ": w must be a contiguous float32 CPU tensor [V, K]");
     m_ = checked_blocks(w, blocks, type, name);
@@ -1152,7 +1152,7 @@ class BlockLinear {
   }
 
  private:
-  Tensor blocks_;  // m_ points into it
+  Tensor w_, blocks_;  // m_ points into both (fp32 rows for larger steps)
   Matrix m_;
   int64_t V_, K_;
 };
