@@ -193,7 +193,8 @@ def test_prefill_steps_take_the_cpp_gemm_up_to_its_row_cap(ext, torch_runner):
     when the step holds at most linear_max_rows tokens, torch's above, with the same
     hidden states and K/V writes as torch's GEMM (a step of prefill chunks, one after
     earlier chunks, and decodes on a poisoned pool)."""
-    assert torch_runner.model.linear is ext.linear_small   # the worker wires it in
+    assert torch_runner.model.linear is ext.linear_small   # the worker wires it in, capped by ISA
+    assert torch_runner.model.linear_max_rows == (512 if ext.isa() == "avx512" else 32)
     model = random_model(ODD, seed=3)
     B = 4
     cache = KVCache(ODD.num_layers, 64 * B, ODD.num_kv_heads, ODD.head_dim, torch.float32)

@@ -12,7 +12,7 @@ from .engine import RunResult, StepItem
 from .kv_cache import KVCache, kv_bytes_per_slot
 from .model.checkpoint import generation_defaults, load_blocks, load_state_dict
 from .model.config import ModelConfig
-from .model.cpu_decode import MAX_EAGER_LINEAR_ROWS, MAX_NUM_ROWS, CpuDecode, eager_linear
+from .model.cpu_decode import MAX_NUM_ROWS, CpuDecode, eager_linear
 from .model.fast_decode import FastDecode
 from .model.llama import LlamaModel
 from .model.tokenizer import Tokenizer
@@ -31,7 +31,7 @@ class TorchRunner:
         self.cfg = ModelConfig.from_hf_dir(model_dir)
         self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
         self.model = LlamaModel.from_state_dict(self.cfg, load_state_dict(model_dir), self.dtype, self.device)
-        self.model.use_linear(eager_linear(self.model), MAX_EAGER_LINEAR_ROWS)
+        self.model.use_linear(*eager_linear(self.model))
         # Where a GGUF's quantized blocks come from, for the C++ stack to read instead of
         # fp32 (cpu_decode.py); read when the stack is built, not kept here.
         self._blocks_dir = model_dir if weight_blocks and self.device.type == "cpu" else None

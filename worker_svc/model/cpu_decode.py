@@ -49,11 +49,15 @@ SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 # prompt tokens the eager model.
 MAX_NUM_ROWS = 64
 # Steps of up to this many tokens run the eager model's matmuls (prefill and mixed steps)
-# through the same GEMM (`linear_small`) instead of torch's MKL GEMM: on this 2-core
-# AVX-512 CPU, SmolLM2-135M's 30 layers of matmuls took 24 ms against MKL's 68 at 8 rows,
-# 161 against 245 at 128, 593 against 790 at 512, and about the same at 1024 (measured,
-# docs/performance.md; why torch's MKL call is this slow at few rows was not pinned down).
-MAX_EAGER_LINEAR_ROWS = 512
+# through the same GEMM (`linear_small`) instead of torch's MKL GEMM, by the build's
+# instruction set. On a 2-core AVX-512 CPU, SmolLM2-135M's 30 layers of matmuls took 24 ms
+# against MKL's 68 at 8 rows, 161 against 245 at 128, 593 against 790 at 512, and about
+# the same at 1024. AVX2 builds have no broadcast tiles (decode.cpp, kBcastRows): on a
+# 2-core AVX2 CPU whole prompt steps took 45 / 104 / 179 ms against MKL's 70 / 114 / 154
+# at 8 / 32 / 64 tokens, and 1,565 against 1,030 at 512 (docs/performance.md; why torch's
+# MKL call is this slow at few rows was not pinned down).
+MAX_EAGER_LINEAR_ROWS = {"avx512": 512}
+MAX_EAGER_LINEAR_ROWS_DEFAULT = 32
 
 # /proc/cpuinfo flag sets, best first, and the gcc flags each one allows. No -march=native:
 # the flags name exactly what this CPU reported, so the build runs on any CPU that has them.
@@ -152,9 +156,12 @@ def extension_for(model: LlamaModel):
 
 
 def eager_linear(model: LlamaModel):
-    """The C++ GEMM for the eager model's matmuls where it applies, else None."""
+    """(the C++ GEMM, the most rows it takes) for the eager model's matmuls where it
+    applies, else (None, 0): LlamaModel.use_linear's arguments."""
     ext = extension_for(model)
-    return None if ext is None else ext.linear_small
+    if ext is None:
+        return None, 0
+    return ext.linear_small, MAX_EAGER_LINEAR_ROWS.get(ext.isa(), MAX_EAGER_LINEAR_ROWS_DEFAULT)
 
 
 class CpuDecode:

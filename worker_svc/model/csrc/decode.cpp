@@ -1081,7 +1081,7 @@ class DecodeStack {
 };
 
 // x [N, K] @ W[V, K]^T -> [N, V], the GEMV tiles over all threads (the tied LM head at
-// small N, the eager model's matmuls up to MAX_EAGER_LINEAR_ROWS rows).
+// small N, the eager model's matmuls up to MAX_EAGER_LINEAR_ROWS rows: cpu_decode.py).
 Tensor linear_rows(const Tensor& x, const Matrix& W, int64_t V) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.device().is_cpu(),
               "x must be a contiguous float32 CPU tensor [N, K]");
