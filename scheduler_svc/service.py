@@ -313,15 +313,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _outlasting_redis(self, read, context, after_index: int):
         """A stream rides out a Redis restart: retry with backoff for redis_retry_s, then
         UNAVAILABLE (the client resumes after the last index it saw)."""
+        try:
+            return await self._retrying_redis(read)
+        except RedisError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"state store unavailable ({type(e).__name__}); resume after index {after_index}")
+
+    async def _retrying_redis(self, call):
+        """await call() until Redis answers, with backoff, for up to redis_retry_s; then
+        the last RedisError."""
         deadline = time.monotonic() + self.cfg.redis_retry_s
         delay = 0.1
         while True:
             try:
-                return await read()
-            except RedisError as e:
+                return await call()
+            except RedisError:
                 if time.monotonic() + delay > deadline:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        f"state store unavailable ({type(e).__name__}); resume after index {after_index}")
+                    raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -360,23 +368,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         runs to its end (or its deadline)."""
         if self.cfg.resume_grace_s > 0:
             await asyncio.sleep(self.cfg.resume_grace_s)
-        deadline = time.monotonic() + self.cfg.redis_retry_s
-        delay = 0.1
-        while True:
-            try:
-                aborted = await self.store.abort_abandoned(rid, attach)
-                break
-            except RedisError as e:
-                if time.monotonic() + delay > deadline:
-                    log.warning("could not abort %s after its client left: %s", rid, e)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
         try:
+            aborted = await self._retrying_redis(lambda: self.store.abort_abandoned(rid, attach))
             if aborted and self.metrics is not None:
                 await self._count_queued_abort(rid)
-        except RedisError as e:  # only a metric lost
-            log.warning("could not count the abort of %s: %s", rid, e)
+        except RedisError as e:  # the request runs on; its deadline (if any) still ends it
+            log.warning("abort of %s after its client left: %s", rid, e)
 
     async def _count_queued_abort(self, rid: str) -> None:
         """An abort that finished a queued request at once is counted here (one running on

@@ -198,16 +198,12 @@ class CpuDecode:
         cfg = self.model.cfg
         for layer in range(cfg.num_layers):
             for which in FUSED_MATRICES:
-                try:  # each block row carries its type in one more byte through the fusion
-                    typed = fused_matrix(cfg, layer, which, lambda name: _typed_rows(blocks[name]))
-                except (KeyError, RuntimeError):  # a part without blocks; parts of other widths
+                fused = _fused_blocks(cfg, layer, which, blocks)
+                if fused is None:
                     continue
-                types = typed[:, -1].unique()
-                if len(types) != 1:
-                    continue
-                data = typed[:, :-1].contiguous()
+                data, ggml_type = fused
                 try:
-                    self.stack.set_blocks(layer, which, data, int(types[0]))
+                    self.stack.set_blocks(layer, which, data, ggml_type)
                 except RuntimeError as e:  # not these weights: keep reading fp32
                     log.warning("layer %d %s: GGUF blocks refused, reading fp32: %s", layer, which, _first_lines(e, 1))
                     continue
@@ -249,13 +245,26 @@ class CpuDecode:
         return self._linear_small(hidden.contiguous(), self._lm_head)
 
 
+def _fused_blocks(cfg, layer: int, which: str,
+                  blocks: dict[str, tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int] | None:
+    """The blocks of a layer's fused matrix and their ggml type, fused as the fp32 weights
+    are (llama.fused_matrix); None unless every part has blocks, all of one type."""
+    types: set[int] = set()
+
+    def take(name: str) -> torch.Tensor:
+        data, ggml_type = blocks[name]
+        types.add(ggml_type)
+        return data
+
+    try:
+        data = fused_matrix(cfg, layer, which, take).contiguous()
+    except (KeyError, RuntimeError):  # a part without blocks; parts of other types (other widths)
+        return None
+    return (data, types.pop()) if len(types) == 1 else None
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _typed_rows(entry: tuple[torch.Tensor, int]) -> torch.Tensor:
-    data, ggml_type = entry
-    return torch.cat([data, torch.full((data.shape[0], 1), ggml_type, dtype=torch.uint8)], dim=1)
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ _LAYER_TENSOR_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 # loaders do not take its uint8 blocks for weights), and the ggml types kept there (the
 # C++ stack's GgmlType).
 BLOCKS_FILE = "ggml_blocks.st"
-BLOCK_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+BLOCK_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0"})
 
 # Values of `tokenizer.ggml.pre` whose split is llama.cpp's "each digit alone, then GPT-2's
 # regex": the Hugging Face tokenizers of these models say Digits(individual) + ByteLevel.
@@ -139,17 +139,11 @@ def _hf_tensors(reader, meta: dict[str, Any]) -> dict[str, np.ndarray]:
     """Every tensor dequantized to fp32 under its Hugging Face name, Q and K rows un-permuted."""
     from gguf.quants import dequantize
 
-    num_heads = int(meta["llama.attention.head_count"])
-    num_kv_heads = int(meta.get("llama.attention.head_count_kv", num_heads))
     tensors = {}
     for t in reader.tensors:
         # gguf lists dims fastest-first (ggml's ne0, ne1, ...); numpy wants them reversed.
         weights = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
-        if ".attn_q." in t.name:
-            weights = _unpermute_rope_rows(weights, num_heads)
-        elif ".attn_k." in t.name:
-            weights = _unpermute_rope_rows(weights, num_kv_heads)
-        tensors[_hf_tensor_name(t.name)] = np.ascontiguousarray(weights, dtype=np.float32)
+        tensors[_hf_tensor_name(t.name)] = np.ascontiguousarray(_hf_rows(t.name, weights, meta), dtype=np.float32)
     return tensors
 
 
@@ -157,21 +151,25 @@ def _hf_blocks(reader, meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], dic
     """The GGUF's blocks of every matrix quantized in a BLOCK_TYPES type, [rows, bytes]
     uint8 under its Hugging Face name, Q and K rows un-permuted as the fp32 weights; and
     each one's ggml type number (as a string: safetensors metadata)."""
-    num_heads = int(meta["llama.attention.head_count"])
-    num_kv_heads = int(meta.get("llama.attention.head_count_kv", num_heads))
     blocks, types = {}, {}
     for t in reader.tensors:
         if t.tensor_type.name not in BLOCK_TYPES or len(t.shape) != 2:
             continue
         rows = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
-        if ".attn_q." in t.name:
-            rows = _unpermute_rope_rows(rows, num_heads)
-        elif ".attn_k." in t.name:
-            rows = _unpermute_rope_rows(rows, num_kv_heads)
         name = _hf_tensor_name(t.name)
-        blocks[name] = np.ascontiguousarray(rows)
-        types[name] = str(BLOCK_TYPES[t.tensor_type.name])
+        blocks[name] = np.ascontiguousarray(_hf_rows(t.name, rows, meta))
+        types[name] = str(int(t.tensor_type))
     return blocks, types
+
+
+def _hf_rows(gguf_name: str, rows: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """A tensor's rows (weights or blocks) in Hugging Face order: Q and K un-permuted."""
+    num_heads = int(meta["llama.attention.head_count"])
+    if ".attn_q." in gguf_name:
+        return _unpermute_rope_rows(rows, num_heads)
+    if ".attn_k." in gguf_name:
+        return _unpermute_rope_rows(rows, int(meta.get("llama.attention.head_count_kv", num_heads)))
+    return rows
 
 
 def _hf_tensor_name(gguf_name: str) -> str:

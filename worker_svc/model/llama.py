@@ -192,9 +192,7 @@ class LlamaModel(nn.Module):
                 p = f"model.layers.{i}."
                 layer.input_norm.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attn_norm.copy_(take(p + "post_attention_layernorm.weight"))
-                layer.qkv_proj.weight.copy_(fused_matrix(cfg, i, "qkv", take))
-                layer.o_proj.weight.copy_(fused_matrix(cfg, i, "o", take))
-                layer.gate_up_proj.weight.copy_(fused_matrix(cfg, i, "gate_up", take))
-                layer.down_proj.weight.copy_(fused_matrix(cfg, i, "down", take))
+                for which in FUSED_MATRICES:
+                    getattr(layer, f"{which}_proj").weight.copy_(fused_matrix(cfg, i, which, take))
         model.init_rope(cfg.max_position_embeddings)
         return model.eval().requires_grad_(False)

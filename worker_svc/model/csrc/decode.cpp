@@ -125,11 +125,12 @@ constexpr int kFloatsPerLine = 16;
 // A GGUF model's matrices come quantized in blocks of 32 weights along a row (K). The
 // converter dequantizes them to fp32 for the rest of the worker, but at batch 1 a step's
 // floor is the read of every weight, and the blocks are 4.5-8.5 bits a weight instead of
-// 32. So the stack can read a matrix as its blocks: each tile's rows are dequantized into
-// a scratch buffer of the thread's (L1/L2) and the same fp32 tiles run on it. The
-// dequantization is gguf-py's, op for op (below), so every weight is the fp32 weight
-// bit for bit and the outputs are those of the fp32 matrices bit for bit;
-// DecodeStack::set_blocks checks the first before it takes a matrix.
+// 32. So in small steps the stack reads a matrix as its blocks: on AVX2 a block's weights
+// are dequantized in registers right into the tile's FMAs (tile_q), elsewhere a tile's
+// rows into a scratch buffer of the thread's for the fp32 tiles. The dequantization is
+// gguf-py's, op for op (below), and the FMAs are the fp32 tiles', in their order, so every
+// weight is the fp32 weight bit for bit and the outputs are those of the fp32 matrices
+// bit for bit; checked_blocks checks the first before the stack takes a matrix.
 //
 //   Q4_0 (18 bytes): f16 d, 16 bytes q        w[j] = d * (q_j - 8)
 //   Q4_1 (20 bytes): f16 d, f16 m, 16 bytes q  w[j] = d * q_j + m   (the product rounded)
@@ -139,7 +140,7 @@ constexpr int kFloatsPerLine = 16;
 enum GgmlType : int { kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };  // ggml's numbering
 constexpr int64_t kBlockWeights = 32;
 
-inline int64_t block_bytes(int type) {
+constexpr int64_t block_bytes(int type) {
   switch (type) {
     case kQ4_0: return 18;
     case kQ4_1: return 20;
@@ -475,7 +476,7 @@ constexpr int kMaxRegTileRows = 4;
 // y[s * R + r] = dot(x[s], row r) for the R <= 4 rows whose blocks start at q[r].
 template <int S, int R, int kType>
 inline void tile_q(const uint8_t* const* q, int64_t num_blocks, const float* x, int64_t ldx, float* y) {
-  constexpr int64_t bb = kType == kQ4_0 ? 18 : kType == kQ4_1 ? 20 : 34;
+  constexpr int64_t bb = block_bytes(kType);
   vf acc[S][R];
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < R; ++r) acc[s][r] = vf{};
@@ -542,11 +543,16 @@ inline TileOut reg_tile(const Matrix&, const int64_t*, int R, int64_t, const Ope
 }
 #endif
 
+// Whether a step of S rows dequantizes W's rows into a scratch buffer (blocks, and too
+// many rows for the register tiles); only then does it need one.
+inline bool needs_scratch(const Matrix& W, int64_t S) { return !W.is_f32() && S > kMaxRegTileRows; }
+
 // Rows ns[0..R) of W against every row of x: in registers (blocks, few rows), else
 // through tile_dot on the rows as floats (dequantized into scratch where W has blocks).
+// x is by row whenever S <= kMaxRegTileRows (kBcastRows is larger).
 inline TileOut matrix_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, const Operand& x, int S,
                            float* scratch, float* y) {
-  if (!W.is_f32() && S <= kMaxRegTileRows && !x.by_col) return reg_tile(W, ns, R, K, x, S, y);
+  if (!W.is_f32() && !needs_scratch(W, S)) return reg_tile(W, ns, R, K, x, S, y);
   const float* rows[kTileRows];
   for (int r = 0; r < R; ++r) rows[r] = W.row(ns[r], K, scratch + r * K);
   return tile_dot(rows, R, K, x, S, W.is_f32(), y);
@@ -863,9 +869,6 @@ class DecodeStack {
     std::vector<float> h(static_cast<size_t>(nt) * rows_pad * hidden_);
     std::vector<float> scores(static_cast<size_t>(nt) * st.nb * B_), head_out(static_cast<size_t>(nt) * D_);
     std::vector<int64_t> slots(static_cast<size_t>(nt) * st.nb * B_);
-    // A tile's weight rows dequantized (GGUF blocks), per thread.
-    const int64_t max_k = std::max({hidden_, q_size, I_});
-    std::vector<float> scratch(static_cast<size_t>(nt) * kTileRows * max_k);
     const Operand attn_in = Operand::make(attn.data(), q_size, S), act_in = Operand::make(act.data(), I_, S);
 
     // Chunks per phase; a GEMV chunk is `tpc` tiles.
@@ -877,9 +880,16 @@ class DecodeStack {
     auto num_chunks = [&](int p) { return p == num_phases - 1 ? int64_t{S} : chunks[p % kPhasesPerLayer]; };
     PhaseBoard board(num_phases, nt);
     std::vector<LayerWeights> weights;  // the matrices as this step reads them (blocks or fp32)
-    for (const LayerWeights& w : layers_)
+    bool any_scratch = false;
+    for (const LayerWeights& w : layers_) {
       weights.push_back({w.input_norm, w.qkv.for_rows(S), w.o.for_rows(S), w.post_norm, w.gate_up.for_rows(S),
                          w.down.for_rows(S)});
+      for (const Matrix* m : {&weights.back().qkv, &weights.back().o, &weights.back().gate_up, &weights.back().down})
+        any_scratch |= needs_scratch(*m, S);
+    }
+    // A tile's weight rows dequantized (GGUF blocks, scratch path), per thread.
+    const int64_t max_k = std::max({hidden_, q_size, I_});
+    std::vector<float> scratch(any_scratch ? static_cast<size_t>(nt) * kTileRows * max_k : 0);
 
 #pragma omp parallel num_threads(nt)
     {
@@ -888,7 +898,7 @@ class DecodeStack {
       float* my_scores = scores.data() + static_cast<size_t>(tid) * st.nb * B_;
       float* my_head_out = head_out.data() + static_cast<size_t>(tid) * D_;
       int64_t* my_slots = slots.data() + static_cast<size_t>(tid) * st.nb * B_;
-      float* my_scratch = scratch.data() + static_cast<size_t>(tid) * kTileRows * max_k;
+      float* my_scratch = any_scratch ? scratch.data() + static_cast<size_t>(tid) * kTileRows * max_k : nullptr;
       const float* rope = rope_.data_ptr<float>();
 
       auto enter = [&](int p) {
@@ -1108,12 +1118,13 @@ Tensor linear_rows(const Tensor& x, const Matrix& W, int64_t V) {
       for (int64_t k = 0; k < K; ++k) in.back().at(s, k) = xp[(n0 + s) * K + k];
   }
   const int64_t tpc = tiles_per_chunk(K), num_tiles = ceil_div(V, kTileRows);
-  std::vector<float> scratch(W.is_f32() ? 0 : static_cast<size_t>(nt) * kTileRows * K);
+  const bool any_scratch = needs_scratch(W, std::min<int64_t>(N, kMaxRows));
+  std::vector<float> scratch(any_scratch ? static_cast<size_t>(nt) * kTileRows * K : 0);
   PhaseBoard board(num_phases, nt);
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
-    float* my_scratch = W.is_f32() ? nullptr : scratch.data() + static_cast<size_t>(tid) * kTileRows * K;
+    float* my_scratch = any_scratch ? scratch.data() + static_cast<size_t>(tid) * kTileRows * K : nullptr;
     work_phases(
         board, num_phases, tid, [&](int) { return ceil_div(num_tiles, tpc); }, [](int) {},
         [&](int p, int64_t c) {
