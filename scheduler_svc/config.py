@@ -106,6 +106,7 @@ class SchedulerConfig:
     otlp_protocol: str = "grpc"              # grpc, or http (http/protobuf, path /v1/traces)
     trace_sample_ratio: float = 1.0          # share of root traces kept (callers' decisions win)
     service_name: str = "bros-scheduler"     # service.name of this process's spans
+    step_log: str = ""                       # append one JSON line per worker step here ("" = off; step_log.py)
 
     def __post_init__(self) -> None:
         checks = [

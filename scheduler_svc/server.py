@@ -22,6 +22,7 @@ from bros.v1 import inference_pb2_grpc
 from .access import check_redis_credentials, load_access
 from .config import SchedulerConfig
 from .metrics import SchedulerMetrics
+from .step_log import StepLog
 from . import round_trips
 from .placement import BOARD_FIELDS, RoomBoard, sync_board
 from .planner import make_policy
@@ -44,6 +45,10 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
         await check_redis_credentials(client, cfg)
     except ValueError as e:
         raise SystemExit(f"scheduler: {e}") from None
+    try:
+        step_log = StepLog(cfg.step_log) if cfg.step_log else None
+    except OSError as e:
+        raise SystemExit(f"scheduler: --step-log {cfg.step_log}: {e.strerror}") from None
     store = Store(client, prefix=cfg.key_prefix, result_ttl_s=cfg.result_ttl_s)
     planner_cfg = cfg.planner_config()
     board = RoomBoard(tolerance=cfg.placement_tolerance)
@@ -60,6 +65,8 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     service = InferenceService(cfg, store, loops, hub)
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     telemetry = start_telemetry(cfg, store, loops, service)
+    for loop in loops:
+        loop.step_log = step_log
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -92,6 +99,8 @@ async def serve(cfg: SchedulerConfig, ready: asyncio.Event | None = None) -> Non
     service.close_streams()
     await server.stop(grace=1)
     telemetry.close()  # after the server: spans of the last calls are exported too
+    if step_log is not None:
+        step_log.close()
     await hub.close()
     await client.aclose()
 

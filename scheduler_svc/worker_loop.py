@@ -53,6 +53,7 @@ from .store import Batch, RequestRecord, Store
 
 if TYPE_CHECKING:
     from .metrics import SchedulerMetrics
+    from .step_log import StepLog
     from .tracing import LoopTracing
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class WorkerLoop:
         # Observability, set by server.py when enabled; None costs one test per hook.
         self.metrics: SchedulerMetrics | None = None
         self.tracing: LoopTracing | None = None
+        self.step_log: StepLog | None = None
 
     # ---- outer loop: lease, connect, retry ------------------------------------------
 
@@ -337,6 +339,10 @@ class WorkerLoop:
         self._last_report_ms = t
         if report.plan_id != sent.plan.plan_id:
             raise ConnectionError(f"report for plan {report.plan_id}, expected {sent.plan.plan_id}")
+        if self.step_log is not None and sent.plan.scheduled:
+            self.step_log.record(self.address, sent.sent_ms, t, report.timings.step_ms,
+                                 [(s.seq_id, s.num_tokens) for s in sent.plan.scheduled],
+                                 sent.num_prefill_tokens, sent.holds_prefill, self.info.max_num_fused_tokens)
         await self._absorb(report, sent)
         self.worker_draining = report.draining
         if self.pipeline_depth:
@@ -469,7 +475,7 @@ class WorkerLoop:
             made.num_freed_blocks += self._blocks_held(self.seqs[rid].view)
             self.seqs[rid].view.preempted = True
         made.num_prefill_tokens = sum(n for _, n in decision.scheduled if n > 1)
-        if self.pipeline_depth:   # only the step samples of a pipelined loop use it
+        if self.pipeline_depth or self.step_log is not None:   # a pipelined loop's step samples, the log
             made.holds_prefill = holds_prefill(decision.scheduled, views, set(waiting))
         for rid, num_tokens in decision.scheduled:
             if rid in self.seqs:

@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets-from", choices=("2x-p50", "p99"), default=None,
                    help="cpu-hybrid scenarios: the RT targets from the RT-only run, twice its p50 "
                         "(the default) or its p99")
+    p.add_argument("--step-logs", type=Path, default=None,
+                   help="cpu-hybrid (live): each run's scheduler logs its steps to DIR/<run>.jsonl "
+                        "(--step-log), the input of python -m scheduler_svc.bench.fit_cost")
     p.add_argument("--shared-cores", action="store_true",
                    help="sim-scale: the scheduler shares every core with Redis and the workers "
                         "(default: it gets the last core to itself)")
@@ -129,7 +132,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
         from .cpu_hybrid import run_cpu_hybrid
         run_cpu_hybrid(policies, duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds,
                        out=args.out, mode="live" if name == "cpu-hybrid" else "virtual", be_rate=args.be_rate,
-                       rt_rates=args.rt_rates, targets_from=args.targets_from or "2x-p50")
+                       rt_rates=args.rt_rates, targets_from=args.targets_from or "2x-p50",
+                       step_logs=args.step_logs)
         return
     run_sim(configure(args, name), policies, args)
 

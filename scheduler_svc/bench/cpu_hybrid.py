@@ -104,11 +104,15 @@ def build(duration_s: float, seed: int, ttft_ms: float, tpot_ms: float,
     return workload.merge(rt, be)
 
 
-def serve(reqs: list[workload.Request], policy: str, mode: str) -> tuple[BenchMetrics, list]:
+def serve(reqs: list[workload.Request], policy: str, mode: str,
+          step_log: Path | None = None) -> tuple[BenchMetrics, list]:
     """`policy`'s metrics and every request's record after it served `reqs`, live or in
-    virtual time. Live, preemptions and batch size are the worker loop's own counts."""
+    virtual time. Live, preemptions and batch size are the worker loop's own counts, and
+    the scheduler logs its steps to step_log if given (scheduler_svc/step_log.py)."""
     if mode == "live":
-        records, steps = replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER, scheduler_args=SCHEDULER_ARGS)
+        log_args = ("--step-log", str(step_log)) if step_log is not None else ()
+        records, steps = replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER,
+                                     scheduler_args=(*SCHEDULER_ARGS, *log_args))
         return with_steps(compute(records, []), steps), records
     result = virtual.run(reqs, make_policy(policy), PLANNER, VIRTUAL)
     if result.stop_reason != "done":
@@ -118,22 +122,27 @@ def serve(reqs: list[workload.Request], policy: str, mode: str) -> tuple[BenchMe
 
 def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int | None = None,
                    out: Path = Path("bench/out"), mode: str = "live", be_rate: float | None = None,
-                   rt_rates: list[float] | None = None, targets_from: str = "2x-p50") -> dict:
+                   rt_rates: list[float] | None = None, targets_from: str = "2x-p50",
+                   step_logs: Path | None = None) -> dict:
+    """step_logs: live, a directory where each run's scheduler logs its steps, one file
+    per run (<what ran>.jsonl), for `python -m scheduler_svc.bench.fit_cost`."""
     name = MODES[mode]
+    logs = _StepLogs(step_logs if mode == "live" else None)
     be_rate = be_rate or BE_RATE
     num_seeds = num_seeds or DEFAULT_NUM_SEEDS[mode]
     rt_rates = list(dict.fromkeys(rt_rates or RT_RATES[mode]))   # a rate named twice is served once
     first = build(duration_s, seed, 1e9, 1e9, be_rate)
     rt_only = [r for r in first if r.service_class == RT]
     _log(f"{name}: measuring RT alone at {RT_RATE:g} req/s ({len(rt_only)} requests)")
-    alone, alone_records = serve(rt_only, "fcfs", mode)
+    alone, alone_records = serve(rt_only, "fcfs", mode, logs.path(f"rt-alone-rt{RT_RATE:g}-seed{seed}"))
     ttft, tpot = TARGET_RULES[targets_from](alone)
-    be_alone = measure_be_alone([r for r in first if r.service_class == BE], mode, name, be_rate)
+    be_alone = measure_be_alone([r for r in first if r.service_class == BE], mode, name, be_rate,
+                                logs.path(f"be-alone-seed{seed}"))
     seeds = list(range(seed, seed + num_seeds))
     # The targets' own run: judged again where it recurs, not served twice.
     targets_run = (seed, against_targets(alone, alone_records, ttft, tpot))
     ttfts = {rate: {p: [] for p in policies} for rate in rt_rates}   # RT TTFTs per rate and policy
-    points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run, ttfts[rate])
+    points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run, ttfts[rate], logs)
               for rate in rt_rates]
     config = {"length_scale": LENGTH_SCALE, "targets_from": targets_from, "target_factor": TARGET_FACTOR,
               "targets_rt_rate": RT_RATE,
@@ -152,7 +161,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
 
 def _serve_rate(rate: float, seeds: list[int], policies: list[str], mode: str, ttft: float, tpot: float,
                 be_rate: float, duration_s: float, targets_run: tuple[int, BenchMetrics],
-                ttfts: dict[str, list]) -> dict:
+                ttfts: dict[str, list], logs: _StepLogs) -> dict:
     """One RT rate: each seed's RT requests alone, then every policy on the seed's whole
     workload; the point holds each one's mean over seeds and every run."""
     runs: dict[str, list[dict]] = {p: [] for p in policies}
@@ -163,12 +172,12 @@ def _serve_rate(rate: float, seeds: list[int], policies: list[str], mode: str, t
             m = targets_run[1]
         else:
             _log(f"RT {rate:g} req/s, seed {s}: RT alone against the targets")
-            m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode)
+            m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode, logs.path(f"rt-alone-rt{rate:g}-seed{s}"))
         alone_runs.append({"seed": s, **m.to_dict()})
         _log(f"  RT alone: both {m.rt_attain_both:.3f}")
         for p in policies:
             _log(f"RT {rate:g} req/s, seed {s}, {p} ({len(reqs)} requests, {duration_s:.0f} s of arrivals)")
-            m, records = serve(reqs, p, mode)
+            m, records = serve(reqs, p, mode, logs.path(f"{p}-rt{rate:g}-seed{s}"))
             runs[p].append({"seed": s, **m.to_dict()})
             ttfts[p] += [r.ttft_ms() for r in records if r.request.service_class == RT]
             _log(f"  {p}: RT both {m.rt_attain_both:.3f}, TTFT p99 {m.rt_ttft_p99_ms:.0f} ms, "
@@ -186,15 +195,32 @@ def against_targets(m: BenchMetrics, records: list, ttft_ms: float, tpot_ms: flo
                    rt_attain_both=judged.rt_attain_both)
 
 
-def measure_be_alone(be_only: list[workload.Request], mode: str, name: str, be_rate: float) -> dict:
+def measure_be_alone(be_only: list[workload.Request], mode: str, name: str, be_rate: float,
+                     step_log: Path | None = None) -> dict:
     """The first seed's BE stream served alone: how busy it keeps the worker (the share of
     the run with a request in the system), so the load the table is measured under is
     stated by the run itself, not assumed."""
     _log(f"{name}: measuring BE alone ({len(be_only)} requests at {be_rate:g} req/s)")
-    m, records = serve(be_only, "fcfs", mode)
+    m, records = serve(be_only, "fcfs", mode, step_log)
     busy = busy_fraction(records)
     _log(f"  BE alone keeps the worker {busy:.0%} busy; {m.be_req_s:.2f} req/s served")
     return {"busy_fraction": busy, **m.to_dict()}
+
+
+class _StepLogs:
+    """Where each live run's step log goes (None: no logs). A file left by an earlier
+    invocation is replaced, not appended to."""
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, run: str) -> Path | None:
+        if self.root is None:
+            return None
+        p = self.root / f"{run}.jsonl"
+        p.unlink(missing_ok=True)
+        return p
 
 
 def _log(text: str) -> None:
