@@ -32,6 +32,26 @@ def test_the_live_scheduler_gets_the_replicas_planner():
     assert ch.PLANNER.bros_admit_headroom_tokens == 64 // ch.LENGTH_SCALE
 
 
+def test_the_replica_takes_the_preset_fitted_on_this_kind_of_cpu(monkeypatch):
+    monkeypatch.setattr(ch, "isa_flags", lambda: ["-mavx512f", "-mavx2"])
+    assert ch.replica_preset() == "smollm2_cpu"
+    monkeypatch.setattr(ch, "isa_flags", lambda: ["-mavx2", "-mfma"])
+    assert ch.replica_preset() == "smollm2_cpu_avx2"
+    monkeypatch.setattr(ch, "isa_flags", lambda: [])
+    assert ch.replica_preset() == "smollm2_cpu_avx2"
+
+
+def test_smollm2_cpu_avx2_costs():
+    """Decodes up to 4 sequences (the GGUF's blocks) on one line, 5 or more on another;
+    per prompt token a full step is cheaper than a fused one on this CPU."""
+    cost = CostModel.smollm2_cpu_avx2()
+    assert cost.iteration_ms([], [100] * 4) == pytest.approx(15.7 + 3.35 * 4)
+    assert cost.iteration_ms([], [100] * 5) == pytest.approx(18.5 + 3.97 * 5)
+    assert cost.iteration_ms([60], [50, 60]) == pytest.approx(16.3 + 2.76 * 60 + 3.35 * 2)
+    assert cost.iteration_ms([200], [50] * 6) == pytest.approx(62.9 + 1.95 * 200 + 3.97 * 6)
+    assert cost.iteration_ms([256], []) / 256 < cost.iteration_ms([64], []) / 64
+
+
 def test_smollm2_cpu_costs():
     cost = CostModel.smollm2_cpu()
     assert cost.iteration_ms([], [100]) == pytest.approx(18.7 + 1.87)           # decode-only: the C++ stack
@@ -64,7 +84,7 @@ def test_bros_keeps_the_replicas_steps_within_the_fused_path():
 @needs_traces
 def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
     result = ch.run_cpu_hybrid(["bros", "priority"], duration_s=20, num_seeds=2, out=tmp_path, mode="virtual",
-                               rt_rates=[ch.RT_RATE])
+                               rt_rates=[ch.RT_RATE], sim_cost=ch.VIRTUAL.sim_cost)   # the same on any CPU
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
     assert saved["scenario"] == "cpu-hybrid-virtual" and saved["mode"] == "virtual"
     assert saved["seeds"] == [0, 1]
@@ -108,11 +128,12 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
 @needs_traces
 def test_targets_from_p99_are_the_rt_only_runs_p99(tmp_path):
     from scheduler_svc.bench.__main__ import main
-    main(["--scenario", "cpu-hybrid-virtual", "--policies", "fcfs", "--duration-s", "20", "--num-seeds", "1",
+    main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost, "--policies", "fcfs", "--duration-s", "20", "--num-seeds", "1",
           "--rt-rates", str(ch.RT_RATE), "--targets-from", "p99", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
     alone, t = saved["rt_alone"], saved["targets_ms"]
     assert saved["config"]["targets_from"] == "p99"
+    assert saved["config"]["sim_cost"] == ch.VIRTUAL.sim_cost   # --sim-cost reaches the replica
     assert (t["ttft"], t["tpot"]) == (pytest.approx(alone["rt_ttft_p99_ms"]), pytest.approx(alone["rt_tpot_p99_ms"]))
     assert t["ttft"] > ch.TARGET_FACTOR * alone["rt_ttft_p50_ms"]   # looser than the default here
     with pytest.raises(SystemExit, match="--targets-from"):
@@ -125,7 +146,7 @@ def test_an_rt_rate_sweep_judges_every_rate_against_the_same_targets(tmp_path):
     targets measured at RT_RATE; the targets' own run is reused only at that rate; more
     RT load, more RT requests; the attainment-against-rate plot is written."""
     from scheduler_svc.bench.__main__ import main
-    main(["--scenario", "cpu-hybrid-virtual", "--policies", "fcfs,bros", "--duration-s", "20",
+    main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost, "--policies", "fcfs,bros", "--duration-s", "20",
           "--num-seeds", "1", "--rt-rates", f"0.25,{ch.RT_RATE},1.5,0.25", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
     assert [pt["rt_rate"] for pt in saved["points"]] == [0.25, ch.RT_RATE, 1.5]   # a repeated rate served once
@@ -154,7 +175,7 @@ def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path):
     busy = {}
     for rate in (0.5, 3.0):
         out = tmp_path / str(rate)
-        main(["--scenario", "cpu-hybrid-virtual", "--policies", "fcfs", "--duration-s", "20",
+        main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost, "--policies", "fcfs", "--duration-s", "20",
               "--num-seeds", "1", "--be-rate", str(rate), "--rt-rates", str(ch.RT_RATE), "--out", str(out)])
         saved = json.loads((out / "cpu-hybrid-virtual.json").read_text())
         assert saved["config"]["be_rate"] == rate

@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/out"))
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--sim-cost", default=None, help="cost-model preset, e.g. opt13b_a100_tp2")
+    p.add_argument("--sim-cost", default=None,
+                   help="cost-model preset, e.g. opt13b_a100_tp2 (cpu-hybrid-virtual: default by this CPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="context window; default: the scenario's")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool blocks; default: the sim worker's")
     p.add_argument("--rt-ttft-ms", type=_positive, default=None,
@@ -133,7 +134,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> None:
         run_cpu_hybrid(policies, duration_s=args.duration_s or 90.0, seed=args.seed, num_seeds=args.num_seeds,
                        out=args.out, mode="live" if name == "cpu-hybrid" else "virtual", be_rate=args.be_rate,
                        rt_rates=args.rt_rates, targets_from=args.targets_from or "2x-p50",
-                       step_logs=args.step_logs)
+                       step_logs=args.step_logs, sim_cost=args.sim_cost)
         return
     run_sim(configure(args, name), policies, args)
 

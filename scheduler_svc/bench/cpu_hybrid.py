@@ -24,7 +24,7 @@ too, and no policy that also serves BE can be expected to do better.
 `live` runs the real stack (Redis, scheduler, the torch worker; ~2 minutes per policy
 and seed). `virtual` (scenario cpu-hybrid-virtual) replays the same workloads through
 the same planner on the sim worker with this CPU's step costs (the `smollm2_cpu` cost
-preset) and the live pool's size, in virtual time: a dozen seeds in seconds, so policy
+preset on AVX-512 CPUs, `smollm2_cpu_avx2` on others; --sim-cost names another) and the live pool's size, in virtual time: a dozen seeds in seconds, so policy
 differences can be told from the few-dozen-request noise of a live seed. It is a model
 of the live run, checked against it (docs/benchmarks.md), not a replacement.
 """
@@ -39,6 +39,7 @@ import torch
 
 from worker_svc.config import MB, WorkerConfig
 from worker_svc.kv_cache import kv_bytes_per_slot, num_blocks_for_budget
+from worker_svc.model.cpu_decode import isa_flags
 
 from ..planner import BE, RT, PlannerConfig, make_policy
 from . import virtual, workload
@@ -92,6 +93,13 @@ MODES = {"live": "cpu-hybrid", "virtual": "cpu-hybrid-virtual"}   # mode -> scen
 DEFAULT_NUM_SEEDS = {"live": 2, "virtual": 12}
 
 
+def replica_preset() -> str:
+    """The SmolLM2 cost preset fitted on this kind of CPU: the replica models the live run
+    on this machine, and an AVX2 CPU's steps cost another shape than an AVX-512 one's
+    (worker_svc/sim/cost_model.py)."""
+    return "smollm2_cpu" if "-mavx512f" in isa_flags() else "smollm2_cpu_avx2"
+
+
 def _scaled(reqs: list[workload.Request]) -> list[workload.Request]:
     return [replace(r, prompt_len=max(8, r.prompt_len // LENGTH_SCALE), output_len=max(4, r.output_len // LENGTH_SCALE))
             for r in reqs]
@@ -104,8 +112,8 @@ def build(duration_s: float, seed: int, ttft_ms: float, tpot_ms: float,
     return workload.merge(rt, be)
 
 
-def serve(reqs: list[workload.Request], policy: str, mode: str,
-          step_log: Path | None = None) -> tuple[BenchMetrics, list]:
+def serve(reqs: list[workload.Request], policy: str, mode: str, step_log: Path | None = None,
+          replica: virtual.VirtualConfig = VIRTUAL) -> tuple[BenchMetrics, list]:
     """`policy`'s metrics and every request's record after it served `reqs`, live or in
     virtual time. Live, preemptions and batch size are the worker loop's own counts, and
     the scheduler logs its steps to step_log if given (scheduler_svc/step_log.py)."""
@@ -114,7 +122,7 @@ def serve(reqs: list[workload.Request], policy: str, mode: str,
         records, steps = replay_live(reqs, policy, PLANNER, worker_args=TORCH_WORKER,
                                      scheduler_args=(*SCHEDULER_ARGS, *log_args))
         return with_steps(compute(records, []), steps), records
-    result = virtual.run(reqs, make_policy(policy), PLANNER, VIRTUAL)
+    result = virtual.run(reqs, make_policy(policy), PLANNER, replica)
     if result.stop_reason != "done":
         raise RuntimeError(f"cpu-hybrid-virtual: {policy} stopped early ({result.stop_reason})")
     return compute(result.requests, result.iterations), result.requests
@@ -123,26 +131,28 @@ def serve(reqs: list[workload.Request], policy: str, mode: str,
 def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0, num_seeds: int | None = None,
                    out: Path = Path("bench/out"), mode: str = "live", be_rate: float | None = None,
                    rt_rates: list[float] | None = None, targets_from: str = "2x-p50",
-                   step_logs: Path | None = None) -> dict:
+                   step_logs: Path | None = None, sim_cost: str | None = None) -> dict:
     """step_logs: live, a directory where each run's scheduler logs its steps, one file
-    per run (<what ran>.jsonl), for `python -m scheduler_svc.bench.fit_cost`."""
+    per run (<what ran>.jsonl), for `python -m scheduler_svc.bench.fit_cost`. sim_cost:
+    virtual, the replica's cost preset (default: the one fitted on this kind of CPU)."""
     name = MODES[mode]
     logs = _StepLogs(step_logs if mode == "live" else None)
+    replica = replace(VIRTUAL, sim_cost=sim_cost or replica_preset())
     be_rate = be_rate or BE_RATE
     num_seeds = num_seeds or DEFAULT_NUM_SEEDS[mode]
     rt_rates = list(dict.fromkeys(rt_rates or RT_RATES[mode]))   # a rate named twice is served once
     first = build(duration_s, seed, 1e9, 1e9, be_rate)
     rt_only = [r for r in first if r.service_class == RT]
     _log(f"{name}: measuring RT alone at {RT_RATE:g} req/s ({len(rt_only)} requests)")
-    alone, alone_records = serve(rt_only, "fcfs", mode, logs.path(f"rt-alone-rt{RT_RATE:g}-seed{seed}"))
+    alone, alone_records = serve(rt_only, "fcfs", mode, logs.path(f"rt-alone-rt{RT_RATE:g}-seed{seed}"), replica)
     ttft, tpot = TARGET_RULES[targets_from](alone)
     be_alone = measure_be_alone([r for r in first if r.service_class == BE], mode, name, be_rate,
-                                logs.path(f"be-alone-seed{seed}"))
+                                logs.path(f"be-alone-seed{seed}"), replica)
     seeds = list(range(seed, seed + num_seeds))
     # The targets' own run: judged again where it recurs, not served twice.
     targets_run = (seed, against_targets(alone, alone_records, ttft, tpot))
     ttfts = {rate: {p: [] for p in policies} for rate in rt_rates}   # RT TTFTs per rate and policy
-    points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run, ttfts[rate], logs)
+    points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run, ttfts[rate], logs, replica)
               for rate in rt_rates]
     config = {"length_scale": LENGTH_SCALE, "targets_from": targets_from, "target_factor": TARGET_FACTOR,
               "targets_rt_rate": RT_RATE,
@@ -151,7 +161,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     if mode == "live":
         config.update(scheduler_args=list(SCHEDULER_ARGS), worker_args=list(TORCH_WORKER))
     else:
-        config.update(planner_knobs=_SCALED_KNOBS, num_blocks=VIRTUAL.num_blocks, sim_cost=VIRTUAL.sim_cost)
+        config.update(planner_knobs=_SCALED_KNOBS, num_blocks=replica.num_blocks, sim_cost=replica.sim_cost)
     result = {"scenario": name, "mode": mode, "seeds": seeds, "duration_s": duration_s,
               "rt_alone": alone.to_dict(), "be_alone": be_alone,
               "targets_ms": {"ttft": ttft, "tpot": tpot}, "config": config, "points": points}
@@ -161,7 +171,7 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
 
 def _serve_rate(rate: float, seeds: list[int], policies: list[str], mode: str, ttft: float, tpot: float,
                 be_rate: float, duration_s: float, targets_run: tuple[int, BenchMetrics],
-                ttfts: dict[str, list], logs: _StepLogs) -> dict:
+                ttfts: dict[str, list], logs: _StepLogs, replica: virtual.VirtualConfig) -> dict:
     """One RT rate: each seed's RT requests alone, then every policy on the seed's whole
     workload; the point holds each one's mean over seeds and every run."""
     runs: dict[str, list[dict]] = {p: [] for p in policies}
@@ -172,12 +182,12 @@ def _serve_rate(rate: float, seeds: list[int], policies: list[str], mode: str, t
             m = targets_run[1]
         else:
             _log(f"RT {rate:g} req/s, seed {s}: RT alone against the targets")
-            m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode, logs.path(f"rt-alone-rt{rate:g}-seed{s}"))
+            m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode, logs.path(f"rt-alone-rt{rate:g}-seed{s}"), replica)
         alone_runs.append({"seed": s, **m.to_dict()})
         _log(f"  RT alone: both {m.rt_attain_both:.3f}")
         for p in policies:
             _log(f"RT {rate:g} req/s, seed {s}, {p} ({len(reqs)} requests, {duration_s:.0f} s of arrivals)")
-            m, records = serve(reqs, p, mode, logs.path(f"{p}-rt{rate:g}-seed{s}"))
+            m, records = serve(reqs, p, mode, logs.path(f"{p}-rt{rate:g}-seed{s}"), replica)
             runs[p].append({"seed": s, **m.to_dict()})
             ttfts[p] += [r.ttft_ms() for r in records if r.request.service_class == RT]
             _log(f"  {p}: RT both {m.rt_attain_both:.3f}, TTFT p99 {m.rt_ttft_p99_ms:.0f} ms, "
@@ -196,12 +206,12 @@ def against_targets(m: BenchMetrics, records: list, ttft_ms: float, tpot_ms: flo
 
 
 def measure_be_alone(be_only: list[workload.Request], mode: str, name: str, be_rate: float,
-                     step_log: Path | None = None) -> dict:
+                     step_log: Path | None = None, replica: virtual.VirtualConfig = VIRTUAL) -> dict:
     """The first seed's BE stream served alone: how busy it keeps the worker (the share of
     the run with a request in the system), so the load the table is measured under is
     stated by the run itself, not assumed."""
     _log(f"{name}: measuring BE alone ({len(be_only)} requests at {be_rate:g} req/s)")
-    m, records = serve(be_only, "fcfs", mode, step_log)
+    m, records = serve(be_only, "fcfs", mode, step_log, replica)
     busy = busy_fraction(records)
     _log(f"  BE alone keeps the worker {busy:.0%} busy; {m.be_req_s:.2f} req/s served")
     return {"busy_fraction": busy, **m.to_dict()}

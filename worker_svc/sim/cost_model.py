@@ -64,7 +64,7 @@ class CostModel:
 
     @classmethod
     def smollm2_cpu(cls) -> CostModel:
-        """SmolLM2-135M in fp32 on this project's 2-core CPU worker (torch backend), a step
+        """SmolLM2-135M in fp32 on a 2-core AVX-512 CPU worker (torch backend), a step
         as the scheduler's loop sees it (docs/benchmarks.md, cpu-hybrid): least-squares
         fits to the live cpu-hybrid run at commit 7d02999 (4 seeds, every policy), three
         regimes as the worker has three paths:
@@ -82,6 +82,27 @@ class CostModel:
                    decode_base_ms=18.7, decode_ms_per_context_token=0.0, decode_ms_per_seq=1.87,
                    large_decode_base_ms=18.7, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=1.87,
                    fused_max_tokens=64, fused_base_ms=26.0, fused_ms_per_prompt_token=0.98)
+
+    @classmethod
+    def smollm2_cpu_avx2(cls) -> CostModel:
+        """The same on a 2-core AVX2 CPU (AMD EPYC; no AVX-512, so no broadcast tiles in
+        the C++ GEMM, and prompt steps of more than 32 rows on MKL): least-squares fits
+        to the live cpu-hybrid run at commit 821197e (4 seeds, every policy, 14,271
+        steps; `python -m scheduler_svc.bench.fit_cost DIR --large-batch-threshold 5`
+        over its --step-logs), the gaps between plans:
+        - decode-only, up to 4 sequences (the GGUF's 4-bit blocks): 15.7 ms + 3.35 ms
+          per sequence; 5 or more (fp32 weights): 18.5 ms + 3.97 ms per sequence;
+        - with prompt tokens, <= 64 tokens in all (the C++ stack): 16.3 ms + 2.76 ms per
+          prompt token, decodes at the decode rate;
+        - larger (the eager model): 62.9 ms + 1.95 ms per prompt token, decodes at the
+          decode rate (rms 72 ms: the least regular regime).
+        Per prompt token a full 256-token step is the cheaper one here (2.2 against 3.0 ms
+        at 64), unlike the AVX-512 machine of smollm2_cpu."""
+        return cls(prefill_base_ms=62.9, prefill_ms_per_token=1.95, prefill_ms_per_token_sq=0.0,
+                   decode_base_ms=15.7, decode_ms_per_context_token=0.0, decode_ms_per_seq=3.35,
+                   large_batch_threshold=5,
+                   large_decode_base_ms=18.5, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=3.97,
+                   fused_max_tokens=64, fused_base_ms=16.3, fused_ms_per_prompt_token=2.76)
 
     @classmethod
     def _without_large_batch_fit(cls, prefill: tuple[float, float, float],
@@ -184,4 +205,5 @@ PRESETS: dict[str, Callable[[], CostModel]] = {
     "opt13b_a100_tp2": CostModel.opt13b_a100_tp2,
     "opt13b_a100_tp4": CostModel.opt13b_a100_tp4,
     "smollm2_cpu": CostModel.smollm2_cpu,
+    "smollm2_cpu_avx2": CostModel.smollm2_cpu_avx2,
 }
