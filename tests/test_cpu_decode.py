@@ -165,8 +165,8 @@ def check_step(ext, model: LlamaModel, cache: KVCache, alloc: BlockAllocator, ro
 
 def test_small_odd_model_matches_eager(ext):
     """Row counts on both sides of every tile shape: 1-2 and 3-4 rows per register tile,
-    several groups of 4, and from 16 rows the column layout (one or two 16-row vectors,
-    then a second pass)."""
+    several groups of 4, and from kBcastRows rows the column layout (16 on AVX-512: one or
+    two 16-row vectors, then a second pass; 5 on AVX2: 8-row vectors, 4 weight rows a pass)."""
     model = random_model(ODD, seed=1)
     cache = KVCache(ODD.num_layers, 160 * 4, ODD.num_kv_heads, ODD.head_dim, torch.float32)
     check_step(ext, model, cache, *shared_block_step(4), seed=0, tol=1e-5)

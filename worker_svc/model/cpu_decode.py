@@ -52,10 +52,12 @@ MAX_NUM_ROWS = 64
 # through the same GEMM (`linear_small`) instead of torch's MKL GEMM, by the build's
 # instruction set. On a 2-core AVX-512 CPU, SmolLM2-135M's 30 layers of matmuls took 24 ms
 # against MKL's 68 at 8 rows, 161 against 245 at 128, 593 against 790 at 512, and about
-# the same at 1024. AVX2 builds have no broadcast tiles (decode.cpp, kBcastRows): on a
-# 2-core AVX2 CPU whole prompt steps took 45 / 104 / 179 ms against MKL's 70 / 114 / 154
-# at 8 / 32 / 64 tokens, and 1,565 against 1,030 at 512 (docs/performance.md; why torch's
-# MKL call is this slow at few rows was not pinned down).
+# the same at 1024. AVX2 builds' broadcast tiles are half as wide (4 weight rows against
+# 16 x rows: decode.cpp, kBcastTileRows): on a 2-core AVX2 CPU whole eager prompt steps
+# took 45 / 104 / 179 ms against MKL's 70 / 114 / 154 at 8 / 32 / 64 tokens before AVX2
+# had broadcast tiles, and with them 279 / 569 / 1,210 against 249 / 474 / 964 at
+# 128 / 256 / 512 (docs/performance.md; why torch's MKL call is this slow at few rows
+# was not pinned down).
 MAX_EAGER_LINEAR_ROWS = {"avx512": 512}
 MAX_EAGER_LINEAR_ROWS_DEFAULT = 32
 

@@ -375,10 +375,14 @@ void block_dot(const float* const* rows, int R, int64_t K, const float* x, int64
 
 // With many x rows the dot-product tiles above run out of registers to reuse loads
 // (4 x 4 accumulators per 8 loads, plus a horizontal sum per output), so from kBcastRows
-// rows on x is kept by column and a tile broadcasts one weight at a time against 16 x
-// rows in a vector: 2 x 8 accumulators per 2 loads and 8 broadcasts, no horizontal sums.
-// Only with 16-lane vectors (AVX-512): with 8 lanes the accumulators do not fit.
-constexpr int kBcastRows = VW == 16 ? 16 : kMaxRows + 1;
+// rows on x is kept by column and a tile broadcasts one weight at a time against 2
+// vectors of x rows: 2 x kBcastTileRows accumulators per 2 loads and kBcastTileRows
+// broadcasts, no horizontal sums. AVX-512 (32 registers): 32 x rows against 8 weight
+// rows. AVX2 (16 registers): 16 x rows against 4 weight rows, the tile's other 4 rows
+// in a second pass from L1 (8 accumulators + 2 x vectors + a broadcast). Without either
+// (4-lane vectors) the dot tiles do everything.
+constexpr int kBcastRows = VW == 16 ? 16 : VW == 8 ? 5 : kMaxRows + 1;
+constexpr int kBcastTileRows = VW == 16 ? kTileRows : 4;
 
 // y[r * ldy + s] = dot(x[s], rows[r]) for s < NV * VW, r < R; x by column, xT[k * ldx + s].
 template <int NV, int R, bool kPrefetch>
@@ -416,15 +420,21 @@ inline void tile_bc_r(const float* const* rows, int R, int64_t K, const float* x
 }
 
 // y[r * ld + s] for every x row (x by column, ld = the padded row count) against R weight
-// rows: 32 x rows per pass, the weights of passes after the first from L1.
+// rows: 2 * VW x rows and kBcastTileRows weight rows per pass, the weights of passes after
+// the first from L1.
 void block_bc(const float* const* rows, int R, int64_t K, const float* xT, int64_t ld, bool prefetch, float* y) {
-  for (int64_t s0 = 0; s0 < ld; s0 += 2 * VW) {
-    const bool two = ld - s0 > VW;
-    if (s0 == 0 && prefetch)
-      two ? tile_bc_r<2, true>(rows, R, K, xT, ld, y, ld) : tile_bc_r<1, true>(rows, R, K, xT, ld, y, ld);
-    else
-      two ? tile_bc_r<2, false>(rows, R, K, xT + s0, ld, y + s0, ld)
-          : tile_bc_r<1, false>(rows, R, K, xT + s0, ld, y + s0, ld);
+  for (int r0 = 0; r0 < R; r0 += kBcastTileRows) {
+    const int rn = std::min(kBcastTileRows, R - r0);
+    const float* const* rs = rows + r0;
+    float* yr = y + r0 * ld;
+    for (int64_t s0 = 0; s0 < ld; s0 += 2 * VW) {
+      const bool two = ld - s0 > VW;
+      if (s0 == 0 && prefetch)
+        two ? tile_bc_r<2, true>(rs, rn, K, xT, ld, yr, ld) : tile_bc_r<1, true>(rs, rn, K, xT, ld, yr, ld);
+      else
+        two ? tile_bc_r<2, false>(rs, rn, K, xT + s0, ld, yr + s0, ld)
+            : tile_bc_r<1, false>(rs, rn, K, xT + s0, ld, yr + s0, ld);
+    }
   }
 }
 
@@ -542,6 +552,7 @@ inline TileOut reg_tile(const Matrix&, const int64_t*, int R, int64_t, const Ope
   return {y, R, 1};
 }
 #endif
+static_assert(kBcastRows > kMaxRegTileRows, "the register tiles read x by row");
 
 // Whether a step of S rows dequantizes W's rows into a scratch buffer (blocks, and too
 // many rows for the register tiles); only then does it need one.
