@@ -85,24 +85,25 @@ class CostModel:
 
     @classmethod
     def smollm2_cpu_avx2(cls) -> CostModel:
-        """The same on a 2-core AVX2 CPU (AMD EPYC; no AVX-512, so no broadcast tiles in
-        the C++ GEMM, and prompt steps of more than 32 rows on MKL): least-squares fits
-        to the live cpu-hybrid run at commit 821197e (4 seeds, every policy, 14,271
+        """The same on a 2-core AVX2 CPU (AMD EPYC; no AVX-512: the C++ stack's broadcast
+        tiles are half as wide, prompt steps of more than 32 rows run MKL): least-squares
+        fits to the live cpu-hybrid run at commit d94b1b4 (4 seeds, every policy, 14,427
         steps; `python -m scheduler_svc.bench.fit_cost DIR --large-batch-threshold 5`
         over its --step-logs), the gaps between plans:
-        - decode-only, up to 4 sequences (the GGUF's 4-bit blocks): 15.7 ms + 3.35 ms
-          per sequence; 5 or more (fp32 weights): 18.5 ms + 3.97 ms per sequence;
-        - with prompt tokens, <= 64 tokens in all (the C++ stack): 16.3 ms + 2.76 ms per
+        - decode-only, up to 4 sequences (the GGUF's 4-bit blocks): 16.8 ms + 3.58 ms
+          per sequence; 5 or more (fp32 weights, broadcast tiles): 25.7 ms + 2.66 ms
+          per sequence;
+        - with prompt tokens, <= 64 tokens in all (the C++ stack): 18.8 ms + 1.94 ms per
           prompt token, decodes at the decode rate;
-        - larger (the eager model): 62.9 ms + 1.95 ms per prompt token, decodes at the
-          decode rate (rms 72 ms: the least regular regime).
-        Per prompt token a full 256-token step is the cheaper one here (2.2 against 3.0 ms
-        at 64), unlike the AVX-512 machine of smollm2_cpu."""
-        return cls(prefill_base_ms=62.9, prefill_ms_per_token=1.95, prefill_ms_per_token_sq=0.0,
-                   decode_base_ms=15.7, decode_ms_per_context_token=0.0, decode_ms_per_seq=3.35,
+        - larger (the eager model): 61.1 ms + 2.14 ms per prompt token, decodes at the
+          decode rate (rms 74 ms: the least regular regime).
+        (docs/benchmarks.md, "Fitting the replica"; the fit before AVX2 had broadcast
+        tiles, at 821197e, is there too.)"""
+        return cls(prefill_base_ms=61.1, prefill_ms_per_token=2.14, prefill_ms_per_token_sq=0.0,
+                   decode_base_ms=16.8, decode_ms_per_context_token=0.0, decode_ms_per_seq=3.58,
                    large_batch_threshold=5,
-                   large_decode_base_ms=18.5, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=3.97,
-                   fused_max_tokens=64, fused_base_ms=16.3, fused_ms_per_prompt_token=2.76)
+                   large_decode_base_ms=25.7, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=2.66,
+                   fused_max_tokens=64, fused_base_ms=18.8, fused_ms_per_prompt_token=1.94)
 
     @classmethod
     def _without_large_batch_fit(cls, prefill: tuple[float, float, float],
