@@ -126,7 +126,8 @@ def test_virtual_replica_serves_every_request_and_writes_the_result(tmp_path):
 @needs_traces
 def test_targets_from_p99_are_the_rt_only_runs_p99(tmp_path):
     from scheduler_svc.bench.__main__ import main
-    main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost, "--policies", "fcfs", "--duration-s", "20", "--num-seeds", "1",
+    main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost,
+          "--policies", "fcfs", "--duration-s", "20", "--num-seeds", "1",
           "--rt-rates", str(ch.RT_RATE), "--targets-from", "p99", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
     alone, t = saved["rt_alone"], saved["targets_ms"]
@@ -144,7 +145,8 @@ def test_an_rt_rate_sweep_judges_every_rate_against_the_same_targets(tmp_path):
     targets measured at RT_RATE; the targets' own run is reused only at that rate; more
     RT load, more RT requests; the attainment-against-rate plot is written."""
     from scheduler_svc.bench.__main__ import main
-    main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost, "--policies", "fcfs,bros", "--duration-s", "20",
+    main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost,
+          "--policies", "fcfs,bros", "--duration-s", "20",
           "--num-seeds", "1", "--rt-rates", f"0.25,{ch.RT_RATE},1.5,0.25", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "cpu-hybrid-virtual.json").read_text())
     assert [pt["rt_rate"] for pt in saved["points"]] == [0.25, ch.RT_RATE, 1.5]   # a repeated rate served once
@@ -173,7 +175,8 @@ def test_a_higher_be_rate_keeps_the_replica_busier(tmp_path):
     busy = {}
     for rate in (0.5, 3.0):
         out = tmp_path / str(rate)
-        main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost, "--policies", "fcfs", "--duration-s", "20",
+        main(["--scenario", "cpu-hybrid-virtual", "--sim-cost", ch.VIRTUAL.sim_cost,
+              "--policies", "fcfs", "--duration-s", "20",
               "--num-seeds", "1", "--be-rate", str(rate), "--rt-rates", str(ch.RT_RATE), "--out", str(out)])
         saved = json.loads((out / "cpu-hybrid-virtual.json").read_text())
         assert saved["config"]["be_rate"] == rate

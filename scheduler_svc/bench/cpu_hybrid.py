@@ -24,9 +24,10 @@ too, and no policy that also serves BE can be expected to do better.
 `live` runs the real stack (Redis, scheduler, the torch worker; ~2 minutes per policy
 and seed). `virtual` (scenario cpu-hybrid-virtual) replays the same workloads through
 the same planner on the sim worker with this CPU's step costs (the `smollm2_cpu` cost
-preset on AVX-512 CPUs, `smollm2_cpu_avx2` on others; --sim-cost names another) and the live pool's size, in virtual time: a dozen seeds in seconds, so policy
-differences can be told from the few-dozen-request noise of a live seed. It is a model
-of the live run, checked against it (docs/benchmarks.md), not a replacement.
+preset on AVX-512 CPUs, `smollm2_cpu_avx2` on others; --sim-cost names another) and the
+live pool's size, in virtual time: a dozen seeds in seconds, so policy differences can
+be told from the few-dozen-request noise of a live seed. It is a model of the live run,
+checked against it (docs/benchmarks.md), not a replacement.
 """
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def run_cpu_hybrid(policies: list[str], duration_s: float = 90.0, seed: int = 0,
     # The targets' own run: judged again where it recurs, not served twice.
     targets_run = (seed, against_targets(alone, alone_records, ttft, tpot))
     ttfts = {rate: {p: [] for p in policies} for rate in rt_rates}   # RT TTFTs per rate and policy
-    points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run, ttfts[rate], logs, replica)
+    points = [_serve_rate(rate, seeds, policies, mode, ttft, tpot, be_rate, duration_s, targets_run, ttfts[rate],
+                          logs, replica)
               for rate in rt_rates]
     config = {"length_scale": LENGTH_SCALE, "targets_from": targets_from, "target_factor": TARGET_FACTOR,
               "targets_rt_rate": RT_RATE,
@@ -182,7 +184,8 @@ def _serve_rate(rate: float, seeds: list[int], policies: list[str], mode: str, t
             m = targets_run[1]
         else:
             _log(f"RT {rate:g} req/s, seed {s}: RT alone against the targets")
-            m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode, logs.path(f"rt-alone-rt{rate:g}-seed{s}"), replica)
+            m, _ = serve([r for r in reqs if r.service_class == RT], "fcfs", mode,
+                         logs.path(f"rt-alone-rt{rate:g}-seed{s}"), replica)
         alone_runs.append({"seed": s, **m.to_dict()})
         _log(f"  RT alone: both {m.rt_attain_both:.3f}")
         for p in policies:
