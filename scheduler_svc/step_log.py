@@ -26,13 +26,12 @@ class StepLog:
         self.path = path
         self._file: IO[str] = open(path, "a", buffering=1, encoding="utf-8")   # line-buffered
 
-    def record(self, worker: str, plan_ms: float, report_ms: float, step_ms: float,
-               scheduled: list[tuple[str, int]], num_prefill_tokens: int, prefill: bool,
-               max_num_fused_tokens: int) -> None:
+    def record(self, worker: str, plan_ms: float, report_ms: float, step_ms: float, num_seqs: int,
+               num_tokens: int, num_prefill_tokens: int, prefill: bool, max_num_fused_tokens: int) -> None:
         self._file.write(json.dumps({
             "worker": worker, "plan_ms": round(plan_ms, 3), "report_ms": round(report_ms, 3),
-            "step_ms": round(step_ms, 3), "num_seqs": len(scheduled),
-            "num_tokens": sum(n for _, n in scheduled), "num_prefill_tokens": num_prefill_tokens,
+            "step_ms": round(step_ms, 3), "num_seqs": num_seqs,
+            "num_tokens": num_tokens, "num_prefill_tokens": num_prefill_tokens,
             "prefill": prefill, "max_num_fused_tokens": max_num_fused_tokens}) + "\n")
 
     def close(self) -> None:

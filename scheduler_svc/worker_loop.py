@@ -333,15 +333,15 @@ class WorkerLoop:
         report = await self._read_report(stream)
         sent = self._sent.popleft()
         t = now_ms()
+        num_seqs, num_tokens = len(sent.plan.scheduled), sum(s.num_tokens for s in sent.plan.scheduled)
         if self.pipeline_depth:   # serially the policy times steps by the gaps between plans
-            self._steps_seen.append(StepSample(len(sent.plan.scheduled), sum(s.num_tokens for s in sent.plan.scheduled),
-                                               sent.holds_prefill, t - max(sent.sent_ms, self._last_report_ms)))
+            self._steps_seen.append(StepSample(num_seqs, num_tokens, sent.holds_prefill,
+                                               t - max(sent.sent_ms, self._last_report_ms)))
         self._last_report_ms = t
         if report.plan_id != sent.plan.plan_id:
             raise ConnectionError(f"report for plan {report.plan_id}, expected {sent.plan.plan_id}")
-        if self.step_log is not None and sent.plan.scheduled:
-            self.step_log.record(self.address, sent.sent_ms, t, report.timings.step_ms,
-                                 [(s.seq_id, s.num_tokens) for s in sent.plan.scheduled],
+        if self.step_log is not None and num_seqs:
+            self.step_log.record(self.address, sent.sent_ms, t, report.timings.step_ms, num_seqs, num_tokens,
                                  sent.num_prefill_tokens, sent.holds_prefill, self.info.max_num_fused_tokens)
         await self._absorb(report, sent)
         self.worker_draining = report.draining

@@ -411,11 +411,17 @@ inline void tile_bc_r(const float* const* rows, int R, int64_t K, const float* x
     case 1: return tile_bc<NV, 1, kPrefetch>(rows, K, xT, ldx, y, ldy);
     case 2: return tile_bc<NV, 2, kPrefetch>(rows, K, xT, ldx, y, ldy);
     case 3: return tile_bc<NV, 3, kPrefetch>(rows, K, xT, ldx, y, ldy);
-    case 4: return tile_bc<NV, 4, kPrefetch>(rows, K, xT, ldx, y, ldy);
-    case 5: return tile_bc<NV, 5, kPrefetch>(rows, K, xT, ldx, y, ldy);
-    case 6: return tile_bc<NV, 6, kPrefetch>(rows, K, xT, ldx, y, ldy);
-    case 7: return tile_bc<NV, 7, kPrefetch>(rows, K, xT, ldx, y, ldy);
-    default: return tile_bc<NV, 8, kPrefetch>(rows, K, xT, ldx, y, ldy);
+  }
+  if constexpr (kBcastTileRows > 4) {   // wider tiles only where their accumulators fit
+    switch (R) {
+      case 4: return tile_bc<NV, 4, kPrefetch>(rows, K, xT, ldx, y, ldy);
+      case 5: return tile_bc<NV, 5, kPrefetch>(rows, K, xT, ldx, y, ldy);
+      case 6: return tile_bc<NV, 6, kPrefetch>(rows, K, xT, ldx, y, ldy);
+      case 7: return tile_bc<NV, 7, kPrefetch>(rows, K, xT, ldx, y, ldy);
+      default: return tile_bc<NV, 8, kPrefetch>(rows, K, xT, ldx, y, ldy);
+    }
+  } else {
+    return tile_bc<NV, 4, kPrefetch>(rows, K, xT, ldx, y, ldy);
   }
 }
 
