@@ -451,6 +451,66 @@ def test_gguf_blocks_give_the_fp32_stack_bit_for_bit(ext, torch_runner, gguf_blo
             assert torch.equal(a, b), rows
 
 
+def test_int16_activations_stay_within_a_bound_of_the_fp32_stack(ext, torch_runner, gguf_blocks):
+    """With int16 activations (the worker's default) a step of 1 to MAX_BLOCK_ROWS rows
+    quantizes each block matrix's input: on an AVX2 build its outputs differ from the exact
+    stack's (so the integer tiles ran): K/V writes by < 1e-4 of their range (~3e-6
+    measured), hidden states and logits by < 1e-2 (1-4e-3 measured: the random K/V here
+    make outliers that share a block's scale with small values; real prompts stay within
+    ~2e-4, test_model_parity.py), with the same greedy token per row, and it writes no
+    other slot. A larger step reads fp32 and is exactly the exact stack's. Elsewhere the
+    switch stays off and every step is exact."""
+    model, cache = torch_runner.model, torch_runner.cache
+    exact = CpuDecode(ext, model, cache.k, cache.v, 16, gguf_blocks)
+    quant = CpuDecode(ext, model, cache.k, cache.v, 16, gguf_blocks, int16_activations=True)
+    avx2 = ext.isa() == "avx2"
+    assert not exact.int16_activations and quant.int16_activations == avx2
+    for seed, rows in enumerate([1, 2, 3, ext.MAX_BLOCK_ROWS, ext.MAX_BLOCK_ROWS + 1]):
+        step = blocks_step(cache, rows, seed)
+        got, ref = run_stack(quant, cache, step), run_stack(exact, cache, step)
+        if rows > ext.MAX_BLOCK_ROWS or not avx2:
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), rows
+            continue
+        for a, b, bound in zip(got, ref, (1e-2, 1e-2, 1e-4, 1e-4)):
+            assert not torch.equal(a, b) and rel_err(a, b) < bound, rows
+        assert torch.equal(got[1].argmax(-1), ref[1].argmax(-1)), rows
+        written = (ref[2] != step[3][0]).any(-1).any(-1).any(0)   # the slots this step writes
+        for i in (2, 3):
+            assert torch.equal(got[i][:, ~written], ref[i][:, ~written]), rows
+
+
+def test_int16_activations_on_the_lm_head(ext, torch_runner, gguf_blocks):
+    """The tied LM head (Q8_0 blocks, BlockLinear) on int16 activations: 1 to MAX_BLOCK_ROWS
+    rows within 1e-4 of the exact logits' range on an AVX2 build (~2e-5 measured), more
+    rows exact."""
+    model, cache = torch_runner.model, torch_runner.cache
+    exact = CpuDecode(ext, model, cache.k, cache.v, 16, gguf_blocks)
+    quant = CpuDecode(ext, model, cache.k, cache.v, 16, gguf_blocks, int16_activations=True)
+    g = torch.Generator().manual_seed(3)
+    for rows in range(1, ext.MAX_BLOCK_ROWS + 2):
+        hidden = torch.randn(rows, model.cfg.hidden_size, generator=g)
+        got, ref = quant.logits(hidden), exact.logits(hidden)
+        if rows > ext.MAX_BLOCK_ROWS or ext.isa() != "avx2":
+            assert torch.equal(got, ref), rows
+        else:
+            assert not torch.equal(got, ref) and rel_err(got, ref) < 1e-4, rows
+
+
+def test_the_worker_takes_int16_activations_unless_told_float32(torch_runner, model_dir):
+    """--cpu-activations: int16 by default (on an AVX2 build with blocks), float32 exact;
+    anything else is refused naming the field."""
+    from worker_svc.config import WorkerConfig
+    from worker_svc.torch_runner import TorchRunner
+    assert WorkerConfig().cpu_activations == "int16"
+    assert torch_runner.cpu_decode.int16_activations == (torch_runner.cpu_decode.stack is not None
+                                                         and load_extension().isa() == "avx2")
+    runner = TorchRunner(str(model_dir), int16_activations=False)
+    runner.allocate_cache(16, 16)
+    assert runner.cpu_decode.num_block_matrices and not runner.cpu_decode.int16_activations
+    with pytest.raises(ValueError, match="cpu_activations must be int16 or float32, got 'int8'"):
+        WorkerConfig(cpu_activations="int8")
+
+
 @pytest.mark.parametrize("rows", [1, 4])
 def test_small_steps_read_the_blocks_not_the_fp32_weights(ext, torch_runner, gguf_blocks, rows):
     """With the fp32 copies of layer 0's o matrix and of the LM head (past the ids the steps

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cpu-weights", default="auto", choices=("auto", "float32"),
                    help="what the C++ stack streams: the GGUF's blocks where it can (auto), or fp32")
+    p.add_argument("--cpu-activations", default="int16", choices=("int16", "float32"),
+                   help="how small steps multiply the blocks: int16 activations, or fp32 (exact)")
     p.add_argument("--skip-hf", action="store_true", help="only measure our engine")
     p.add_argument("--compare-stacks", type=int, default=0, metavar="STEPS",
                    help="also interleave STEPS decode steps of the C++ and TorchScript stacks (batch 1 and 32)")
@@ -148,14 +150,16 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     engine = build_engine(WorkerConfig(backend="torch", dtype=args.dtype, kv_cache_mb=512, warmup=False,
-                                       max_num_seqs=64, max_num_batched_tokens=2048, cpu_weights=args.cpu_weights))
+                                       max_num_seqs=64, max_num_batched_tokens=2048, cpu_weights=args.cpu_weights,
+                                       cpu_activations=args.cpu_activations))
     runner = engine.runner
     # What a batch-1 step must read: the C++ stack's weights (blocks where it reads them).
     weight_bytes = (runner.cpu_decode.weight_bytes if runner.cpu_decode is not None else
                     sum(t.numel() * t.element_size() for t in runner.model.state_dict().values()))
     bw = read_bandwidth_gbs()
     res: dict[str, float | str] = {
-        "dtype": args.dtype, "cpu_weights": args.cpu_weights,
+        "dtype": args.dtype, "cpu_weights": args.cpu_weights, "cpu_activations": args.cpu_activations,
+        "int16_activations": bool(runner.cpu_decode is not None and runner.cpu_decode.int16_activations),
         "block_matrices": runner.cpu_decode.num_block_matrices if runner.cpu_decode is not None else 0,
         "threads": torch.get_num_threads(), "context": CONTEXT,
         "decode_steps": DECODE_STEPS, "prefill_len": PREFILL_LEN, "machine": platform.processor() or platform.machine(),

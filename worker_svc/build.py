@@ -40,7 +40,7 @@ def _torch_runner(cfg: WorkerConfig):
         _check_triton_can_run(cfg.device)   # before the weights load: fail fast
     torch.set_num_threads(max(1, torch.get_num_threads()))
     return TorchRunner(str(resolve_model(cfg.model)), cfg.dtype, cfg.device, cfg.max_model_len,
-                       weight_blocks=cfg.cpu_weights == "auto")
+                       weight_blocks=cfg.cpu_weights == "auto", int16_activations=cfg.cpu_activations == "int16")
 
 
 def _check_triton_can_run(device: str) -> None:

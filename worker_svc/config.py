@@ -28,6 +28,11 @@ class WorkerConfig:
     # it reads them (Q4_0/Q4_1/Q8_0: the same weights, bit for bit, in a fraction of the
     # bytes), "float32" = the dequantized fp32 copy (docs/performance.md)
     cpu_weights: str = "auto"
+    # How the CPU decode stack multiplies those blocks in steps of up to 4 rows (AVX2 builds):
+    # "int16" = each input quantized to int16 per 32 values, integer dot products (~1.4-1.7x
+    # faster small steps, logits within ~2e-4 of fp32's; decode.cpp, "int16 activations");
+    # "float32" = the blocks dequantized to fp32 in registers (the fp32 outputs bit for bit)
+    cpu_activations: str = "int16"
     block_size: int = 16                   # slots per KV block
     kv_cache_mb: int = 512                 # KV pool budget (torch backend)
     num_blocks: int | None = None          # overrides the budget when set
@@ -64,6 +69,7 @@ class WorkerConfig:
             (self.dtype in ("float32", "float16", "bfloat16"), "dtype", "must be float32, float16 or bfloat16"),
             (self.attention in ("auto", "torch", "triton"), "attention", "must be auto, torch or triton"),
             (self.cpu_weights in ("auto", "float32"), "cpu_weights", "must be auto or float32"),
+            (self.cpu_activations in ("int16", "float32"), "cpu_activations", "must be int16 or float32"),
             (0 <= self.port < 65536, "port", "must be in [0, 65536)"),
             (self.block_size > 0, "block_size", "must be > 0"),
             (self.kv_cache_mb > 0 and self.sim_kv_cache_mb > 0, "kv_cache_mb", "must be > 0"),

@@ -27,7 +27,7 @@ class TorchRunner:
     name = "torch"
 
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu",
-                 max_model_len: int | None = None, weight_blocks: bool = True):
+                 max_model_len: int | None = None, weight_blocks: bool = True, int16_activations: bool = True):
         self.cfg = ModelConfig.from_hf_dir(model_dir)
         self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
         self.model = LlamaModel.from_state_dict(self.cfg, load_state_dict(model_dir), self.dtype, self.device)
@@ -35,6 +35,7 @@ class TorchRunner:
         # Where a GGUF's quantized blocks come from, for the C++ stack to read instead of
         # fp32 (cpu_decode.py); read when the stack is built, not kept here.
         self._blocks_dir = model_dir if weight_blocks and self.device.type == "cpu" else None
+        self._int16_activations = int16_activations
         self.tokenizer = Tokenizer(model_dir)
         self.model_name = self.cfg.name
         self.vocab_size = self.cfg.vocab_size
@@ -67,9 +68,11 @@ class TorchRunner:
         self.attn = TorchAttention(self.cache, block_size)
         self.fast_decode = FastDecode(self.model, self.cache.k, self.cache.v, block_size)
         blocks = load_blocks(self._blocks_dir) if self._blocks_dir is not None else None
-        self.cpu_decode = CpuDecode.create(self.model, self.cache.k, self.cache.v, block_size, blocks)
+        self.cpu_decode = CpuDecode.create(self.model, self.cache.k, self.cache.v, block_size, blocks,
+                                           self._int16_activations)
         if self.cpu_decode is not None and self.cpu_decode.num_block_matrices:
-            log.info("C++ decode stack: %d matrices read as GGUF blocks", self.cpu_decode.num_block_matrices)
+            log.info("C++ decode stack: %d matrices read as GGUF blocks%s", self.cpu_decode.num_block_matrices,
+                     ", int16 activations in steps of up to 4 rows" if self.cpu_decode.int16_activations else "")
 
     def set_attention(self, backend) -> None:
         """Swap the attention backend (the Triton kernels plug in here)."""

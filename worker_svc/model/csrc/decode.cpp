@@ -46,6 +46,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX__)
@@ -447,10 +448,13 @@ void block_bc(const float* const* rows, int R, int64_t K, const float* xT, int64
 // A GEMV's input x[s, k] (s < S rows, k < K), by row p[s * ld + k] (dot tiles) or, from
 // kBcastRows rows on, by column p[k * ld + s] (broadcast tiles; ld = S rounded up to VW,
 // the padding rows zero).
+struct QuantRows;
+
 struct Operand {
   float* p;
   int64_t ld;
   bool by_col;
+  const QuantRows* q16 = nullptr;  // x quantized (int16 activations), or none: read p
 
   static Operand make(float* p, int64_t K, int S) {
     const bool by_col = S >= kBcastRows;
@@ -530,6 +534,156 @@ inline void tile_q_sr(const uint8_t* const* q, int S, int R, int64_t num_blocks,
   }
 }
 
+// ---------------------------------------------------------------- int16 activations
+//
+// With int16 activations (DecodeStack::set_int16_activations; the worker's
+// --cpu-activations int16, its default) a step of up to kMaxRegTileRows rows quantizes each
+// GEMV input row per 32-value block, once per phase and thread (quantize_rows):
+//
+//   x[j] ~ d q[j], q[j] = round(x[j] / d) in [-32767, 32767], d = max|x| / 32767; sum = d sum_j q[j]
+//
+// and a weight block's dot product with it runs in integers (tile_q16): the 32 weights
+// widen to int16 (4-bit q, Q4_0's less 8, or Q8_0's int8), two vpmaddwd multiply them with
+// x's 32 int16 and add pairs into 8 int32 lanes (at most 4 * 128 * 32767 < 2^24 each, so
+// the conversion to fp32 is exact), and one FMA by d_w * d_x folds the block into the
+// fp32 accumulator:
+//
+//   Q4_0  sum_j d (q_j - 8) x_j ~ d d_x sum_j (q_j - 8) qx_j
+//   Q4_1  sum_j (d q_j + m) x_j ~ d d_x sum_j q_j qx_j + m sum   (m sum / 8 on each lane)
+//   Q8_0  sum_j d q_j x_j       ~ d d_x sum_j q_j qx_j
+//
+// Against dequantizing the weights to fp32 (tile_q: per block and weight row two fp16
+// scales and 4 x (convert, multiply, add) before the FMAs) a decode step of SmolLM2-135M
+// takes ~0.7x the time at 1 row and ~0.6x at 2-4 (docs/performance.md). The price is x's
+// rounding, 1/65534 of its block's largest value at most: the logits move ~2e-4 of their
+// range from the fp32 stack's instead of not at all, and the greedy tokens of the parity
+// prompts stay transformers' (tests/test_cpu_decode.py and test_model_parity.py check
+// both). int8 (llama.cpp's Q8_1, vpmaddubsw) measured ~5% faster and moved the logits
+// ~5%, enough to change greedy tokens within 20-25 of 32. --cpu-activations float32 keeps
+// the exact path.
+struct QuantRows {
+  int16_t* q;   // [S, K]
+  float* d;     // [S, K / 32]
+  float* sum;   // [S, K / 32]: d * sum(q) of the block
+  int64_t K = 0, nb = 0;  // of the last quantize_rows
+};
+
+// Storage for one QuantRows of up to S rows of up to K values.
+struct QuantBuf {
+  std::vector<int16_t> q;
+  std::vector<float> d, sum;
+  QuantRows rows;
+  QuantBuf(int S, int64_t K)
+      : q(static_cast<size_t>(S) * K), d(static_cast<size_t>(S) * (K / kBlockWeights)), sum(d.size()),
+        rows{q.data(), d.data(), sum.data()} {}
+};
+
+// Rows x[s * ldx .. + K) for s < S into out (K a multiple of 32).
+inline void quantize_rows(const float* x, int64_t ldx, int S, int64_t K, QuantRows& out) {
+  const int64_t nb = K / kBlockWeights;
+  out.K = K;
+  out.nb = nb;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int s = 0; s < S; ++s)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + s * ldx + b * kBlockWeights;
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
+      __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float m = _mm_cvtss_f32(m4);
+      const float d = m / 32767.f;
+      const __m256 id = _mm256_set1_ps(m > 0.f ? 32767.f / m : 0.f);
+      __m256i qi[4];
+      for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+      const __m256i total = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+      __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+      t4 = _mm_hadd_epi32(t4, t4);
+      t4 = _mm_hadd_epi32(t4, t4);
+      // packs interleave 128-bit lanes: (0-3, 8-11 | 4-7, 12-15) -> permute 64-bit groups
+      for (int h = 0; h < 2; ++h) {
+        const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[2 * h], qi[2 * h + 1]), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q + s * K + b * kBlockWeights + 16 * h), p);
+      }
+      out.d[s * nb + b] = d;
+      out.sum[s * nb + b] = d * static_cast<float>(_mm_cvtsi128_si32(t4));
+    }
+}
+
+inline float hsum256(__m256 v) { return hsum(static_cast<vf>(v)); }
+
+// y[s * R + r] = dot(x[s], row r) for the R weight rows whose blocks start at q[r], x
+// quantized in xq.
+template <int S, int R, int kType>
+inline void tile_q16(const uint8_t* const* q, int64_t num_blocks, const QuantRows& xq, float* y) {
+  constexpr int64_t bb = block_bytes(kType);
+  const __m128i nib = _mm_set1_epi8(15);
+  __m256 acc[S][R];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) acc[s][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = q[r] + b * bb;
+      __m256i w0, w1;
+      __m256 dv, cv = _mm256_setzero_ps();
+      if constexpr (kType == kQ8_0) {
+        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
+        dv = _mm256_set1_ps(half_to_float(blk));
+      } else {
+        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (kType == kQ4_1 ? 4 : 2)));
+        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, nib));
+        w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), nib));
+        if constexpr (kType == kQ4_1) {
+          int32_t dm_bits;
+          std::memcpy(&dm_bits, blk, 4);
+          const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
+          dv = _mm256_broadcastss_ps(dm);
+          cv = _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), _mm256_set1_ps(0.125f));
+        } else {
+          const __m256i eight = _mm256_set1_epi16(8);
+          w0 = _mm256_sub_epi16(w0, eight);
+          w1 = _mm256_sub_epi16(w1, eight);
+          dv = _mm256_set1_ps(half_to_float(blk));
+        }
+      }
+      for (int s = 0; s < S; ++s) {
+        const int64_t i = s * xq.nb + b;
+        const int16_t* xs = xq.q + s * xq.K + b * kBlockWeights;
+        const __m256i p = _mm256_add_epi32(
+            _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs))),
+            _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + 16))));
+        acc[s][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dv, _mm256_set1_ps(xq.d[i])), acc[s][r]);
+        if constexpr (kType == kQ4_1) acc[s][r] = _mm256_fmadd_ps(cv, _mm256_set1_ps(xq.sum[i]), acc[s][r]);
+      }
+    }
+  }
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) y[s * R + r] = hsum256(acc[s][r]);
+}
+
+template <int kType>
+inline void tile_q16_sr(const uint8_t* const* q, int S, int R, int64_t num_blocks, const QuantRows& xq, float* y) {
+  auto by_r = [&](auto s_const) {
+    constexpr int kS = decltype(s_const)::value;
+    switch (R) {
+      case 1: return tile_q16<kS, 1, kType>(q, num_blocks, xq, y);
+      case 2: return tile_q16<kS, 2, kType>(q, num_blocks, xq, y);
+      case 3: if constexpr (kS <= 2) return tile_q16<kS, 3, kType>(q, num_blocks, xq, y); else return;
+      default: if constexpr (kS <= 2) return tile_q16<kS, 4, kType>(q, num_blocks, xq, y); else return;
+    }
+  };
+  switch (S) {
+    case 1: return by_r(std::integral_constant<int, 1>{});
+    case 2: return by_r(std::integral_constant<int, 2>{});
+    case 3: return by_r(std::integral_constant<int, 3>{});
+    default: return by_r(std::integral_constant<int, 4>{});
+  }
+}
+
 // The rows ns[0..R) of a block matrix against S <= kMaxRegTileRows rows of x (by row), 4
 // weight rows at a time; y[s * R + r].
 inline TileOut reg_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, const Operand& x, int S, float* y) {
@@ -542,10 +696,18 @@ inline TileOut reg_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, co
   const int step = S <= 2 ? 4 : 2;  // weight rows per pass: S * step accumulators
   for (int r0 = 0; r0 < R; r0 += step) {
     const int rn = std::min(step, R - r0);
-    switch (W.type) {
-      case kQ4_0: tile_q_sr<kQ4_0>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
-      case kQ4_1: tile_q_sr<kQ4_1>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
-      default: tile_q_sr<kQ8_0>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
+    if (x.q16 != nullptr) {
+      switch (W.type) {
+        case kQ4_0: tile_q16_sr<kQ4_0>(q + r0, S, rn, K / kBlockWeights, *x.q16, part); break;
+        case kQ4_1: tile_q16_sr<kQ4_1>(q + r0, S, rn, K / kBlockWeights, *x.q16, part); break;
+        default: tile_q16_sr<kQ8_0>(q + r0, S, rn, K / kBlockWeights, *x.q16, part); break;
+      }
+    } else {
+      switch (W.type) {
+        case kQ4_0: tile_q_sr<kQ4_0>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
+        case kQ4_1: tile_q_sr<kQ4_1>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
+        default: tile_q_sr<kQ8_0>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
+      }
     }
     for (int s = 0; s < S; ++s)
       for (int r = 0; r < rn; ++r) y[s * R + r0 + r] = part[s * rn + r];
@@ -554,6 +716,15 @@ inline TileOut reg_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, co
 }
 #else
 constexpr int kMaxRegTileRows = 0;
+// No register tiles, so never quantized (DecodeStack and linear_rows check kMaxRegTileRows).
+struct QuantRows {
+  int64_t K = 0, nb = 0;
+};
+struct QuantBuf {
+  QuantRows rows;
+  QuantBuf(int, int64_t) {}
+};
+inline void quantize_rows(const float*, int64_t, int, int64_t, QuantRows&) {}
 inline TileOut reg_tile(const Matrix&, const int64_t*, int R, int64_t, const Operand&, int, float* y) {
   return {y, R, 1};
 }
@@ -821,6 +992,12 @@ class DecodeStack {
     kept_blocks_.push_back(blocks);
   }
 
+  // Steps of up to kMaxRegTileRows rows quantize the inputs of the matrices read as blocks
+  // to int16 (see "int16 activations"); off: those steps give the fp32 stack's outputs bit
+  // for bit. Only AVX2 builds have these tiles: elsewhere a no-op (int16_activations() says).
+  void set_int16_activations(bool on) { int16_ = on && kMaxRegTileRows > 0; }
+  bool int16_activations() const { return int16_; }
+
   // How many of the 4 L matrices are read as blocks.
   int64_t num_block_matrices() const {
     int64_t n = 0;
@@ -897,13 +1074,18 @@ class DecodeStack {
     auto num_chunks = [&](int p) { return p == num_phases - 1 ? int64_t{S} : chunks[p % kPhasesPerLayer]; };
     PhaseBoard board(num_phases, nt);
     std::vector<LayerWeights> weights;  // the matrices as this step reads them (blocks or fp32)
-    bool any_scratch = false;
+    bool any_scratch = false, any_blocks = false;
     for (const LayerWeights& w : layers_) {
       weights.push_back({w.input_norm, w.qkv.for_rows(S), w.o.for_rows(S), w.post_norm, w.gate_up.for_rows(S),
                          w.down.for_rows(S)});
-      for (const Matrix* m : {&weights.back().qkv, &weights.back().o, &weights.back().gate_up, &weights.back().down})
+      for (const Matrix* m : {&weights.back().qkv, &weights.back().o, &weights.back().gate_up, &weights.back().down}) {
         any_scratch |= needs_scratch(*m, S);
+        any_blocks |= !m->is_f32();
+      }
     }
+    // Each thread quantizes a GEMV phase's input for itself as it enters the phase (one
+    // buffer, reused by each phase in turn: a thread never goes back to a phase).
+    const bool q16 = int16_ && any_blocks && S <= kMaxRegTileRows;
     // A tile's weight rows dequantized (GGUF blocks, scratch path), per thread.
     const int64_t max_k = std::max({hidden_, q_size, I_});
     std::vector<float> scratch(any_scratch ? static_cast<size_t>(nt) * kTileRows * max_k : 0);
@@ -917,14 +1099,24 @@ class DecodeStack {
       int64_t* my_slots = slots.data() + static_cast<size_t>(tid) * st.nb * B_;
       float* my_scratch = any_scratch ? scratch.data() + static_cast<size_t>(tid) * kTileRows * max_k : nullptr;
       const float* rope = rope_.data_ptr<float>();
+      QuantBuf my_q(q16 ? S : 0, q16 ? max_k : 0);
+      // The GEMV inputs as this thread reads them: with its quantized copy when q16.
+      Operand h_x = h_in, attn_x = attn_in, act_x = act_in;
+      if (q16) h_x.q16 = attn_x.q16 = act_x.q16 = &my_q.rows;
 
       auto enter = [&](int p) {
         if (p == num_phases - 1) return;
         const LayerWeights& w = weights[p / kPhasesPerLayer];
         const int phase = p % kPhasesPerLayer;
-        if (phase == kQkv || phase == kMlp)
+        if (phase == kQkv || phase == kMlp) {
           for (int s = 0; s < S; ++s)
             rms_norm_into(x + s * hidden_, phase == kQkv ? w.input_norm : w.post_norm, hidden_, eps_, h_in, s);
+          if (q16) quantize_rows(h_in.p, h_in.ld, S, hidden_, my_q.rows);
+        } else if (q16 && phase == kO) {
+          quantize_rows(attn_in.p, attn_in.ld, S, q_size, my_q.rows);
+        } else if (q16 && phase == kDown) {
+          quantize_rows(act_in.p, act_in.ld, S, I_, my_q.rows);
+        }
       };
 
       auto run_chunk = [&](int p, int64_t c) {
@@ -938,7 +1130,7 @@ class DecodeStack {
         float* vc = v_cache_.data_ptr<float>() + l * v_cache_.stride(0);
         switch (p % kPhasesPerLayer) {
           case kQkv:
-            gemv_tiles(w.qkv, nqkv, hidden_, h_in, S, c * tpc_h, std::min(ceil_div(nqkv, kTileRows), (c + 1) * tpc_h),
+            gemv_tiles(w.qkv, nqkv, hidden_, h_x, S, c * tpc_h, std::min(ceil_div(nqkv, kTileRows), (c + 1) * tpc_h),
                        my_scratch, [&](int64_t n0, int R, const TileOut& y) {
                          for (int s = 0; s < S; ++s) {
                            const float* cs = rope + st.positions[s] * D_;  // [D/2, 2]
@@ -962,7 +1154,7 @@ class DecodeStack {
             attend(st, c / Hkv_, c % Hkv_, q.data(), kc, vc, attn_in, my_scores, my_slots, my_head_out);
             return;
           case kO:
-            gemv_tiles(w.o, hidden_, q_size, attn_in, S, c * tpc_q,
+            gemv_tiles(w.o, hidden_, q_size, attn_x, S, c * tpc_q,
                        std::min(ceil_div(hidden_, kTileRows), (c + 1) * tpc_q), my_scratch,
                        [&](int64_t n0, int R, const TileOut& y) {
                          for (int s = 0; s < S; ++s)
@@ -970,11 +1162,11 @@ class DecodeStack {
                        });
             return;
           case kMlp:
-            mlp_tiles(w.gate_up, h_in, S, c * tpc_h, std::min(ceil_div(I_, kHalf), (c + 1) * tpc_h), act_in,
+            mlp_tiles(w.gate_up, h_x, S, c * tpc_h, std::min(ceil_div(I_, kHalf), (c + 1) * tpc_h), act_in,
                       my_scratch);
             return;
           case kDown:
-            gemv_tiles(w.down, hidden_, I_, act_in, S, c * tpc_i, std::min(ceil_div(hidden_, kTileRows), (c + 1) * tpc_i),
+            gemv_tiles(w.down, hidden_, I_, act_x, S, c * tpc_i, std::min(ceil_div(hidden_, kTileRows), (c + 1) * tpc_i),
                        my_scratch, [&](int64_t n0, int R, const TileOut& y) {
                          for (int s = 0; s < S; ++s)
                            for (int r = 0; r < R; ++r) x[s * hidden_ + n0 + r] += y(s, r);
@@ -1105,11 +1297,12 @@ class DecodeStack {
   Tensor k_cache_, v_cache_;
   int64_t L_, H_, Hkv_, D_, B_, hidden_, I_;
   float eps_;
+  bool int16_ = false;
 };
 
 // x [N, K] @ W[V, K]^T -> [N, V], the GEMV tiles over all threads (the tied LM head at
 // small N, the eager model's matmuls up to MAX_EAGER_LINEAR_ROWS rows: cpu_decode.py).
-Tensor linear_rows(const Tensor& x, const Matrix& W, int64_t V) {
+Tensor linear_rows(const Tensor& x, const Matrix& W, int64_t V, bool int16 = false) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.device().is_cpu(),
               "x must be a contiguous float32 CPU tensor [N, K]");
   const int64_t N = x.size(0), K = x.size(1);
@@ -1133,6 +1326,13 @@ Tensor linear_rows(const Tensor& x, const Matrix& W, int64_t V) {
     in.back().p = by_col[p].data();
     for (int s = 0; s < S; ++s)
       for (int64_t k = 0; k < K; ++k) in.back().at(s, k) = xp[(n0 + s) * K + k];
+  }
+  // int16 activations (blocks, few rows): x quantized once, read by every thread.
+  const bool q16 = int16 && !W.is_f32() && N <= kMaxRegTileRows;
+  QuantBuf xq(q16 ? static_cast<int>(N) : 0, q16 ? K : 0);
+  if (q16) {
+    quantize_rows(xp, K, static_cast<int>(N), K, xq.rows);
+    in[0].q16 = &xq.rows;
   }
   const int64_t tpc = tiles_per_chunk(K), num_tiles = ceil_div(V, kTileRows);
   const bool any_scratch = needs_scratch(W, std::min<int64_t>(N, kMaxRows));
@@ -1176,13 +1376,17 @@ class BlockLinear {
   }
   Tensor forward(Tensor x) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x must be [N, ", K_, "]");
-    return linear_rows(x, m_.for_rows(x.size(0)), V_);
+    return linear_rows(x, m_.for_rows(x.size(0)), V_, int16_);
   }
+  // As DecodeStack::set_int16_activations.
+  void set_int16_activations(bool on) { int16_ = on && kMaxRegTileRows > 0; }
+  bool int16_activations() const { return int16_; }
 
  private:
   Tensor w_, blocks_;  // m_ points into both (fp32 rows for larger steps)
   Matrix m_;
   int64_t V_, K_;
+  bool int16_ = false;
 };
 
 std::string isa() {
@@ -1205,10 +1409,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           int64_t, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecodeStack::forward)
       .def("set_blocks", &DecodeStack::set_blocks)
-      .def("num_block_matrices", &DecodeStack::num_block_matrices);
+      .def("num_block_matrices", &DecodeStack::num_block_matrices)
+      .def("set_int16_activations", &DecodeStack::set_int16_activations)
+      .def("int16_activations", &DecodeStack::int16_activations);
   pybind11::class_<BlockLinear>(m, "BlockLinear", pybind11::module_local())
       .def(pybind11::init<Tensor, Tensor, int64_t, std::string>())
-      .def("forward", &BlockLinear::forward);
+      .def("forward", &BlockLinear::forward)
+      .def("set_int16_activations", &BlockLinear::set_int16_activations)
+      .def("int16_activations", &BlockLinear::int16_activations);
   m.def("linear_small", &linear_small);
   m.def("isa", &isa);
   m.attr("MAX_BLOCK_ROWS") = kMaxBlockRows;
