@@ -42,11 +42,12 @@ def test_the_replica_takes_the_preset_fitted_on_this_kind_of_cpu(monkeypatch):
 
 
 def test_smollm2_cpu_avx2_costs():
-    """Decodes up to 4 sequences (the GGUF's blocks) on one line, 5 or more on another."""
+    """Decodes up to 4 sequences (the GGUF's blocks, int16 activations) on one line, 5 or
+    more on another."""
     cost = CostModel.smollm2_cpu_avx2()
-    assert cost.iteration_ms([], [100] * 4) == pytest.approx(16.8 + 3.58 * 4)
+    assert cost.iteration_ms([], [100] * 4) == pytest.approx(11.7 + 4.05 * 4)
     assert cost.iteration_ms([], [100] * 5) == pytest.approx(25.7 + 2.66 * 5)
-    assert cost.iteration_ms([60], [50, 60]) == pytest.approx(18.8 + 1.94 * 60 + 3.58 * 2)
+    assert cost.iteration_ms([60], [50, 60]) == pytest.approx(18.8 + 1.94 * 60 + 4.05 * 2)
     assert cost.iteration_ms([200], [50] * 6) == pytest.approx(61.1 + 2.14 * 200 + 2.66 * 6)
 
 

@@ -87,20 +87,23 @@ class CostModel:
     def smollm2_cpu_avx2(cls) -> CostModel:
         """The same on a 2-core AVX2 CPU (AMD EPYC; no AVX-512: the C++ stack's broadcast
         tiles are half as wide, prompt steps of more than 32 rows run MKL): least-squares
-        fits to the live cpu-hybrid run at commit d94b1b4 (4 seeds, every policy, 14,427
-        steps; `python -m scheduler_svc.bench.fit_cost DIR --large-batch-threshold 5`
-        over its --step-logs), the gaps between plans:
-        - decode-only, up to 4 sequences (the GGUF's 4-bit blocks): 16.8 ms + 3.58 ms
-          per sequence; 5 or more (fp32 weights, broadcast tiles): 25.7 ms + 2.66 ms
-          per sequence;
+        fits to live cpu-hybrid runs (4 seeds, every policy; `python -m
+        scheduler_svc.bench.fit_cost DIR --large-batch-threshold 5` over their
+        --step-logs), the gaps between plans:
+        - decode-only, up to 4 sequences (the GGUF's 4-bit blocks, int16 activations):
+          11.7 ms + 4.05 ms per sequence (the run at b50fc16, 14,540 steps; 16.8 + 3.58
+          with fp32 activations at d94b1b4); 5 or more (fp32 weights, broadcast tiles):
+          25.7 ms + 2.66 ms per sequence (d94b1b4, 14,427 steps; b50fc16: 25.9 + 2.72);
         - with prompt tokens, <= 64 tokens in all (the C++ stack): 18.8 ms + 1.94 ms per
-          prompt token, decodes at the decode rate;
+          prompt token, decodes at the decode rate (d94b1b4; b50fc16, which did not change
+          these steps, measured 20.3 + 2.15 on a slower hour of the machine);
         - larger (the eager model): 61.1 ms + 2.14 ms per prompt token, decodes at the
-          decode rate (rms 74 ms: the least regular regime).
+          decode rate (d94b1b4; rms 74 ms: the least regular regime; b50fc16: 96.4 + 1.95,
+          the same at the ~200-token steps BE makes).
         (docs/benchmarks.md, "Fitting the replica"; the fit before AVX2 had broadcast
         tiles, at 821197e, is there too.)"""
         return cls(prefill_base_ms=61.1, prefill_ms_per_token=2.14, prefill_ms_per_token_sq=0.0,
-                   decode_base_ms=16.8, decode_ms_per_context_token=0.0, decode_ms_per_seq=3.58,
+                   decode_base_ms=11.7, decode_ms_per_context_token=0.0, decode_ms_per_seq=4.05,
                    large_batch_threshold=5,
                    large_decode_base_ms=25.7, large_decode_ms_per_context_token=0.0, large_decode_ms_per_seq=2.66,
                    fused_max_tokens=64, fused_base_ms=18.8, fused_ms_per_prompt_token=1.94)

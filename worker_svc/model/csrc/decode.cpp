@@ -131,7 +131,8 @@ constexpr int kFloatsPerLine = 16;
 // rows into a scratch buffer of the thread's for the fp32 tiles. The dequantization is
 // gguf-py's, op for op (below), and the FMAs are the fp32 tiles', in their order, so every
 // weight is the fp32 weight bit for bit and the outputs are those of the fp32 matrices
-// bit for bit; checked_blocks checks the first before the stack takes a matrix.
+// bit for bit; checked_blocks checks the first before the stack takes a matrix. (Unless
+// the stack quantizes its inputs instead: "int16 activations", AVX2 builds' default.)
 //
 //   Q4_0 (18 bytes): f16 d, 16 bytes q        w[j] = d * (q_j - 8)
 //   Q4_1 (20 bytes): f16 d, f16 m, 16 bytes q  w[j] = d * q_j + m   (the product rounded)
