@@ -52,14 +52,22 @@ def generate(runner, rt: list[int], be: list[int]):
 
 
 def test_triton_attention_matches_transformers_and_the_torch_path(torch_runner, hf_model):
+    """The torch path runs its small steps on the C++ stack, here with fp32 activations
+    (exact; the default int16 ones move the logits ~1e-4, test_model_parity.py), so that
+    the two attention paths are compared on the same arithmetic elsewhere."""
     prompts = [torch_runner.tokenizer.encode(p) for p in PROMPTS]
-    want_tokens, want_logits = generate(torch_runner, *prompts)
-    saved = torch_runner.attn, torch_runner.fast_decode
-    torch_runner.set_attention(TritonAttention(torch_runner.cache, 16, torch_runner.cfg.num_heads))
+    saved = torch_runner.attn, torch_runner.fast_decode, torch_runner.cpu_decode
+    int16 = saved[2] is not None and saved[2].int16_activations
+    if saved[2] is not None:
+        saved[2].set_int16_activations(False)
     try:
+        want_tokens, want_logits = generate(torch_runner, *prompts)
+        torch_runner.set_attention(TritonAttention(torch_runner.cache, 16, torch_runner.cfg.num_heads))
         got_tokens, got_logits = generate(torch_runner, *prompts)
     finally:
-        torch_runner.attn, torch_runner.fast_decode = saved
+        torch_runner.attn, torch_runner.fast_decode, torch_runner.cpu_decode = saved
+        if saved[2] is not None:
+            saved[2].set_int16_activations(int16)
     assert [len(t) for t in got_tokens] == [3, 2]
     for i, ids in enumerate(prompts):
         with torch.inference_mode():

@@ -666,6 +666,8 @@ inline void tile_q16(const uint8_t* const* q, int64_t num_blocks, const QuantRow
     for (int r = 0; r < R; ++r) y[s * R + r] = hsum256(acc[s][r]);
 }
 
+// tile_q16 for the shapes reg_tile asks for: R <= 4 weight rows for S <= 2 x rows, R <= 2
+// for S = 3-4 (S x R accumulators beside the 2 weight vectors in AVX2's 16 registers).
 template <int kType>
 inline void tile_q16_sr(const uint8_t* const* q, int S, int R, int64_t num_blocks, const QuantRows& xq, float* y) {
   auto by_r = [&](auto s_const) {
