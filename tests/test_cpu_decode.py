@@ -502,8 +502,7 @@ def test_the_worker_takes_int16_activations_unless_told_float32(torch_runner, mo
     from worker_svc.config import WorkerConfig
     from worker_svc.torch_runner import TorchRunner
     assert WorkerConfig().cpu_activations == "int16"
-    assert torch_runner.cpu_decode.int16_activations == (torch_runner.cpu_decode.stack is not None
-                                                         and load_extension().isa() == "avx2")
+    assert torch_runner.cpu_decode.int16_activations == (load_extension().isa() == "avx2")
     runner = TorchRunner(str(model_dir), int16_activations=False)
     runner.allocate_cache(16, 16)
     assert runner.cpu_decode.num_block_matrices and not runner.cpu_decode.int16_activations

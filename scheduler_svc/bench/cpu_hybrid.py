@@ -64,8 +64,9 @@ RT_RATE = 0.5          # req/s: the rate the targets are measured at, and the li
 # seeds and four policies); the replica's seconds allow the attainment-against-rate curve.
 RT_RATES = {"live": (RT_RATE,), "virtual": (0.25, RT_RATE, 0.75, 1.0)}
 # req/s. How busy BE alone keeps the worker (busy_fraction) at 3.0 req/s: live, seed 0,
-# 77-85% over three runs on 2-core AVX-512 CPUs (83% and 90% on a 2-core AVX2 one); the replica's mean over seeds 0-11, 75% (68-80% by seed: 90 s of
-# Poisson arrivals vary; 82% before prompt steps moved to the C++ GEMM, 3f09cd8).
+# 77-85% over three runs on 2-core AVX-512 CPUs (83%, 90% and 97% on a 2-core AVX2 one);
+# the replica's mean over seeds 0-11, 75% (68-80% by seed: 90 s of Poisson arrivals
+# vary; 82% before prompt steps moved to the C++ GEMM, 3f09cd8).
 # docs/benchmarks.md, "cpu-hybrid's BE load". This was 1.5 (~55% busy) until measured.
 BE_RATE = 3.0
 MAX_MODEL_LEN = 2048
