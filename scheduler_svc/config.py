@@ -41,6 +41,7 @@ class SchedulerConfig:
     bros_prefill_switch_overheads: float = _P.bros_prefill_switch_overheads
     bros_rt_kv_pressure: float = _P.bros_rt_kv_pressure
     bros_slack_reserve_steps: float = _P.bros_slack_reserve_steps
+    bros_rt_recompute_underfill: float = _P.bros_rt_recompute_underfill
     bros_fused_steps: bool = _P.bros_fused_steps
     bros_first_step_ms: float = _P.bros_first_step_ms
     bros_step_time_smoothing: float = _P.bros_step_time_smoothing

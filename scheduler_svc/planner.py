@@ -155,6 +155,16 @@ class PlannerConfig:
     # a ~41 ms TPOT target: RT both 0.572 -> 0.652, BE unchanged; docs/benchmarks.md, "The
     # slack reserve".) 0: off (BE may spend all of it).
     bros_slack_reserve_steps: float = 1.0
+    # bros: a running RT sequence that cannot grow (no free block, no BE left to give way)
+    # recomputes newer RT sequences, newest first, as vLLM does, but only in a step that
+    # would otherwise leave at least this share of its token budget unused. Waiting for
+    # blocks kept the decodes of a full RT-only pool at their block boundaries, steps of
+    # 1-3 of 32 tokens for seconds (tests/test_liveness.py seeds 1000-1399: bros' makespan
+    # 1.012x the faster of fcfs and priority on the mean, 1.58x at worst -> 1.002x,
+    # 1.35x); recomputing whenever one is short threw away RT work under overload, where
+    # steps are full anyway (sim-paper at 0.6 of capacity, seed 2: both 0.742 -> 0.643;
+    # with this share 0.771; docs/scheduler.md). > 1: never.
+    bros_rt_recompute_underfill: float = 0.5
     # bros: cap each step at the worker's fused-path size (PlanInput.max_num_fused_tokens)
     # while the step-time model says a step of that size costs less per token than one of
     # max_num_batched_tokens: on a CPU worker a 64-token step runs the C++ stack (~26 ms
@@ -202,6 +212,8 @@ class PlannerConfig:
             raise ValueError("bros_rt_kv_pressure must be > 0")
         if self.bros_slack_reserve_steps < 0:
             raise ValueError("bros_slack_reserve_steps must be >= 0")
+        if self.bros_rt_recompute_underfill < 0:
+            raise ValueError("bros_rt_recompute_underfill must be >= 0")
         if self.bros_prefill_switch_overheads < 0:
             raise ValueError("bros_prefill_switch_overheads must be >= 0")
         if self.bros_first_step_ms <= 0 or not 0 < self.bros_step_time_smoothing <= 1:

@@ -184,10 +184,11 @@ def test_gate_takes_what_the_step_budget_holds_when_that_is_under_the_minimum():
 
 
 
-def _be_prompt_step(fused_steps: bool = True, max_num_fused_tokens: int = 64, train=fused_cpu) -> int:
+def _be_prompt_step(fused_steps: bool = True, max_num_fused_tokens: int = 64, train=fused_cpu,
+                    policy: str = "bros") -> int:
     """Tokens a bros step gives a lone 200-token BE prompt once the step-time model knows
     the worker (no RT: nothing else bounds the step)."""
-    p = make_policy("bros")
+    p = make_policy(policy)
     cfg = PlannerConfig(max_num_batched_tokens=256, bros_fused_steps=fused_steps)
     empty = PlanInput(now_ms=0, running=[], waiting=[], free_blocks=100, block_size=16,
                       max_num_fused_tokens=max_num_fused_tokens)
@@ -205,6 +206,9 @@ def test_steps_stay_within_the_fused_path_while_it_is_cheaper_per_token():
     assert _be_prompt_step() == 64
     assert _be_prompt_step(fused_steps=False) == 200
     assert _be_prompt_step(max_num_fused_tokens=0) == 200     # no fused path: nothing to cap at
+    # Without chunked prefill a prompt runs whole: capped at 64 tokens it never ran
+    # (the no-chunking ablation stalled on cpu-hybrid-virtual).
+    assert _be_prompt_step(policy="bros-no-chunking") == 200
 
     def big_steps_cheaper(cost: StepCost) -> None:
         for i in range(40):   # a fused step dear per token (3 ms), a large one cheap (1 ms)

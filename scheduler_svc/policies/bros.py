@@ -28,7 +28,10 @@ Each iteration, in phases:
      does, so the pool never deadlocks.
 Memory: RT may grow into blocks held by paused BE sequences (the worker checkpoints the
 overwritten BE slots to host), so RT's room counts them; when even that is short, the
-newest running BE sequences are paused to make room. BE only takes free blocks.
+newest running BE sequences are paused to make room. When no running BE is left to give
+way and a step would run mostly empty, a running RT sequence that cannot grow recomputes
+newer RT sequences, newest first, as vLLM does (_recompute_newer_rt). BE only takes free
+blocks.
 """
 from __future__ import annotations
 
@@ -63,6 +66,10 @@ class Bros:
         # Running RT whose first token was counted -> when a TPOT miss was last counted.
         self._judged: dict[str, float | None] = {}
         self._window: deque[bool] = deque()       # recent RT outcomes, on time or not
+        self._rt_resident: list[SeqView] = []    # this plan's (_plan, _recompute_newer_rt)
+        self._be_active: list[str] = []
+        self._victims: set[str] = set()
+        self._short_of_blocks: list[SeqView] = []
         self.be_lengths: FinishedLengths | None = None   # only with bros_admit_headroom_sd > 0
 
     def plan(self, inp: PlanInput, cfg: PlannerConfig) -> PlanDecision:
@@ -158,6 +165,12 @@ class Bros:
         step.needs_block = set(self._refused)
         evictable = self._evictable_blocks(inp)
         rt_running = [s for s in inp.running if s.service_class == RT]
+        # This plan's candidates for _recompute_newer_rt, and the victims it chose.
+        self._rt_resident = [s for s in rt_running if not s.preempted and s.num_computed_tokens > 0]
+        self._be_active = [s.request_id for s in inp.running
+                           if s.service_class == BE and not s.preempted and s.num_computed_tokens > 0]
+        self._victims = set()
+        self._short_of_blocks = []
         be_running = [s for s in inp.running if s.service_class == BE]
         rt = rt_running + [s for s in inp.waiting if s.service_class == RT]
         waiting_ids = {s.request_id for s in inp.waiting}
@@ -193,6 +206,10 @@ class Bros:
         for seq in relaxed:
             evictable, resident = self._run_rt(seq, seq.request_id in waiting_ids, step, evictable, [],
                                                resident, cfg)
+        if step.tokens >= cfg.bros_rt_recompute_underfill * step_tokens:
+            # Half empty (by default) for want of blocks: older RT take newer RT's.
+            for seq in sorted(self._short_of_blocks, key=lambda s: (s.arrival_ms, s.request_id)):
+                evictable, resident = self._run_rt(seq, False, step, evictable, [], resident, cfg, recompute_rt=True)
         if not step.out.scheduled and not step.out.preempt:
             self._unjam(inp, step)
         return step.out
@@ -200,9 +217,11 @@ class Bros:
     def _step_tokens(self, cfg: PlannerConfig) -> int:
         """This step's token budget: max_num_batched_tokens, or the worker's fused-path size
         while a step of that size costs less per token (bros_fused_steps). Both regimes
-        must have been measured; once capped, the larger regime's line keeps its last fit."""
+        must have been measured; once capped, the larger regime's line keeps its last fit.
+        Never without chunked prefill: a prompt runs whole there, and one longer than the
+        fused path would never run (the no-chunking ablation stalled on cpu-hybrid-virtual)."""
         full, fused = cfg.max_num_batched_tokens, self.cost.max_num_fused_tokens
-        if not (cfg.bros_fused_steps and 0 < fused < full):
+        if not (self.chunked and cfg.bros_fused_steps and 0 < fused < full):
             return full
         if min(self.cost.fused.w, self.cost.prefill.w) < cfg.bros_step_cost_min_weight:
             return full
@@ -290,9 +309,11 @@ class Bros:
         return max(0, extra // inp.block_size)
 
     def _run_rt(self, seq: SeqView, waiting: bool, step: StepBudget, evictable: int, pausable: list[SeqView],
-                resident: int, cfg: PlannerConfig) -> tuple[int, int]:
+                resident: int, cfg: PlannerConfig, recompute_rt: bool = False) -> tuple[int, int]:
         n = step.chunk(seq)
         if n == 0 or step.seqs == 0 or (waiting and resident >= cfg.max_num_seqs and not pausable):
+            return evictable, resident
+        if seq.request_id in self._victims:
             return evictable, resident
         if not self._prompt_fits(seq, n, step, evictable, pausable):
             return evictable, resident
@@ -303,6 +324,11 @@ class Bros:
             victim = pausable.pop(0)
             evictable += self._displace(victim, step)
             resident -= 1
+        if need > evictable and not waiting and not self._be_holding(step):
+            if not recompute_rt:   # _plan comes back to it if the step stays mostly empty
+                self._short_of_blocks.append(seq)
+                return evictable, resident
+            need -= self._recompute_newer_rt(seq, need - evictable, step)
         if need > evictable or (waiting and resident >= cfg.max_num_seqs):
             return evictable, resident
         evictable -= max(0, need)
@@ -324,6 +350,39 @@ class Bros:
             return True
         held = sum(blocks_of(s.num_computed_tokens, step.block_size) for s in others)
         return step.new_blocks(seq, seq.num_uncomputed_tokens) <= step.blocks + extra_blocks + held
+
+    def _recompute_newer_rt(self, seq: SeqView, short: int, step: StepBudget) -> int:
+        """Free `short` blocks for a running RT sequence by recomputing resident RT that
+        arrived after it and is not in this step, newest first; nothing unless they hold
+        enough. Returns the blocks freed. Only in a step that is otherwise mostly empty
+        (bros_rt_recompute_underfill, which says why), and only for running sequences:
+        waiting requests never take a resident's blocks this way (vLLM's fcfs does not
+        either). Only newer sequences give way, so the oldest always keeps its work and
+        cannot be starved by the others' recomputes."""
+        key = (seq.arrival_ms, seq.request_id)
+        scheduled = {rid for rid, _ in step.out.scheduled}
+        newer = sorted((s for s in self._rt_resident if (s.arrival_ms, s.request_id) > key
+                        and s.request_id not in scheduled and s.request_id not in self._victims),
+                       key=lambda s: (s.arrival_ms, s.request_id), reverse=True)
+        victims, freed = [], 0
+        for victim in newer:
+            if freed >= short:
+                break
+            victims.append(victim)
+            freed += blocks_of(victim.num_computed_tokens, step.block_size)
+        if freed < short:
+            return 0
+        for victim in victims:
+            self._victims.add(victim.request_id)
+            step.out.recompute.append(victim.request_id)
+            step.release(victim)
+        return freed
+
+    def _be_holding(self, step: StepBudget) -> bool:
+        """Whether a running BE sequence still holds blocks after this step's displacements:
+        then BE gives way first (phase 2 pauses it, _unjam recomputes it), never RT's work."""
+        gone = set(step.out.preempt) | set(step.out.recompute)
+        return any(rid not in gone for rid in self._be_active)
 
     @staticmethod
     def _blocks_short(seq: SeqView, n: int, step: StepBudget) -> int:
