@@ -28,10 +28,11 @@ class WorkerConfig:
     # it reads them (Q4_0/Q4_1/Q8_0: the same weights, bit for bit, in a fraction of the
     # bytes), "float32" = the dequantized fp32 copy (docs/performance.md)
     cpu_weights: str = "auto"
-    # How the CPU decode stack multiplies those blocks in steps of up to 4 rows (AVX2 builds):
-    # "int16" = each input quantized to int16 per 32 values, integer dot products (~1.4-1.7x
-    # faster small steps, logits within ~2e-4 of fp32's; decode.cpp, "int16 activations");
-    # "float32" = the blocks dequantized to fp32 in registers (the fp32 outputs bit for bit)
+    # How the CPU decode stack multiplies those blocks (AVX2 builds): "int16" = each input
+    # quantized to int16 per 32 values, integer dot products, in steps of up to 8 rows
+    # (~1.4-1.7x faster steps of 1-4 rows, ~1.1-1.3x of 5-7, logits within ~2e-4 of fp32's;
+    # decode.cpp, "int16 activations"); "float32" = the blocks dequantized to fp32 in
+    # registers in steps of up to 4 rows, fp32 weights beyond (the fp32 outputs bit for bit)
     cpu_activations: str = "int16"
     block_size: int = 16                   # slots per KV block
     kv_cache_mb: int = 512                 # KV pool budget (torch backend)

@@ -72,7 +72,7 @@ class TorchRunner:
                                            self._int16_activations)
         if self.cpu_decode is not None and self.cpu_decode.num_block_matrices:
             log.info("C++ decode stack: %d matrices read as GGUF blocks%s", self.cpu_decode.num_block_matrices,
-                     ", int16 activations in steps of up to 4 rows" if self.cpu_decode.int16_activations else "")
+                     ", int16 activations in steps of up to 8 rows" if self.cpu_decode.int16_activations else "")
 
     def set_attention(self, backend) -> None:
         """Swap the attention backend (the Triton kernels plug in here)."""

@@ -197,8 +197,9 @@ class CpuDecode:
         self.set_int16_activations(int16_activations)
 
     def set_int16_activations(self, on: bool) -> None:
-        """Steps of up to MAX_BLOCK_ROWS rows quantize the block matrices' inputs to int16
-        (decode.cpp, "int16 activations"), or not (the fp32 stack's outputs bit for bit).
+        """Steps of up to MAX_INT16_ROWS rows (8) read the block matrices and quantize their
+        inputs to int16 (decode.cpp, "int16 activations"), or not: then steps of up to
+        MAX_BLOCK_ROWS (4) read the blocks, exactly, and larger ones the fp32 weights.
         Only AVX2 builds have those tiles; elsewhere this stays off (int16_activations)."""
         self.stack.set_int16_activations(on)
         if self._lm_head_blocks is not None:

@@ -250,6 +250,16 @@ void dequant_block(int type, const uint8_t* b, float* out) {
 // (docs/performance.md).
 constexpr int kMaxBlockRows = 4;
 
+// ... and with int16 activations, up to this many: the integer tiles cost less per x row
+// than dequantizing does, so blocks stay ahead of fp32 rows further ("int16 activations";
+// against int16 only up to 4 rows: 34.1 -> 26.8 ms at 5 rows, 33.8 -> 28.7 at 6, 35.2 ->
+// 30.6 at 7, 41.1 -> 40.5 at 8, docs/performance.md).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr int kMaxQ16Rows = 8;
+#else
+constexpr int kMaxQ16Rows = 0;
+#endif
+
 // A weight matrix [N, K] as the GEMV reads it: fp32 rows, or GGUF blocks (row n is
 // row_bytes bytes at blocks + n * row_bytes) dequantized a row at a time.
 struct Matrix {
@@ -260,7 +270,9 @@ struct Matrix {
 
   bool is_f32() const { return blocks == nullptr; }
   // How a step of S rows reads it.
-  Matrix for_rows(int64_t S) const { return S <= kMaxBlockRows ? *this : Matrix{f32}; }
+  Matrix for_rows(int64_t S, bool q16 = false) const {
+    return S <= (q16 ? kMaxQ16Rows : kMaxBlockRows) ? *this : Matrix{f32};
+  }
 
   // Row n's K floats: in place, or dequantized into scratch. Also asks for the row
   // kPrefetchRows on (the fp32 tiles do that themselves for fp32 rows).
@@ -457,8 +469,9 @@ struct Operand {
   bool by_col;
   const QuantRows* q16 = nullptr;  // x quantized (int16 activations), or none: read p
 
-  static Operand make(float* p, int64_t K, int S) {
-    const bool by_col = S >= kBcastRows;
+  // q16: x will be quantized (by row) for the int16 tiles, which take every S they serve.
+  static Operand make(float* p, int64_t K, int S, bool q16 = false) {
+    const bool by_col = S >= kBcastRows && !q16;
     return {p, by_col ? ceil_div(S, VW) * VW : K, by_col};
   }
   float& at(int64_t s, int64_t k) const { return by_col ? p[k * ld + s] : p[s * ld + k]; }
@@ -538,7 +551,7 @@ inline void tile_q_sr(const uint8_t* const* q, int S, int R, int64_t num_blocks,
 // ---------------------------------------------------------------- int16 activations
 //
 // With int16 activations (DecodeStack::set_int16_activations; the worker's
-// --cpu-activations int16, its default) a step of up to kMaxRegTileRows rows quantizes each
+// --cpu-activations int16, its default) a step of up to kMaxQ16Rows rows quantizes each
 // GEMV input row per 32-value block, once per phase and thread (quantize_rows):
 //
 //   x[j] ~ d q[j], q[j] = round(x[j] / d) in [-32767, 32767], d = max|x| / 32767; sum = d sum_j q[j]
@@ -555,7 +568,8 @@ inline void tile_q_sr(const uint8_t* const* q, int S, int R, int64_t num_blocks,
 //
 // Against dequantizing the weights to fp32 (tile_q: per block and weight row two fp16
 // scales and 4 x (convert, multiply, add) before the FMAs) a decode step of SmolLM2-135M
-// takes ~0.7x the time at 1 row and ~0.6x at 2-4 (docs/performance.md). The price is x's
+// takes ~0.7x the time at 1 row and ~0.6x at 2-4; at 5-8 rows, where the exact stack reads
+// fp32 weights, it reads the blocks 4 x rows at a time, ~0.8-0.9x at 5-7 (docs/performance.md). The price is x's
 // rounding, 1/65534 of its block's largest value at most: the logits move ~2e-4 of their
 // range from the fp32 stack's instead of not at all, and the greedy tokens of the parity
 // prompts stay transformers' (tests/test_cpu_decode.py and test_model_parity.py check
@@ -687,8 +701,14 @@ inline void tile_q16_sr(const uint8_t* const* q, int S, int R, int64_t num_block
   }
 }
 
-// The rows ns[0..R) of a block matrix against S <= kMaxRegTileRows rows of x (by row), 4
-// weight rows at a time; y[s * R + r].
+// Rows g0 .. g0 + n of a QuantRows, as one of their own.
+inline QuantRows quant_rows_from(const QuantRows& x, int g0) {
+  return {x.q + g0 * x.K, x.d + g0 * x.nb, x.sum + g0 * x.nb, x.K, x.nb};
+}
+
+// The rows ns[0..R) of a block matrix against S rows of x (by row), in weight-row passes
+// of 4 (x rows 1-2) or 2 (3-4); y[s * R + r]. S <= kMaxRegTileRows, or with x quantized up
+// to kMaxQ16Rows: 4 x rows at a time, a pass's weight rows from L1 after the first group.
 inline TileOut reg_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, const Operand& x, int S, float* y) {
   const uint8_t* q[kTileRows];
   for (int r = 0; r < R; ++r) {
@@ -696,24 +716,30 @@ inline TileOut reg_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, co
     for (int64_t i = 0; i < W.row_bytes; i += 64) __builtin_prefetch(q[r] + kPrefetchRows * W.row_bytes + i, 0, 2);
   }
   float part[kMaxRegTileRows * 4];
-  const int step = S <= 2 ? 4 : 2;  // weight rows per pass: S * step accumulators
+  const int64_t nb = K / kBlockWeights;
+  const int step = S <= 2 ? 4 : 2;  // weight rows per pass: at most 4 x rows * step accumulators
   for (int r0 = 0; r0 < R; r0 += step) {
     const int rn = std::min(step, R - r0);
-    if (x.q16 != nullptr) {
-      switch (W.type) {
-        case kQ4_0: tile_q16_sr<kQ4_0>(q + r0, S, rn, K / kBlockWeights, *x.q16, part); break;
-        case kQ4_1: tile_q16_sr<kQ4_1>(q + r0, S, rn, K / kBlockWeights, *x.q16, part); break;
-        default: tile_q16_sr<kQ8_0>(q + r0, S, rn, K / kBlockWeights, *x.q16, part); break;
+    for (int g0 = 0; g0 < S; g0 += kMaxRegTileRows) {
+      const int gn = std::min(kMaxRegTileRows, S - g0);
+      if (x.q16 != nullptr) {
+        const QuantRows xg = quant_rows_from(*x.q16, g0);
+        switch (W.type) {
+          case kQ4_0: tile_q16_sr<kQ4_0>(q + r0, gn, rn, nb, xg, part); break;
+          case kQ4_1: tile_q16_sr<kQ4_1>(q + r0, gn, rn, nb, xg, part); break;
+          default: tile_q16_sr<kQ8_0>(q + r0, gn, rn, nb, xg, part); break;
+        }
+      } else {
+        const float* xg = x.p + g0 * x.ld;
+        switch (W.type) {
+          case kQ4_0: tile_q_sr<kQ4_0>(q + r0, gn, rn, nb, xg, x.ld, part); break;
+          case kQ4_1: tile_q_sr<kQ4_1>(q + r0, gn, rn, nb, xg, x.ld, part); break;
+          default: tile_q_sr<kQ8_0>(q + r0, gn, rn, nb, xg, x.ld, part); break;
+        }
       }
-    } else {
-      switch (W.type) {
-        case kQ4_0: tile_q_sr<kQ4_0>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
-        case kQ4_1: tile_q_sr<kQ4_1>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
-        default: tile_q_sr<kQ8_0>(q + r0, S, rn, K / kBlockWeights, x.p, x.ld, part); break;
-      }
+      for (int s = 0; s < gn; ++s)
+        for (int r = 0; r < rn; ++r) y[(g0 + s) * R + r0 + r] = part[s * rn + r];
     }
-    for (int s = 0; s < S; ++s)
-      for (int r = 0; r < rn; ++r) y[s * R + r0 + r] = part[s * rn + r];
   }
   return {y, R, 1};
 }
@@ -743,7 +769,7 @@ inline bool needs_scratch(const Matrix& W, int64_t S) { return !W.is_f32() && S 
 // x is by row whenever S <= kMaxRegTileRows (kBcastRows is larger).
 inline TileOut matrix_tile(const Matrix& W, const int64_t* ns, int R, int64_t K, const Operand& x, int S,
                            float* scratch, float* y) {
-  if (!W.is_f32() && !needs_scratch(W, S)) return reg_tile(W, ns, R, K, x, S, y);
+  if (!W.is_f32() && (x.q16 != nullptr || !needs_scratch(W, S))) return reg_tile(W, ns, R, K, x, S, y);
   const float* rows[kTileRows];
   for (int r = 0; r < R; ++r) rows[r] = W.row(ns[r], K, scratch + r * K);
   return tile_dot(rows, R, K, x, S, W.is_f32(), y);
@@ -995,7 +1021,7 @@ class DecodeStack {
     kept_blocks_.push_back(blocks);
   }
 
-  // Steps of up to kMaxRegTileRows rows quantize the inputs of the matrices read as blocks
+  // Steps of up to kMaxQ16Rows rows quantize the inputs of the matrices read as blocks
   // to int16 (see "int16 activations"); off: those steps give the fp32 stack's outputs bit
   // for bit. Only AVX2 builds have these tiles: elsewhere a no-op (int16_activations() says).
   void set_int16_activations(bool on) { int16_ = on && kMaxRegTileRows > 0; }
@@ -1066,7 +1092,13 @@ class DecodeStack {
     std::vector<float> h(static_cast<size_t>(nt) * rows_pad * hidden_);
     std::vector<float> scores(static_cast<size_t>(nt) * st.nb * B_), head_out(static_cast<size_t>(nt) * D_);
     std::vector<int64_t> slots(static_cast<size_t>(nt) * st.nb * B_);
-    const Operand attn_in = Operand::make(attn.data(), q_size, S), act_in = Operand::make(act.data(), I_, S);
+    // Each thread quantizes a GEMV phase's input for itself as it enters the phase (one
+    // buffer, reused by each phase in turn: a thread never goes back to a phase).
+    bool any_blocks = false;
+    for (const LayerWeights& w : layers_)
+      for (const Matrix* m : {&w.qkv, &w.o, &w.gate_up, &w.down}) any_blocks |= !m->is_f32();
+    const bool q16 = int16_ && any_blocks && S <= kMaxQ16Rows;
+    const Operand attn_in = Operand::make(attn.data(), q_size, S, q16), act_in = Operand::make(act.data(), I_, S, q16);
 
     // Chunks per phase; a GEMV chunk is `tpc` tiles.
     const int64_t tpc_h = tiles_per_chunk(hidden_), tpc_q = tiles_per_chunk(q_size), tpc_i = tiles_per_chunk(I_);
@@ -1077,18 +1109,14 @@ class DecodeStack {
     auto num_chunks = [&](int p) { return p == num_phases - 1 ? int64_t{S} : chunks[p % kPhasesPerLayer]; };
     PhaseBoard board(num_phases, nt);
     std::vector<LayerWeights> weights;  // the matrices as this step reads them (blocks or fp32)
-    bool any_scratch = false, any_blocks = false;
+    bool any_scratch = false;
     for (const LayerWeights& w : layers_) {
-      weights.push_back({w.input_norm, w.qkv.for_rows(S), w.o.for_rows(S), w.post_norm, w.gate_up.for_rows(S),
-                         w.down.for_rows(S)});
+      weights.push_back({w.input_norm, w.qkv.for_rows(S, q16), w.o.for_rows(S, q16), w.post_norm,
+                         w.gate_up.for_rows(S, q16), w.down.for_rows(S, q16)});
       for (const Matrix* m : {&weights.back().qkv, &weights.back().o, &weights.back().gate_up, &weights.back().down}) {
-        any_scratch |= needs_scratch(*m, S);
-        any_blocks |= !m->is_f32();
+        any_scratch |= needs_scratch(*m, S) && !q16;
       }
     }
-    // Each thread quantizes a GEMV phase's input for itself as it enters the phase (one
-    // buffer, reused by each phase in turn: a thread never goes back to a phase).
-    const bool q16 = int16_ && any_blocks && S <= kMaxRegTileRows;
     // A tile's weight rows dequantized (GGUF blocks, scratch path), per thread.
     const int64_t max_k = std::max({hidden_, q_size, I_});
     std::vector<float> scratch(any_scratch ? static_cast<size_t>(nt) * kTileRows * max_k : 0);
@@ -1096,7 +1124,7 @@ class DecodeStack {
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num();
-      const Operand h_in = Operand::make(h.data() + static_cast<size_t>(tid) * rows_pad * hidden_, hidden_, S);
+      const Operand h_in = Operand::make(h.data() + static_cast<size_t>(tid) * rows_pad * hidden_, hidden_, S, q16);
       float* my_scores = scores.data() + static_cast<size_t>(tid) * st.nb * B_;
       float* my_head_out = head_out.data() + static_cast<size_t>(tid) * D_;
       int64_t* my_slots = slots.data() + static_cast<size_t>(tid) * st.nb * B_;
@@ -1315,23 +1343,24 @@ Tensor linear_rows(const Tensor& x, const Matrix& W, int64_t V, bool int16 = fal
   float* yp = y.data_ptr<float>();
   const int nt = std::max(1, std::min<int>(at::get_num_threads(), 64));
   pybind11::gil_scoped_release no_gil;
+  // int16 activations (blocks, few rows): x quantized once, read by every thread.
+  const bool q16 = int16 && !W.is_f32() && N <= kMaxQ16Rows;
   // One phase per kMaxRows rows of x, each an operand of its own (by column from
-  // kBcastRows rows on); each chunk streams a stretch of W once for the phase's rows.
+  // kBcastRows rows on, unless quantized); each chunk streams a stretch of W once for the
+  // phase's rows.
   const int num_phases = static_cast<int>(ceil_div(N, kMaxRows));
   std::vector<std::vector<float>> by_col(num_phases);  // zero-padded copies for column operands
   std::vector<Operand> in;
   for (int p = 0; p < num_phases; ++p) {
     const int64_t n0 = p * kMaxRows;
     const int S = static_cast<int>(std::min<int64_t>(kMaxRows, N - n0));
-    in.push_back(Operand::make(const_cast<float*>(xp) + n0 * K, K, S));  // by row: x itself, read only
+    in.push_back(Operand::make(const_cast<float*>(xp) + n0 * K, K, S, q16));  // by row: x itself, read only
     if (!in.back().by_col) continue;
     by_col[p].resize(K * in.back().ld);
     in.back().p = by_col[p].data();
     for (int s = 0; s < S; ++s)
       for (int64_t k = 0; k < K; ++k) in.back().at(s, k) = xp[(n0 + s) * K + k];
   }
-  // int16 activations (blocks, few rows): x quantized once, read by every thread.
-  const bool q16 = int16 && !W.is_f32() && N <= kMaxRegTileRows;
   QuantBuf xq(q16 ? static_cast<int>(N) : 0, q16 ? K : 0);
   if (q16) {
     quantize_rows(xp, K, static_cast<int>(N), K, xq.rows);
@@ -1379,7 +1408,7 @@ class BlockLinear {
   }
   Tensor forward(Tensor x) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x must be [N, ", K_, "]");
-    return linear_rows(x, m_.for_rows(x.size(0)), V_, int16_);
+    return linear_rows(x, m_.for_rows(x.size(0), int16_), V_, int16_);
   }
   // As DecodeStack::set_int16_activations.
   void set_int16_activations(bool on) { int16_ = on && kMaxRegTileRows > 0; }
@@ -1423,4 +1452,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_small", &linear_small);
   m.def("isa", &isa);
   m.attr("MAX_BLOCK_ROWS") = kMaxBlockRows;
+  m.attr("MAX_INT16_ROWS") = kMaxQ16Rows;
 }
