@@ -45,7 +45,8 @@ def test_greedy_tokens_and_logits_match_transformers(torch_engine, torch_runner,
     prompts = [tok.encode(p) for p in PROMPTS]
     torch_runner.keep_logits = True
     greedy = SamplingConfig(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
-    # All five in one batch: prefills of different lengths, then batched decodes.
+    # All five in one batch: prefills of different lengths, then batched decodes (5-row
+    # steps: on AVX2 builds the C++ stack runs them on int16 activations, MAX_INT16_ROWS).
     ours = {i: [] for i in range(len(prompts))}
     logits = {i: [] for i in range(len(prompts))}
     plan = Plan(new_sequences=[NewSeq(f"p{i}", SeqClass.RT if i % 2 else SeqClass.BE, ids, greedy)

@@ -68,7 +68,6 @@ class Bros:
         self._window: deque[bool] = deque()       # recent RT outcomes, on time or not
         self._rt_resident: list[SeqView] = []    # this plan's (_plan, _recompute_newer_rt)
         self._be_active: list[str] = []
-        self._victims: set[str] = set()
         self._short_of_blocks: list[SeqView] = []
         self.be_lengths: FinishedLengths | None = None   # only with bros_admit_headroom_sd > 0
 
@@ -165,11 +164,10 @@ class Bros:
         step.needs_block = set(self._refused)
         evictable = self._evictable_blocks(inp)
         rt_running = [s for s in inp.running if s.service_class == RT]
-        # This plan's candidates for _recompute_newer_rt, and the victims it chose.
+        # This plan's candidates for _recompute_newer_rt (its victims: step.out.recompute).
         self._rt_resident = [s for s in rt_running if not s.preempted and s.num_computed_tokens > 0]
         self._be_active = [s.request_id for s in inp.running
                            if s.service_class == BE and not s.preempted and s.num_computed_tokens > 0]
-        self._victims = set()
         self._short_of_blocks = []
         be_running = [s for s in inp.running if s.service_class == BE]
         rt = rt_running + [s for s in inp.waiting if s.service_class == RT]
@@ -313,7 +311,7 @@ class Bros:
         n = step.chunk(seq)
         if n == 0 or step.seqs == 0 or (waiting and resident >= cfg.max_num_seqs and not pausable):
             return evictable, resident
-        if seq.request_id in self._victims:
+        if seq.request_id in step.out.recompute:   # a victim of _recompute_newer_rt
             return evictable, resident
         if not self._prompt_fits(seq, n, step, evictable, pausable):
             return evictable, resident
@@ -362,7 +360,7 @@ class Bros:
         key = (seq.arrival_ms, seq.request_id)
         scheduled = {rid for rid, _ in step.out.scheduled}
         newer = sorted((s for s in self._rt_resident if (s.arrival_ms, s.request_id) > key
-                        and s.request_id not in scheduled and s.request_id not in self._victims),
+                        and s.request_id not in scheduled and s.request_id not in step.out.recompute),
                        key=lambda s: (s.arrival_ms, s.request_id), reverse=True)
         victims, freed = [], 0
         for victim in newer:
@@ -373,7 +371,6 @@ class Bros:
         if freed < short:
             return 0
         for victim in victims:
-            self._victims.add(victim.request_id)
             step.out.recompute.append(victim.request_id)
             step.release(victim)
         return freed

@@ -569,13 +569,13 @@ inline void tile_q_sr(const uint8_t* const* q, int S, int R, int64_t num_blocks,
 // Against dequantizing the weights to fp32 (tile_q: per block and weight row two fp16
 // scales and 4 x (convert, multiply, add) before the FMAs) a decode step of SmolLM2-135M
 // takes ~0.7x the time at 1 row and ~0.6x at 2-4; at 5-8 rows, where the exact stack reads
-// fp32 weights, it reads the blocks 4 x rows at a time, ~0.8-0.9x at 5-7 (docs/performance.md). The price is x's
-// rounding, 1/65534 of its block's largest value at most: the logits move ~2e-4 of their
-// range from the fp32 stack's instead of not at all, and the greedy tokens of the parity
-// prompts stay transformers' (tests/test_cpu_decode.py and test_model_parity.py check
-// both). int8 (llama.cpp's Q8_1, vpmaddubsw) measured ~5% faster and moved the logits
-// ~5%, enough to change greedy tokens within 20-25 of 32. --cpu-activations float32 keeps
-// the exact path.
+// fp32 weights, it reads the blocks 4 x rows at a time, ~0.8-0.9x at 5-7
+// (docs/performance.md). The price is x's rounding, 1/65534 of its block's largest value
+// at most: the logits move ~2e-4 of their range from the fp32 stack's instead of not at
+// all, and the greedy tokens of the parity prompts stay transformers'
+// (tests/test_cpu_decode.py and test_model_parity.py check both). int8 (llama.cpp's Q8_1,
+// vpmaddubsw) measured ~5% faster and moved the logits ~5%, enough to change greedy tokens
+// within 20-25 of 32. --cpu-activations float32 keeps the exact path.
 struct QuantRows {
   int16_t* q;   // [S, K]
   float* d;     // [S, K / 32]
