@@ -72,7 +72,8 @@ class TorchRunner:
                                            self._int16_activations)
         if self.cpu_decode is not None and self.cpu_decode.num_block_matrices:
             log.info("C++ decode stack: %d matrices read as GGUF blocks%s", self.cpu_decode.num_block_matrices,
-                     ", int16 activations in steps of up to 8 rows" if self.cpu_decode.int16_activations else "")
+                     f", int16 activations in steps of up to {self.cpu_decode.max_int16_rows} rows"
+                     if self.cpu_decode.int16_activations else "")
 
     def set_attention(self, backend) -> None:
         """Swap the attention backend (the Triton kernels plug in here)."""

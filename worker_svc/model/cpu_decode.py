@@ -179,6 +179,7 @@ class CpuDecode:
         cfg, layers = model.cfg, model.layers
         rope = torch.view_as_real(model.rope.freqs).contiguous()          # [P, D/2, (cos, sin)]
         self.model = model
+        self.max_int16_rows = ext.MAX_INT16_ROWS   # 0 where the build has no int16 tiles
         self.stack = ext.DecodeStack(
             model.embed_tokens.weight, rope, model.norm,
             [l.input_norm for l in layers], [l.qkv_proj.weight for l in layers], [l.o_proj.weight for l in layers],
